@@ -1,0 +1,148 @@
+"""Auth requests and replies on the request/reply stream (SPEC §4)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from domain.accounts import Password, Username
+from domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+
+REQUEST_MAX_AGE_S = 30
+REPLY_TTL_S = 60
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    request_id: uuid.UUID
+
+
+class RegisterRequest(_Request):
+    op: Literal["register"]
+    username: Username
+    password: Password = Field(repr=False)
+
+
+class LoginRequest(_Request):
+    op: Literal["login"]
+    username: Username
+    password: Password = Field(repr=False)
+
+
+class GetUserRequest(_Request):
+    op: Literal["get_user"]
+    username: Username
+
+
+class VerifyTokenRequest(_Request):
+    op: Literal["verify_token"]
+    token: Annotated[str, Field(min_length=1, max_length=512, repr=False)]
+
+
+AuthRequest = Annotated[
+    RegisterRequest | LoginRequest | GetUserRequest | VerifyTokenRequest,
+    Field(discriminator="op"),
+]
+_REQUEST_ADAPTER: TypeAdapter[AuthRequest] = TypeAdapter(AuthRequest)
+
+SECRET_FIELDS = frozenset({"password", "token"})
+
+
+class InvalidRequest(ValueError):
+    """A request with a valid `request_id` whose body breaks the rules: answered, not applied."""
+
+    def __init__(self, request_id: uuid.UUID, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.message = message
+
+
+def parse_request(raw: str | bytes | None) -> AuthRequest:
+    """Validate one stream payload.
+
+    Raises `InvalidPayload` when no reply can be sent (no JSON object or no UUID
+    `request_id`), `InvalidRequest` when the request can be answered with an error.
+    """
+    if raw is None:
+        raise InvalidPayload(DeadLetterReason.INVALID_REQUEST, "entry has no payload field")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidPayload(
+            DeadLetterReason.INVALID_REQUEST,
+            f"payload must be a JSON object, got {type(data).__name__}",
+        )
+    request_id = _request_id(data.get("request_id"))
+    try:
+        return _REQUEST_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise InvalidRequest(request_id, describe_validation_error(exc)) from None
+
+
+def _request_id(value: Any) -> uuid.UUID:
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise InvalidPayload(DeadLetterReason.INVALID_REQUEST, "request_id must be a UUID string")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One readable line from a pydantic error, never echoing the input (it may be a password)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "payload"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def redact(data: Any) -> Any:
+    """A copy of a request without its secrets, fit for a dead letter or a log line."""
+    if isinstance(data, dict):
+        return {key: redact(value) for key, value in data.items() if key not in SECRET_FIELDS}
+    if isinstance(data, list):
+        return [redact(item) for item in data]
+    return data
+
+
+class UserView(BaseModel):
+    """The public user record sent in replies and kept in the user cache."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    username: str
+    wallet: int
+    win_count: int
+    loss_count: int
+    earnings: int
+    rank: int
+    session: str | None = None
+
+
+def ok_reply(request_id: uuid.UUID, user: UserView, token: str | None = None) -> dict[str, Any]:
+    """A successful reply (SPEC §4); `token` only on login."""
+    reply: dict[str, Any] = {
+        "request_id": str(request_id),
+        "ok": True,
+        "user": user.model_dump(exclude={"session"}),
+    }
+    if token is not None:
+        reply["token"] = token
+    return reply
+
+
+def error_reply(request_id: uuid.UUID, code: ErrorCode, message: str) -> dict[str, Any]:
+    """A failed reply (SPEC §4)."""
+    return {
+        "request_id": str(request_id),
+        "ok": False,
+        "error": {"code": str(code), "message": message},
+    }

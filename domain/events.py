@@ -1,0 +1,114 @@
+"""Game event schemas (SPEC §3): `update` from matchmaking, `terminate` from game servers."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import model_validator
+
+from domain.accounts import Username, username_key
+from domain.auth import describe_validation_error
+from domain.errors import DeadLetterReason, InvalidPayload
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
+MAX_PLAYERS = 100
+MAX_META_FIELDS = 16
+MAX_EARNINGS = 1_000_000_000
+
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+MetaValue = StrictBool | StrictInt | float | Annotated[str, Field(max_length=256)]
+
+
+class EventKind(StrEnum):
+    """The event streams, by the last part of their key (`um:{events}:<kind>`)."""
+
+    UPDATE = "update"
+    TERMINATE = "terminate"
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    event_id: uuid.UUID
+    session_id: SessionId
+
+
+class UpdateEvent(_Event):
+    """A session's whole current roster and status."""
+
+    players: Annotated[list[Username], Field(min_length=1, max_length=MAX_PLAYERS)]
+    status: Literal["waiting", "in_progress"] = "in_progress"
+    meta: Annotated[dict[str, MetaValue], Field(max_length=MAX_META_FIELDS)] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _distinct_players(self) -> UpdateEvent:
+        keys = [username_key(name) for name in self.players]
+        if len(set(keys)) != len(keys):
+            raise ValueError("players must be distinct (compared case-insensitively)")
+        return self
+
+
+class Result(BaseModel):
+    """One finished player's outcome."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    username: Username
+    outcome: Literal["win", "loss"]
+    earnings: Annotated[StrictInt, Field(ge=0, le=MAX_EARNINGS)]
+
+
+class TerminateEvent(_Event):
+    """A finished or aborted game and each finishing player's result."""
+
+    results: Annotated[list[Result], Field(max_length=MAX_PLAYERS)] = Field(default_factory=list)
+    reason: Literal["completed", "aborted"] = "completed"
+
+    @model_validator(mode="after")
+    def _one_result_per_player(self) -> TerminateEvent:
+        keys = [username_key(result.username) for result in self.results]
+        if len(set(keys)) != len(keys):
+            raise ValueError("results must name each player at most once")
+        if self.reason == "completed" and not self.results:
+            raise ValueError("a completed game needs at least one result")
+        return self
+
+
+GameEvent = UpdateEvent | TerminateEvent
+_MODELS: dict[EventKind, type[UpdateEvent] | type[TerminateEvent]] = {
+    EventKind.UPDATE: UpdateEvent,
+    EventKind.TERMINATE: TerminateEvent,
+}
+
+
+def parse_event(kind: EventKind, raw: str | bytes | None) -> GameEvent:
+    """Validate one stream payload; raises `InvalidPayload` with the dead-letter reason."""
+    if raw is None:
+        raise InvalidPayload(DeadLetterReason.INVALID_EVENT, "entry has no payload field")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidPayload(
+            DeadLetterReason.INVALID_EVENT,
+            f"payload must be a JSON object, got {type(data).__name__}",
+        )
+    try:
+        return _MODELS[kind].model_validate(data)
+    except ValidationError as exc:
+        raise InvalidPayload(
+            DeadLetterReason.INVALID_EVENT, f"{kind} event: {describe_validation_error(exc)}"
+        ) from None
+
+
+def entry_id_key(entry_id: str) -> tuple[int, int]:
+    """`1700000000000-3` → (1700000000000, 3): stream entry ids order by this, across streams."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

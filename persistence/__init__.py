@@ -1,0 +1,1 @@
+"""SQL models, repositories and the Redis caches."""

@@ -1,0 +1,133 @@
+"""Account repository: registration in one transaction, credential and profile lookups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from domain.accounts import username_key
+from domain.auth import UserView
+from persistence.models import (
+    GameSession,
+    LeaderboardEntry,
+    SessionPlayer,
+    Stats,
+    User,
+    utcnow,
+)
+
+
+class UsernameTaken(Exception):
+    """The username (compared case-insensitively) already belongs to an account."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What login needs from the database."""
+
+    user_id: int
+    username: str
+    password_hash: str
+
+
+def create_user(engine: Engine, username: str, password_hash: str, wallet: int) -> UserView:
+    """Create the users, stats and leaderboard rows in one transaction.
+
+    Uniqueness is the database's unique index on the lower-cased name, so two workers
+    racing for one name cannot both win.
+    """
+    try:
+        with engine.begin() as conn:
+            user_id = conn.execute(
+                insert(User)
+                .values(
+                    username=username,
+                    username_key=username_key(username),
+                    password_hash=password_hash,
+                    wallet=wallet,
+                    created_at=utcnow(),
+                )
+                .returning(User.id)
+            ).scalar_one()
+            stats_id = conn.execute(
+                insert(Stats)
+                .values(user_id=user_id, win_count=0, loss_count=0, earnings=0)
+                .returning(Stats.id)
+            ).scalar_one()
+            # A new player with no earnings ranks after everyone who has some.
+            rank = 1 + conn.execute(
+                select(func.count()).select_from(LeaderboardEntry).where(LeaderboardEntry.earnings > 0)
+            ).scalar_one()
+            conn.execute(insert(LeaderboardEntry).values(stats_id=stats_id, rank=rank, earnings=0))
+    except IntegrityError:
+        raise UsernameTaken(username) from None
+    return UserView(
+        id=user_id, username=username, wallet=wallet, win_count=0, loss_count=0, earnings=0,
+        rank=rank,
+    )
+
+
+def find_credentials(engine: Engine, username: str) -> Credentials | None:
+    """The id, name as written and password hash of an account, or None."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(User.id, User.username, User.password_hash).where(
+                User.username_key == username_key(username)
+            )
+        ).first()
+    return Credentials(row.id, row.username, row.password_hash) if row else None
+
+
+def _view_query():  # type: ignore[no-untyped-def]
+    return (
+        select(
+            User.id,
+            User.username,
+            User.wallet,
+            Stats.win_count,
+            Stats.loss_count,
+            Stats.earnings,
+            LeaderboardEntry.rank,
+            GameSession.session_id,
+        )
+        .join(Stats, Stats.user_id == User.id)
+        .join(LeaderboardEntry, LeaderboardEntry.stats_id == Stats.id)
+        .outerjoin(SessionPlayer, SessionPlayer.user_id == User.id)
+        .outerjoin(GameSession, GameSession.id == SessionPlayer.session_pk)
+    )
+
+
+def load_user(engine: Engine, *, username: str | None = None, user_id: int | None = None) -> UserView | None:
+    """The public record of one user by name (case-insensitive) or id, or None."""
+    query = _view_query()
+    if username is not None:
+        query = query.where(User.username_key == username_key(username))
+    else:
+        query = query.where(User.id == user_id)
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return _to_view(row) if row else None
+
+
+def load_users(engine: Engine, user_ids: list[int]) -> list[UserView]:
+    """Public records of many users, for refreshing caches after a batch."""
+    if not user_ids:
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(_view_query().where(User.id.in_(user_ids))).all()
+    return [_to_view(row) for row in rows]
+
+
+def _to_view(row) -> UserView:  # type: ignore[no-untyped-def]
+    return UserView(
+        id=row.id,
+        username=row.username,
+        wallet=row.wallet,
+        win_count=row.win_count,
+        loss_count=row.loss_count,
+        earnings=row.earnings,
+        rank=row.rank,
+        session=row.session_id,
+    )

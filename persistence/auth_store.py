@@ -1,0 +1,65 @@
+"""Login tokens (stored only as SHA-256 digests) and the failed-login lockout, in Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from redis import Redis
+
+from domain.accounts import (
+    LOCKOUT_DURATION_S,
+    LOCKOUT_MAX_FAILURES,
+    LOCKOUT_WINDOW_S,
+    TOKEN_BYTES,
+    TOKEN_TTL_S,
+)
+from persistence.keys import Keys
+
+
+def token_digest(token: str) -> str:
+    """The stored form of a token: a SHA-256 hex digest (tokens are random, so no salt)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def issue_token(client: Redis, keys: Keys, user_id: int) -> str:
+    """A new URL-safe token for `user_id`, valid 24 h; only its digest is stored."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    client.set(keys.token(token_digest(token)), user_id, ex=TOKEN_TTL_S)
+    return token
+
+
+def resolve_token(client: Redis, keys: Keys, token: str) -> int | None:
+    """The user id a live token belongs to, or None."""
+    value = client.get(keys.token(token_digest(token)))
+    return int(value) if value is not None else None
+
+
+def is_locked(client: Redis, keys: Keys, username: str) -> bool:
+    """Whether logins for `username` are locked after repeated failures."""
+    return bool(client.exists(keys.login_lock(username)))
+
+
+def record_failure(client: Redis, keys: Keys, username: str) -> bool:
+    """Count a failed login in a sliding 15-minute window; lock on the fifth. Returns locked."""
+    now = time.time()
+    key = keys.login_failures(username)
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(key, "-inf", now - LOCKOUT_WINDOW_S)
+    pipe.zadd(key, {secrets.token_hex(8): now})
+    pipe.zcard(key)
+    pipe.expire(key, LOCKOUT_WINDOW_S)
+    failures = pipe.execute()[2]
+    if failures >= LOCKOUT_MAX_FAILURES:
+        lock = client.pipeline(transaction=False)
+        lock.set(keys.login_lock(username), 1, ex=LOCKOUT_DURATION_S)
+        lock.delete(key)
+        lock.execute()
+        return True
+    return False
+
+
+def clear_failures(client: Redis, keys: Keys, username: str) -> None:
+    """Forget failed logins after a successful one."""
+    client.delete(keys.login_failures(username))

@@ -1,0 +1,83 @@
+"""Every Redis key the project touches, derived from the prefix (SPEC §2).
+
+Keys are built only from validated values: a UUID, a policy-checked username, a
+session id, or a hash. Nothing a request sends picks a key by itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from domain.accounts import username_key
+from domain.events import EventKind
+
+EVENTS_GROUP = "usermgmt-events"
+AUTH_GROUP = "usermgmt-auth"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix (`um` by default)."""
+
+    prefix: str = "um"
+
+    def event_stream(self, kind: EventKind | str) -> str:
+        """`um:{events}:<kind>`: the braces are a Cluster hash tag shared by every event stream."""
+        return f"{self.prefix}:{{events}}:{kind}"
+
+    @property
+    def update_stream(self) -> str:
+        return self.event_stream(EventKind.UPDATE)
+
+    @property
+    def terminate_stream(self) -> str:
+        return self.event_stream(EventKind.TERMINATE)
+
+    @property
+    def accounts_stream(self) -> str:
+        return self.event_stream("accounts")
+
+    @property
+    def auth_requests(self) -> str:
+        return f"{self.prefix}:auth:requests"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    @property
+    def leaderboard(self) -> str:
+        return f"{self.prefix}:leaderboard"
+
+    @property
+    def heartbeat_prefix(self) -> str:
+        return f"{self.prefix}:worker:heartbeat:"
+
+    def heartbeat(self, consumer: str) -> str:
+        return f"{self.heartbeat_prefix}{consumer}"
+
+    def reply(self, request_id: uuid.UUID) -> str:
+        """The reply list of one request; only a parsed UUID can name it."""
+        if not isinstance(request_id, uuid.UUID):
+            raise TypeError("reply keys are derived from a UUID only")
+        return f"{self.prefix}:auth:reply:{request_id}"
+
+    def user(self, username: str) -> str:
+        return f"{self.prefix}:user:{username_key(username)}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{session_id}"
+
+    def token(self, token_digest: str) -> str:
+        return f"{self.prefix}:auth:token:{token_digest}"
+
+    def login_failures(self, username: str) -> str:
+        return f"{self.prefix}:auth:failures:{username_key(username)}"
+
+    def login_lock(self, username: str) -> str:
+        return f"{self.prefix}:auth:locked:{username_key(username)}"
+
+    def stream_kind(self, stream: str) -> str:
+        """The last part of an event stream key (`update`, `terminate`, `accounts`)."""
+        return stream.rsplit(":", 1)[-1]

@@ -1,0 +1,133 @@
+"""SQLAlchemy 2.0 typed models: the source of truth (SPEC §5)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    """An account. `username_key` (lower case) makes usernames unique case-insensitively."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    username: Mapped[str] = mapped_column(String(32))
+    username_key: Mapped[str] = mapped_column(String(32), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(72))
+    wallet: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Stats(Base):
+    """A player's game totals."""
+
+    __tablename__ = "stats"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), unique=True)
+    win_count: Mapped[int] = mapped_column(Integer, default=0)
+    loss_count: Mapped[int] = mapped_column(Integer, default=0)
+    earnings: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LeaderboardEntry(Base):
+    """A player's place: competition rank by earnings, exact whenever the worker is idle."""
+
+    __tablename__ = "leaderboard"
+    __table_args__ = (Index("ix_leaderboard_earnings", "earnings"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    stats_id: Mapped[int] = mapped_column(ForeignKey("stats.id"), unique=True)
+    rank: Mapped[int] = mapped_column(Integer, default=1)
+    earnings: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class GameSession(Base):
+    """A game session; kept after it ends so late and duplicate events are recognised."""
+
+    __tablename__ = "game_sessions"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # waiting | in_progress | ended
+    meta: Mapped[str] = mapped_column(Text, default="{}")
+    end_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class SessionPlayer(Base):
+    """The roster of live sessions. Keyed by user: a player is in one live session at most."""
+
+    __tablename__ = "session_players"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    session_pk: Mapped[int] = mapped_column(ForeignKey("game_sessions.id"), index=True)
+
+
+class GameResult(Base):
+    """One player's result in one game; unique per (session, user): no double credit."""
+
+    __tablename__ = "game_results"
+    __table_args__ = (UniqueConstraint("session_pk", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    session_pk: Mapped[int] = mapped_column(ForeignKey("game_sessions.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    outcome: Mapped[str] = mapped_column(String(8))
+    earnings: Mapped[int] = mapped_column(BigInteger)
+
+
+class ProcessedEvent(Base):
+    """Event ids already applied, committed with their effect: the idempotency record."""
+
+    __tablename__ = "processed_events"
+
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(16))
+    entry_id: Mapped[str] = mapped_column(String(41))
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StreamCheckpoint(Base):
+    """Per stream, the last entry id whose effect is committed: every backup's replay point."""
+
+    __tablename__ = "stream_checkpoints"
+
+    stream: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_entry_id: Mapped[str] = mapped_column(String(41))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

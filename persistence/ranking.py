@@ -1,0 +1,40 @@
+"""Exact competition ranks in the `leaderboard` table (SPEC §5), set-based."""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, Engine, text
+from redis.client import Pipeline
+
+from persistence.keys import Keys
+
+# One statement on SQLite (>= 3.33) and PostgreSQL; only rows whose rank moved are written.
+_REFRESH = text(
+    "UPDATE leaderboard SET rank = ranked.new_rank "
+    "FROM (SELECT id, RANK() OVER (ORDER BY earnings DESC) AS new_rank FROM leaderboard) "
+    "AS ranked WHERE leaderboard.id = ranked.id AND leaderboard.rank <> ranked.new_rank"
+)
+
+
+def refresh_ranks(conn: Connection) -> int:
+    """Recompute every rank; returns how many rows changed."""
+    return conn.execute(_REFRESH).rowcount or 0
+
+
+def refresh_ranks_now(engine: Engine) -> int:
+    """Recompute every rank in a transaction of its own."""
+    with engine.begin() as conn:
+        return refresh_ranks(conn)
+
+
+def rebuild_leaderboard_cache(engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000) -> int:
+    """Replace `um:leaderboard` with every player's earnings from the database."""
+    total = 0
+    pipe.delete(keys.leaderboard)
+    with engine.connect() as conn:
+        result = conn.execution_options(yield_per=chunk).execute(
+            text("SELECT u.username, s.earnings FROM users u JOIN stats s ON s.user_id = u.id")
+        )
+        for rows in result.partitions():
+            pipe.zadd(keys.leaderboard, {name: earnings for name, earnings in rows})
+            total += len(rows)
+    return total

@@ -1,0 +1,44 @@
+"""The composition root: settings in, connected services out."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from redis import Redis
+from sqlalchemy import Engine
+
+from persistence.keys import Keys
+from workers.connections import make_engine, make_redis
+from workers.settings import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the consumers and commands share: built once per process."""
+
+    settings: Settings
+    redis: Redis
+    engine: Engine
+    keys: Keys
+
+    def close(self) -> None:
+        self.redis.close()
+        self.engine.dispose()
+
+
+def bootstrap(settings: Settings) -> Services:
+    """Build the clients (lazily connected: nothing is contacted yet)."""
+    return Services(
+        settings=settings,
+        redis=make_redis(settings.redis_url),
+        engine=make_engine(settings.database_url),
+        keys=Keys(settings.key_prefix),
+    )
+
+
+def default_consumer_name() -> str:
+    """`<host>-<pid>-<random>`: unique per process, recognisable in `XINFO CONSUMERS`."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,68 @@
+"""`usermgmt migrate` and `usermgmt worker`."""
+
+from __future__ import annotations
+
+import argparse
+
+from persistence.db import current_revision, upgrade
+from workers.bootstrap import bootstrap, default_consumer_name
+from workers.commands.base import CommandFailed, Subparsers, add_database_option, settings_from
+from workers.connections import DATABASE_ERRORS, database_unreachable, safe_url
+from workers.runner import NotMigrated, Worker
+
+
+def register(subparsers: Subparsers) -> None:
+    migrate = subparsers.add_parser(
+        "migrate", help="upgrade the database schema to the latest version",
+        description="Upgrade the database to the latest schema (Alembic head). Creates the "
+        "SQLite file if it is missing; running it again changes nothing.",
+    )
+    add_database_option(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+
+    worker = subparsers.add_parser(
+        "worker", help="run the event and auth consumers until SIGTERM/SIGINT",
+        description="Consume the game-event streams (group usermgmt-events) and the auth "
+        "request stream (group usermgmt-auth). The first SIGTERM/SIGINT finishes and acks "
+        "the batch in hand and exits 0; a second one exits at once.",
+    )
+    worker.add_argument("--only", choices=["events", "auth"],
+                        help="run only one consumer (default: both)")
+    worker.add_argument("--consumer", metavar="NAME",
+                        help="consumer name in the groups (default: <host>-<pid>-<random>); "
+                        "reuse a name after a crash to finish its pending entries first")
+    worker.add_argument("--burst", action="store_true",
+                        help="process the event streams until drained, then exit")
+    worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                        help="seconds to finish the batch in hand after a signal (default 30)")
+    add_database_option(worker)
+    worker.set_defaults(func=cmd_worker)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    try:
+        before = current_revision(settings.database_url)
+        upgrade(settings.database_url)
+        after = current_revision(settings.database_url)
+    except DATABASE_ERRORS as exc:
+        raise CommandFailed(database_unreachable(settings.database_url, exc)) from None
+    where = safe_url(settings.database_url)
+    if before == after:
+        print(f"database {where} is already at the latest schema ({after})")
+    else:
+        print(f"database {where} upgraded from {before or 'empty'} to {after}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    services = bootstrap(settings)
+    try:
+        worker = Worker(services, args.consumer or default_consumer_name(), only=args.only,
+                        burst=args.burst, drain_timeout=args.drain_timeout)
+        return worker.run()
+    except NotMigrated as exc:
+        raise CommandFailed(str(exc)) from None
+    finally:
+        services.close()

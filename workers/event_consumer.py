@@ -1,0 +1,442 @@
+"""The game-event consumer: update and terminate streams, applied in entry-id order.
+
+Delivery semantics (SPEC §3), all decided here:
+- an entry is acked only after its effect (and its event id) is committed;
+- permanent failures are dead-lettered at once and acked;
+- transient ones stay pending and are retried, counted by Redis, until
+  `max_deliveries`, then dead-lettered with `max_deliveries`;
+- the database being away pauses the batch in hand (nothing is dead-lettered for it).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from redis.exceptions import ResponseError
+
+from domain.auth import UserView
+from domain.errors import DeadLetterReason, InvalidPayload
+from domain.events import EventKind, parse_event
+from domain.games import Changes, Decision, Outcome, PlannedEntry, World, event_usernames, plan_batch
+from persistence import cache
+from persistence.db import IMMEDIATE, is_sqlite
+from persistence.games import load_world, save_checkpoints, session_is_live, write_changes
+from persistence.keys import EVENTS_GROUP
+from persistence.ranking import refresh_ranks
+from workers.bootstrap import Services
+from workers.connections import (
+    DATABASE_ERRORS,
+    REDIS_ERRORS,
+    database_unreachable,
+    redis_unreachable,
+)
+from workers.streams import (
+    Backoff,
+    Entry,
+    claim_idle,
+    claim_own,
+    dead_letter,
+    ensure_group,
+    is_missing_group,
+    read_history,
+    to_entries,
+)
+
+log = structlog.get_logger("usermgmt.events")
+
+BLOCK_MS = 1_000
+
+
+class Interrupted(Exception):
+    """Shutdown was requested while the batch in hand waited for the database."""
+
+
+@dataclass
+class ConsumerStats:
+    """Running totals, for the log, the demo summary and metrics."""
+
+    applied: int = 0
+    duplicates: int = 0
+    deferred: int = 0
+    batches: int = 0
+    dead: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Retry:
+    stream: str
+    due: float
+
+
+@dataclass
+class _Parsed:
+    entry: Entry
+    planned: PlannedEntry
+
+
+class EventConsumer:
+    """Reads both event streams in one XREADGROUP and applies them in batches."""
+
+    def __init__(
+        self, services: Services, consumer: str, stop: threading.Event, burst: bool = False
+    ) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.keys = services.keys
+        self.redis = services.redis
+        self.engine = services.engine
+        self.consumer = consumer
+        self.stop = stop
+        self.burst = burst
+        self.streams = [self.keys.update_stream, self.keys.terminate_stream]
+        self.kinds = {self.keys.update_stream: EventKind.UPDATE,
+                      self.keys.terminate_stream: EventKind.TERMINATE}
+        self.buffer: list[Entry] = []  # delivered, waiting for the other stream to catch up
+        self.horizon: dict[str, str | None] = dict.fromkeys(self.streams)
+        self.retries: dict[str, _Retry] = {}
+        self.needs_setup = True
+        self.ranks_dirty = True
+        self.last_rank_refresh = 0.0
+        self.last_claim = 0.0
+        self.backoff = Backoff()
+        self.stats = ConsumerStats()
+        self.log = log.bind(consumer=consumer)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until `stop` is set (or, in burst mode, until the streams are drained)."""
+        self.log.info("event consumer started", batch_size=self.settings.batch_size)
+        while not self.stop.is_set():
+            try:
+                if self.needs_setup:
+                    self.setup()
+                entries = self.next_entries()
+                if entries:
+                    self.handle(entries)
+                elif self.on_idle():
+                    break
+                self.backoff.reset()
+            except Interrupted:
+                break
+            except REDIS_ERRORS as exc:
+                self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
+            except DATABASE_ERRORS as exc:
+                self.wait_backoff(database_unreachable(self.settings.database_url, exc))
+            except ResponseError as exc:
+                if not is_missing_group(exc):
+                    raise
+                self.log.warning("consumer group missing (Redis restarted?); recreating it")
+                self.needs_setup = True
+        self.log.info("event consumer stopped", applied=self.stats.applied,
+                      duplicates=self.stats.duplicates, dead_lettered=sum(self.stats.dead.values()))
+
+    def setup(self) -> None:
+        """Create the groups, then finish this consumer's own pending entries first."""
+        for stream in self.streams:
+            ensure_group(self.redis, stream, EVENTS_GROUP)
+        self.buffer.clear()
+        self.retries.clear()
+        self.horizon = dict.fromkeys(self.streams)
+        self.needs_setup = False
+        pending = read_history(self.redis, self.streams, EVENTS_GROUP, self.consumer)
+        if pending:
+            self.log.info("recovering own pending entries", count=len(pending))
+            for start in range(0, len(pending), self.settings.batch_size):
+                self.handle(pending[start : start + self.settings.batch_size])
+
+    def wait_backoff(self, message: str) -> None:
+        delay = self.backoff.next_delay()
+        self.log.error(message, retry_in_s=round(delay, 2))
+        self.stop.wait(delay)
+
+    def on_idle(self) -> bool:
+        """Make ranks exact while nothing arrives; in burst mode, say whether we are done."""
+        if self.ranks_dirty:
+            self.refresh_ranks()
+        return self.burst and not self.buffer and not self.retries
+
+    # -- reading -------------------------------------------------------------------
+
+    def next_entries(self) -> list[Entry]:
+        """Due retries, abandoned entries of dead consumers, then new entries in id order."""
+        entries = self.due_retries() + self.claim_abandoned()
+        block = not entries and not self.buffer and not self.retries_due_soon()
+        entries += self.read_new(block)
+        entries.sort(key=lambda entry: entry.sort_key)
+        return entries
+
+    def read_new(self, block: bool) -> list[Entry]:
+        """New entries of both streams, cut where one stream might still hide older ones.
+
+        One XREADGROUP returns up to COUNT entries per stream. When a stream came back
+        full, its later entries are unseen, so entries of the other stream beyond the
+        last id seen are kept in `buffer` until the full stream catches up.
+        """
+        size = self.settings.batch_size
+        buffered = Counter(entry.stream for entry in self.buffer)
+        wanted = {s: ">" for s in self.streams if buffered[s] < size}
+        if wanted:
+            response = self.redis.xreadgroup(
+                EVENTS_GROUP, self.consumer, wanted, count=size,
+                block=BLOCK_MS if block else None,
+            )
+            fresh = to_entries(response)
+            for stream in wanted:
+                mine = [entry for entry in fresh if entry.stream == stream]
+                self.horizon[stream] = mine[-1].entry_id if len(mine) >= size else None
+            self.buffer += fresh
+        self.buffer.sort(key=lambda entry: entry.sort_key)
+        limits = [self._key(h) for h in self.horizon.values() if h is not None]
+        if not limits:
+            ready, self.buffer = self.buffer, []
+            return ready
+        cutoff = min(limits)
+        ready = [entry for entry in self.buffer if entry.sort_key <= cutoff]
+        self.buffer = self.buffer[len(ready):]
+        return ready
+
+    @staticmethod
+    def _key(entry_id: str) -> tuple[int, int]:
+        ms, _, seq = entry_id.partition("-")
+        return int(ms), int(seq)
+
+    def due_retries(self) -> list[Entry]:
+        now = time.monotonic()
+        due = [(entry_id, r) for entry_id, r in self.retries.items() if r.due <= now]
+        entries: list[Entry] = []
+        for stream in self.streams:
+            ids = [entry_id for entry_id, r in due if r.stream == stream]
+            for entry_id in ids:
+                del self.retries[entry_id]
+            entries += claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, ids)
+        return entries
+
+    def retries_due_soon(self) -> bool:
+        horizon = time.monotonic() + BLOCK_MS / 1000
+        return any(r.due <= horizon for r in self.retries.values())
+
+    def claim_abandoned(self) -> list[Entry]:
+        """XAUTOCLAIM entries idle for `claim_idle_ms` on consumers that went away."""
+        now = time.monotonic()
+        if now - self.last_claim < min(self.settings.claim_idle_ms / 1000 / 2, 5.0):
+            return []
+        self.last_claim = now
+        entries: list[Entry] = []
+        for stream in self.streams:
+            claimed = claim_idle(self.redis, stream, EVENTS_GROUP, self.consumer,
+                                 self.settings.claim_idle_ms, self.settings.batch_size)
+            entries += [e for e in claimed if e.entry_id not in self.retries]
+        if entries:
+            self.log.info("claimed abandoned entries", count=len(entries))
+        return entries
+
+    # -- one batch -----------------------------------------------------------------
+
+    def handle(self, entries: list[Entry]) -> None:
+        """Validate, apply in one transaction, then write caches, dead letters and acks."""
+        started = time.perf_counter()
+        parsed: list[_Parsed] = []
+        dead: list[tuple[Entry, str, str]] = []
+        for entry in entries:
+            if entry.deliveries > self.settings.max_deliveries:
+                dead.append((entry, DeadLetterReason.MAX_DELIVERIES,
+                             f"delivered {entry.deliveries} times without being applied"))
+                continue
+            kind = self.kinds[entry.stream]
+            try:
+                event = parse_event(kind, entry.payload)
+            except InvalidPayload as exc:
+                dead.append((entry, exc.reason, exc.message))
+                continue
+            parsed.append(_Parsed(entry, PlannedEntry(event, str(kind), entry.entry_id)))
+
+        decisions, world, changes = self.apply(parsed)
+        acks: list[Entry] = [entry for entry, _, _ in dead]
+        for item, decision in zip(parsed, decisions, strict=True):
+            entry = item.entry
+            if decision.outcome is Outcome.DEFERRED:
+                if entry.deliveries >= self.settings.max_deliveries:
+                    dead.append((entry, DeadLetterReason.MAX_DELIVERIES,
+                                 f"still not applicable after {entry.deliveries} deliveries: "
+                                 f"{decision.message}"))
+                    acks.append(entry)
+                else:
+                    self.schedule_retry(entry)
+                    self.stats.deferred += 1
+                continue
+            acks.append(entry)
+            if decision.outcome is Outcome.DEAD:
+                assert decision.reason is not None
+                dead.append((entry, decision.reason, decision.message))
+            elif decision.outcome is Outcome.DUPLICATE:
+                self.stats.duplicates += 1
+            else:
+                self.stats.applied += 1
+        self.publish(world, changes, dead, acks)
+        self.stats.batches += 1
+        for _, reason, _ in dead:
+            self.stats.dead[str(reason)] += 1
+        if changes is not None and changes.stats:
+            self.ranks_dirty = True
+        if self.ranks_dirty and time.monotonic() - self.last_rank_refresh >= self.settings.rank_refresh_s:
+            self.refresh_ranks()
+        self.log.info("batch done", entries=len(entries), applied=sum(
+            d.outcome is Outcome.APPLIED for d in decisions), dead_lettered=len(dead),
+            deferred=sum(d.outcome is Outcome.DEFERRED for d in decisions),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        gc.collect(0)
+
+    def schedule_retry(self, entry: Entry) -> None:
+        delay = self.settings.retry_delay_ms / 1000 * min(2 ** (entry.deliveries - 1), 30)
+        self.retries[entry.entry_id] = _Retry(entry.stream, time.monotonic() + delay)
+
+    def apply(self, parsed: list[_Parsed]) -> tuple[list[Decision], World | None, Changes | None]:
+        """Commit the batch; the database being away pauses here until it is back."""
+        if not parsed:
+            return [], None, None
+        backoff = Backoff()
+        while True:
+            try:
+                return self.apply_once(parsed)
+            except DATABASE_ERRORS as exc:
+                delay = backoff.next_delay()
+                self.log.error(database_unreachable(self.settings.database_url, exc),
+                               retry_in_s=round(delay, 2))
+                if self.stop.wait(delay):
+                    raise Interrupted from None
+            except Exception as exc:
+                # A concurrent worker won a race (IntegrityError) or one entry is poison:
+                # isolate it so the others still apply.
+                self.log.warning("batch failed; applying entries one by one", error=repr(exc))
+                return self.apply_one_by_one(parsed)
+
+    def apply_once(self, parsed: list[_Parsed]) -> tuple[list[Decision], World, Changes]:
+        """Load, decide and write one batch in a single transaction."""
+        planned = [item.planned for item in parsed]
+        events = [p.event for p in planned]
+        now = datetime.now(UTC)
+        sqlite = is_sqlite(self.engine)
+        with self.engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
+            world = load_world(
+                conn,
+                event_ids=[str(event.event_id) for event in events],
+                username_keys=event_usernames(events),
+                session_ids=[event.session_id for event in events],
+                lock=not sqlite,
+            )
+            decisions, changes = plan_batch(world, planned, now)
+            write_changes(conn, world, changes, now)
+            checkpoints: dict[str, str] = {}
+            for item, decision in zip(parsed, decisions, strict=True):
+                if decision.outcome is not Outcome.DEFERRED:
+                    checkpoints[item.entry.stream] = item.entry.entry_id
+            save_checkpoints(conn, checkpoints, now)
+        return decisions, world, changes
+
+    def apply_one_by_one(
+        self, parsed: list[_Parsed]
+    ) -> tuple[list[Decision], World | None, Changes | None]:
+        decisions: list[Decision] = []
+        merged_world: World | None = None
+        merged = Changes()
+        for item in parsed:
+            try:
+                (decision,), world, changes = self.apply_once([item])
+            except DATABASE_ERRORS:
+                raise
+            except Exception as exc:
+                self.log.exception("entry failed", entry_id=item.entry.entry_id, error=repr(exc))
+                decisions.append(Decision(Outcome.DEFERRED, message=f"failed to apply: {exc!r}"))
+                continue
+            decisions.append(decision)
+            if merged_world is None:
+                merged_world = world
+            else:
+                merged_world.players.update(world.players)
+                merged_world.sessions.update(world.sessions)
+                merged_world.live_session_of.update(world.live_session_of)
+            merged.touched_users |= changes.touched_users
+            merged.touched_sessions |= changes.touched_sessions
+            merged.stats.update(changes.stats)
+        return decisions, merged_world, merged
+
+    # -- after the commit ------------------------------------------------------------
+
+    def publish(
+        self,
+        world: World | None,
+        changes: Changes | None,
+        dead: list[tuple[Entry, str, str]],
+        acks: list[Entry],
+    ) -> None:
+        """Dead letters, caches and acks of a committed batch, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry, reason, message in dead:
+            dead_letter(pipe, self.keys.dlq, entry, reason, message)
+            self.log.warning("entry dead-lettered", stream=entry.stream, entry_id=entry.entry_id,
+                             reason=str(reason), error=message)
+        if world is not None and changes is not None:
+            self.write_caches(pipe, world, changes)
+        for stream in self.streams:
+            ids = [entry.entry_id for entry in acks if entry.stream == stream]
+            if ids:
+                pipe.xack(stream, EVENTS_GROUP, *ids)
+        pipe.execute()
+
+    def write_caches(self, pipe: object, world: World, changes: Changes) -> None:
+        """Session hashes, players' user hashes and leaderboard scores, each key once."""
+        ttl = self.settings.user_cache_ttl
+        for session_id in changes.touched_sessions:
+            session = world.sessions.get(session_id)
+            if session is None:
+                continue
+            if session_is_live(session):
+                by_id = {p.id: p.username for p in world.players.values()}
+                cache.write_session(
+                    pipe,  # type: ignore[arg-type]
+                    self.keys, session_id,
+                    players=[by_id[uid] for uid in session.roster if uid in by_id],
+                    status=session.status,
+                    meta=_json(session.meta),
+                    created_at=session.created_at.isoformat(),
+                    updated_at=session.updated_at.isoformat(),
+                )
+            else:
+                cache.delete_session(pipe, self.keys, session_id)  # type: ignore[arg-type]
+        players = {p.id: p for p in world.players.values()}
+        scores: dict[str, int] = {}
+        for user_id in changes.touched_users:
+            player = players.get(user_id)
+            if player is None:
+                continue
+            view = UserView(
+                id=player.id, username=player.username, wallet=player.wallet,
+                win_count=player.win_count, loss_count=player.loss_count,
+                earnings=player.earnings, rank=player.rank,
+                session=world.live_session_of.get(player.id),
+            )
+            cache.write_user(pipe, self.keys, view, ttl)  # type: ignore[arg-type]
+            scores[player.username] = player.earnings
+        cache.set_leaderboard_scores(pipe, self.keys, scores)  # type: ignore[arg-type]
+
+    def refresh_ranks(self) -> None:
+        started = time.perf_counter()
+        with self.engine.begin() as conn:
+            changed = refresh_ranks(conn)
+        self.ranks_dirty = False
+        self.last_rank_refresh = time.monotonic()
+        self.log.info("ranks refreshed", changed=changed,
+                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def _json(value: object) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()

@@ -1,0 +1,143 @@
+"""Runs the consumers side by side in one process, with two-stage shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import orjson
+import structlog
+
+from persistence.db import current_revision
+from workers.auth_server import AuthServer
+from workers.bootstrap import Services
+from workers.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
+from workers.event_consumer import EventConsumer
+
+log = structlog.get_logger("usermgmt.worker")
+
+HEARTBEAT_EVERY_S = 5
+HEARTBEAT_TTL_S = 15
+
+
+class NotMigrated(Exception):
+    """The database has no schema yet: `usermgmt migrate` must run first."""
+
+
+class Worker:
+    """The auth consumer and the event consumer (or one of them) in one process.
+
+    The first SIGTERM/SIGINT stops reading and lets each consumer finish and ack the
+    batch in hand; a second signal, or `drain_timeout` seconds, exits at once.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        consumer: str,
+        only: str | None = None,
+        burst: bool = False,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.services = services
+        self.consumer = consumer
+        self.only = only
+        self.burst = burst
+        self.drain_timeout = drain_timeout
+        self.stop = threading.Event()
+        self.failed = False
+        self.events: EventConsumer | None = None
+        self.auth: AuthServer | None = None
+        self.log = log.bind(consumer=consumer)
+
+    def run(self, handle_signals: bool = True) -> int:
+        """Run until stopped; returns the exit code (0 after a clean drain)."""
+        self.wait_for_schema()
+        if self.stop.is_set():
+            return 0
+        if handle_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        threads = []
+        if self.only in (None, "events"):
+            self.events = EventConsumer(self.services, self.consumer, self.stop, burst=self.burst)
+            threads.append(self._thread("events", self.events.run))
+        if self.only in (None, "auth") and not self.burst:
+            self.auth = AuthServer(self.services, self.consumer, self.stop)
+            threads.append(self._thread("auth", self.auth.run))
+        threads.append(self._thread("heartbeat", self._heartbeat, daemon=True))
+        self.log.info("worker started", only=self.only or "all", pid=os.getpid())
+        for thread in threads[:-1]:
+            while thread.is_alive():
+                thread.join(0.2)
+                if self.stop.is_set() and self._draining_too_long():
+                    self.log.error("drain timed out; exiting now", timeout_s=self.drain_timeout)
+                    os._exit(1)
+        self.stop.set()
+        self.log.info("worker stopped", exit_code=1 if self.failed else 0)
+        return 1 if self.failed else 0
+
+    def wait_for_schema(self) -> None:
+        """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                revision = current_revision(self.services.settings.database_url)
+            except DATABASE_ERRORS as exc:
+                self.log.error(database_unreachable(self.services.settings.database_url, exc),
+                               retry_in_s=delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10)
+                continue
+            if revision is None:
+                raise NotMigrated(
+                    "the database has no schema yet; run `usermgmt migrate` first"
+                )
+            return
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            self.log.warning("second signal; exiting at once", signal=signum)
+            os._exit(1)
+        self.log.info("shutting down: finishing the batch in hand", signal=signum)
+        self.stopped_at = time.monotonic()
+        self.stop.set()
+
+    def _draining_too_long(self) -> bool:
+        started = getattr(self, "stopped_at", None)
+        return started is not None and time.monotonic() - started > self.drain_timeout
+
+    def _thread(self, name: str, target: Callable[[], None], daemon: bool = False) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                target()
+            except Exception as exc:
+                self.failed = True
+                self.log.exception("consumer crashed", thread=name, error=repr(exc))
+                self.stop.set()
+
+        thread = threading.Thread(target=guarded, name=name, daemon=daemon)
+        thread.start()
+        return thread
+
+    def _heartbeat(self) -> None:
+        """Keep `um:worker:heartbeat:<consumer>` alive so `usermgmt health` can tell."""
+        key = self.services.keys.heartbeat(self.consumer)
+        while not self.stop.is_set():
+            info = {"consumer": self.consumer, "pid": os.getpid(), "only": self.only or "all",
+                    "at": time.time()}
+            if self.events is not None:
+                info["applied"] = self.events.stats.applied
+            try:
+                self.services.redis.set(key, orjson.dumps(info), ex=HEARTBEAT_TTL_S)
+            except REDIS_ERRORS:
+                pass  # the consumers report the outage
+            self.stop.wait(HEARTBEAT_EVERY_S)
+        try:
+            self.services.redis.delete(key)
+        except REDIS_ERRORS:
+            pass

@@ -1,0 +1,76 @@
+"""One typed settings object for every `USERMGMT_*` variable (SPEC §1)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
+from sqlalchemy.exc import ArgumentError
+
+from persistence.db import normalize_url
+
+ENV_PREFIX = "USERMGMT_"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used: the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    """Runtime configuration, read once at start and passed in."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    redis_url: str = "redis://localhost:6379/0"
+    database_url: str = "sqlite:///usermgmt.db"
+    key_prefix: str = Field("um", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
+    bcrypt_rounds: int = Field(12, ge=4, le=31)
+    user_cache_ttl: int = Field(300, ge=1)
+    max_deliveries: int = Field(5, ge=1)
+    claim_idle_ms: int = Field(30_000, ge=100)
+    starting_wallet: int = Field(0, ge=0)
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    rank_refresh_s: float = Field(30.0, gt=0)
+    batch_size: int = Field(500, ge=1, le=10_000)
+    auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+    retry_delay_ms: int = Field(1_000, ge=10)
+    consumer_idle_remove_s: float = Field(3_600.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:
+            parse_url(value)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc})") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        try:
+            url = normalize_url(value)
+        except ArgumentError:
+            raise ValueError("not a SQLAlchemy database URL") from None
+        if not (url.drivername.startswith("sqlite") or url.drivername.startswith("postgresql")):
+            raise ValueError(f"unsupported database {url.drivername!r}; use sqlite or postgresql")
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning the first invalid one into a one-line `ConfigError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        variable = ENV_PREFIX + field.upper()
+        shown = os.environ.get(variable)
+        value = f"={shown!r}" if shown is not None and "password" not in field else ""
+        raise ConfigError(f"invalid setting {variable}{value}: {error['msg']}") from None

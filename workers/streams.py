@@ -1,0 +1,189 @@
+"""Stream plumbing shared by the consumers: groups, reading, claiming, dead letters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import ResponseError
+
+from domain.errors import DeadLetterReason
+from domain.events import entry_id_key
+
+PAYLOAD = b"payload"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stream entry as delivered to this consumer."""
+
+    stream: str
+    entry_id: str
+    payload: bytes | None
+    deliveries: int = 1
+    fields: dict[bytes, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Entry ids order by (milliseconds, sequence), across streams too."""
+        return entry_id_key(self.entry_id)
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self.sort_key[0]
+
+
+def ensure_group(client: Redis, stream: str, group: str) -> None:
+    """Create the consumer group at id 0 (with the stream) unless it exists."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def is_missing_group(exc: ResponseError) -> bool:
+    """Whether Redis lost the stream or group (a restart without persistence)."""
+    return "NOGROUP" in str(exc)
+
+
+def to_entries(response: Any, deliveries: int = 1) -> list[Entry]:
+    """Flatten an XREADGROUP reply (`[[stream, [(id, fields), ...]], ...]`)."""
+    entries: list[Entry] = []
+    if not response:
+        return entries
+    items = response.items() if isinstance(response, dict) else response
+    for stream, messages in items:
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        if isinstance(messages, list) and messages and isinstance(messages[0], list):
+            messages = messages[0]  # RESP3 shape
+        for entry_id, fields in messages:
+            if fields is None:  # deleted while pending
+                fields = {}
+            entries.append(
+                Entry(
+                    stream=name,
+                    entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                    payload=fields.get(PAYLOAD),
+                    deliveries=deliveries,
+                    fields=fields,
+                )
+            )
+    return entries
+
+
+def read_history(
+    client: Redis, streams: Sequence[str], group: str, consumer: str, count: int = 1000
+) -> list[Entry]:
+    """All of this consumer's own pending entries (left by a crash), oldest first.
+
+    Reading them again counts as a delivery in Redis; the counts are fetched so the
+    delivery limit is judged on Redis's numbers, not on memory.
+    """
+    entries: list[Entry] = []
+    start = dict.fromkeys(streams, "0")
+    while start:
+        batch = to_entries(client.xreadgroup(group, consumer, start, count=count))
+        entries += batch
+        for stream in list(start):
+            mine = [entry for entry in batch if entry.stream == stream]
+            if len(mine) < count:
+                del start[stream]
+            else:
+                start[stream] = mine[-1].entry_id
+    fill_deliveries(client, group, entries)
+    entries.sort(key=lambda entry: entry.sort_key)
+    return entries
+
+
+def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[str]) -> list[Entry]:
+    """Deliver this consumer's own pending entries again (a retry counts as a delivery)."""
+    if not ids:
+        return []
+    messages = client.xclaim(stream, group, consumer, 0, ids)
+    entries = to_entries([(stream, [m for m in messages if m is not None and m[1] is not None])])
+    fill_deliveries(client, group, entries)
+    gone = set(ids) - {entry.entry_id for entry in entries}
+    if gone:  # trimmed or deleted meanwhile: nothing left to apply
+        client.xack(stream, group, *gone)
+    return entries
+
+
+def claim_idle(
+    client: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+) -> list[Entry]:
+    """Take over entries another consumer left pending for longer than `min_idle_ms`."""
+    reply = client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
+    messages = reply[1]
+    deleted = reply[2] if len(reply) > 2 else []
+    if deleted:
+        client.xack(stream, group, *deleted)
+    entries = to_entries([(stream, [m for m in messages if m is not None])])
+    fill_deliveries(client, group, entries)
+    return entries
+
+
+def fill_deliveries(client: Redis, group: str, entries: Iterable[Entry]) -> None:
+    """Set each entry's delivery count from XPENDING (one round trip)."""
+    entries = list(entries)
+    if not entries:
+        return
+    pipe = client.pipeline(transaction=False)
+    for entry in entries:
+        pipe.xpending_range(entry.stream, group, min=entry.entry_id, max=entry.entry_id, count=1)
+    for entry, rows in zip(entries, pipe.execute(), strict=True):
+        if rows:
+            entry.deliveries = int(rows[0]["times_delivered"])
+
+
+def dead_letter(
+    pipe: Pipeline | Redis,
+    dlq: str,
+    entry: Entry,
+    reason: DeadLetterReason | str,
+    message: str,
+    payload_text: str | None = None,
+) -> None:
+    """Queue an XADD of a dead letter (SPEC §3): the original payload, reason and message."""
+    if payload_text is None:
+        payload_text = entry.payload.decode("utf-8", "replace") if entry.payload is not None else ""
+    letter = {
+        "stream": entry.stream,
+        "entry_id": entry.entry_id,
+        "payload": payload_text,
+        "reason": str(reason),
+        "message": message,
+        "deliveries": entry.deliveries,
+        "failed_at": datetime.now(UTC).isoformat(),
+    }
+    pipe.xadd(dlq, {"payload": orjson.dumps(letter)})
+
+
+def redis_time_ms(client: Redis) -> int:
+    """The Redis server's clock, which also stamps entry ids."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+class Backoff:
+    """Exponential backoff for reconnects: 0.2 s doubling to a cap, reset on success."""
+
+    def __init__(self, first: float = 0.2, cap: float = 10.0) -> None:
+        self.first, self.cap = first, cap
+        self.delay = 0.0
+        self.since: float | None = None
+
+    def next_delay(self) -> float:
+        if self.since is None:
+            self.since = time.monotonic()
+        self.delay = self.first if self.delay == 0 else min(self.cap, self.delay * 2)
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay, self.since = 0.0, None
