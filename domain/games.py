@@ -137,7 +137,9 @@ def event_usernames(events: Iterable[GameEvent]) -> set[str]:
     return names
 
 
-def plan_batch(world: World, entries: list[PlannedEntry], now: datetime) -> tuple[list[Decision], Changes]:
+def plan_batch(
+    world: World, entries: list[PlannedEntry], now: datetime
+) -> tuple[list[Decision], Changes]:
     """Decide every entry in order against `world` (which it updates) and collect the changes."""
     planner = _Planner(world, now)
     decisions = [planner.decide(entry) for entry in entries]
@@ -184,20 +186,34 @@ class _Planner:
     def _update(self, event: UpdateEvent) -> Decision:
         players, unknown = self._players(event.players)
         if unknown:
-            return Decision(Outcome.DEAD, DeadLetterReason.UNKNOWN_USER,
-                            f"unknown players: {', '.join(unknown)}")
+            return Decision(
+                Outcome.DEAD,
+                DeadLetterReason.UNKNOWN_USER,
+                f"unknown players: {', '.join(unknown)}",
+            )
         session = self.world.sessions.get(event.session_id)
         if session is not None and session.ended:
-            return Decision(Outcome.DEAD, DeadLetterReason.SESSION_ENDED,
-                            f"session {event.session_id} has already ended")
+            return Decision(
+                Outcome.DEAD,
+                DeadLetterReason.SESSION_ENDED,
+                f"session {event.session_id} has already ended",
+            )
         for player in players:
             current = self.world.live_session_of.get(player.id)
             if current is not None and current != event.session_id:
-                return Decision(Outcome.DEFERRED,
-                                message=f"player {player.username} is in live session {current}")
+                return Decision(
+                    Outcome.DEFERRED,
+                    message=f"player {player.username} is in live session {current}",
+                )
         if session is None:
-            session = Session(event.session_id, event.status, [], dict(event.meta),
-                              created_at=self.now, updated_at=self.now)
+            session = Session(
+                event.session_id,
+                event.status,
+                [],
+                dict(event.meta),
+                created_at=self.now,
+                updated_at=self.now,
+            )
             self.world.sessions[event.session_id] = session
         new_roster = [player.id for player in players]
         for user_id in set(session.roster) - set(new_roster):
@@ -215,19 +231,29 @@ class _Planner:
     def _terminate(self, event: TerminateEvent) -> Decision:
         session = self.world.sessions.get(event.session_id)
         if session is None:
-            return Decision(Outcome.DEFERRED,
-                            message=f"session {event.session_id} is not known yet")
+            return Decision(
+                Outcome.DEFERRED, message=f"session {event.session_id} is not known yet"
+            )
         if session.ended:
-            return Decision(Outcome.DEAD, DeadLetterReason.SESSION_ENDED,
-                            f"session {event.session_id} has already ended")
+            return Decision(
+                Outcome.DEAD,
+                DeadLetterReason.SESSION_ENDED,
+                f"session {event.session_id} has already ended",
+            )
         players, unknown = self._players(result.username for result in event.results)
         if unknown:
-            return Decision(Outcome.DEAD, DeadLetterReason.UNKNOWN_USER,
-                            f"unknown players: {', '.join(unknown)}")
+            return Decision(
+                Outcome.DEAD,
+                DeadLetterReason.UNKNOWN_USER,
+                f"unknown players: {', '.join(unknown)}",
+            )
         outsiders = [p.username for p in players if p.id not in session.roster]
         if outsiders:
-            return Decision(Outcome.DEAD, DeadLetterReason.NOT_IN_ROSTER,
-                            f"not in the roster of {event.session_id}: {', '.join(outsiders)}")
+            return Decision(
+                Outcome.DEAD,
+                DeadLetterReason.NOT_IN_ROSTER,
+                f"not in the roster of {event.session_id}: {', '.join(outsiders)}",
+            )
         for player, result in zip(players, event.results, strict=True):
             delta = self.changes.stats.setdefault(player.id, StatsDelta())
             if result.outcome == "win":
@@ -267,8 +293,10 @@ class _Planner:
         session = self.world.sessions.get(event.session_id)
         if session is not None:
             self.changes.touched_users.update(session.roster)
-        names = event.players if isinstance(event, UpdateEvent) else [
-            result.username for result in event.results
-        ]
+        names = (
+            event.players
+            if isinstance(event, UpdateEvent)
+            else [result.username for result in event.results]
+        )
         players, _ = self._players(names)
         self.changes.touched_users.update(player.id for player in players)

@@ -57,14 +57,24 @@ def create_user(engine: Engine, username: str, password_hash: str, wallet: int) 
                 .returning(Stats.id)
             ).scalar_one()
             # A new player with no earnings ranks after everyone who has some.
-            rank = 1 + conn.execute(
-                select(func.count()).select_from(LeaderboardEntry).where(LeaderboardEntry.earnings > 0)
-            ).scalar_one()
+            rank = (
+                1
+                + conn.execute(
+                    select(func.count())
+                    .select_from(LeaderboardEntry)
+                    .where(LeaderboardEntry.earnings > 0)
+                ).scalar_one()
+            )
             conn.execute(insert(LeaderboardEntry).values(stats_id=stats_id, rank=rank, earnings=0))
     except IntegrityError:
         raise UsernameTaken(username) from None
     return UserView(
-        id=user_id, username=username, wallet=wallet, win_count=0, loss_count=0, earnings=0,
+        id=user_id,
+        username=username,
+        wallet=wallet,
+        win_count=0,
+        loss_count=0,
+        earnings=0,
         rank=rank,
     )
 
@@ -99,7 +109,9 @@ def _view_query():  # type: ignore[no-untyped-def]
     )
 
 
-def load_user(engine: Engine, *, username: str | None = None, user_id: int | None = None) -> UserView | None:
+def load_user(
+    engine: Engine, *, username: str | None = None, user_id: int | None = None
+) -> UserView | None:
     """The public record of one user by name (case-insensitive) or id, or None."""
     query = _view_query()
     if username is not None:

@@ -53,13 +53,13 @@ def load_world(
             select(SessionPlayer.user_id, SessionPlayer.session_pk).where(
                 SessionPlayer.user_id.in_(chunk)
             )
-        ).tuples().all()
+        ).all()
     for chunk in _chunks(sorted(session_pks)):
         memberships += conn.execute(
             select(SessionPlayer.user_id, SessionPlayer.session_pk).where(
                 SessionPlayer.session_pk.in_(chunk)
             )
-        ).tuples().all()
+        ).all()
     other_pks = sorted({pk for _, pk in memberships} - set(session_pks))
     _load_sessions(conn, world, GameSession.id, other_pks, lock)
     session_by_pk = {s.pk: s for s in world.sessions.values()}
@@ -78,11 +78,22 @@ def load_world(
     return world
 
 
-def _load_players(conn: Connection, world: World, column: Any, values: list[Any], lock: bool) -> None:
+def _load_players(
+    conn: Connection, world: World, column: Any, values: list[Any], lock: bool
+) -> None:
     for chunk in _chunks(values):
         query = (
-            select(User.id, User.username, User.username_key, User.wallet, Stats.id.label("sid"),
-                   Stats.win_count, Stats.loss_count, Stats.earnings, LeaderboardEntry.rank)
+            select(
+                User.id,
+                User.username,
+                User.username_key,
+                User.wallet,
+                Stats.id.label("sid"),
+                Stats.win_count,
+                Stats.loss_count,
+                Stats.earnings,
+                LeaderboardEntry.rank,
+            )
             .join(Stats, Stats.user_id == User.id)
             .join(LeaderboardEntry, LeaderboardEntry.stats_id == Stats.id)
             .where(column.in_(chunk))
@@ -92,12 +103,20 @@ def _load_players(conn: Connection, world: World, column: Any, values: list[Any]
             query = query.with_for_update()
         for row in conn.execute(query):
             world.players[row.username_key] = Player(
-                row.id, row.username, row.sid, row.wallet, row.win_count, row.loss_count,
-                row.earnings, row.rank,
+                row.id,
+                row.username,
+                row.sid,
+                row.wallet,
+                row.win_count,
+                row.loss_count,
+                row.earnings,
+                row.rank,
             )
 
 
-def _load_sessions(conn: Connection, world: World, column: Any, values: list[Any], lock: bool) -> None:
+def _load_sessions(
+    conn: Connection, world: World, column: Any, values: list[Any], lock: bool
+) -> None:
     for chunk in _chunks(values):
         query = (
             select(*GameSession.__table__.columns)  # type: ignore[attr-defined]
@@ -108,9 +127,14 @@ def _load_sessions(conn: Connection, world: World, column: Any, values: list[Any
             query = query.with_for_update()
         for row in conn.execute(query):
             world.sessions[row.session_id] = Session(
-                session_id=row.session_id, status=row.status, roster=[],
-                meta=orjson.loads(row.meta), created_at=row.created_at,
-                updated_at=row.updated_at, pk=row.id, end_reason=row.end_reason,
+                session_id=row.session_id,
+                status=row.status,
+                roster=[],
+                meta=orjson.loads(row.meta),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                pk=row.id,
+                end_reason=row.end_reason,
                 ended_at=row.ended_at,
             )
 
@@ -122,20 +146,30 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
     _write_stats(conn, world, changes)
     if changes.results:
         conn.execute(
-            text("INSERT INTO game_results (session_pk, user_id, outcome, earnings) "
-                 "VALUES (:session_pk, :user_id, :outcome, :earnings)"),
+            text(
+                "INSERT INTO game_results (session_pk, user_id, outcome, earnings) "
+                "VALUES (:session_pk, :user_id, :outcome, :earnings)"
+            ),
             [
-                {"session_pk": world.sessions[r.session_id].pk, "user_id": r.user_id,
-                 "outcome": r.outcome, "earnings": r.earnings}
+                {
+                    "session_pk": world.sessions[r.session_id].pk,
+                    "user_id": r.user_id,
+                    "outcome": r.outcome,
+                    "earnings": r.earnings,
+                }
                 for r in changes.results
             ],
         )
     if changes.processed:
         conn.execute(
-            text("INSERT INTO processed_events (event_id, stream, entry_id, processed_at) "
-                 "VALUES (:event_id, :stream, :entry_id, :now)"),
-            [{"event_id": e, "stream": s, "entry_id": i, "now": now}
-             for e, s, i in changes.processed],
+            text(
+                "INSERT INTO processed_events (event_id, stream, entry_id, processed_at) "
+                "VALUES (:event_id, :stream, :entry_id, :now)"
+            ),
+            [
+                {"event_id": e, "stream": s, "entry_id": i, "now": now}
+                for e, s, i in changes.processed
+            ],
         )
 
 
@@ -147,9 +181,15 @@ def _write_sessions(conn: Connection, changes: Changes) -> None:
                 GameSession.id, GameSession.session_id, sort_by_parameter_order=True
             ),
             [
-                {"session_id": s.session_id, "status": s.status, "meta": _meta(s),
-                 "end_reason": s.end_reason, "created_at": s.created_at,
-                 "updated_at": s.updated_at, "ended_at": s.ended_at}
+                {
+                    "session_id": s.session_id,
+                    "status": s.status,
+                    "meta": _meta(s),
+                    "end_reason": s.end_reason,
+                    "created_at": s.created_at,
+                    "updated_at": s.updated_at,
+                    "ended_at": s.ended_at,
+                }
                 for s in new
             ],
         )
@@ -158,12 +198,20 @@ def _write_sessions(conn: Connection, changes: Changes) -> None:
     old = [s for s in changes.sessions.values() if s not in new]
     if old:
         conn.execute(
-            text("UPDATE game_sessions SET status = :status, meta = :meta, "
-                 "end_reason = :end_reason, updated_at = :updated_at, ended_at = :ended_at "
-                 "WHERE id = :pk"),
+            text(
+                "UPDATE game_sessions SET status = :status, meta = :meta, "
+                "end_reason = :end_reason, updated_at = :updated_at, ended_at = :ended_at "
+                "WHERE id = :pk"
+            ),
             [
-                {"pk": s.pk, "status": s.status, "meta": _meta(s), "end_reason": s.end_reason,
-                 "updated_at": s.updated_at, "ended_at": s.ended_at}
+                {
+                    "pk": s.pk,
+                    "status": s.status,
+                    "meta": _meta(s),
+                    "end_reason": s.end_reason,
+                    "updated_at": s.updated_at,
+                    "ended_at": s.ended_at,
+                }
                 for s in old
             ],
         )
@@ -187,7 +235,9 @@ def _write_membership(conn: Connection, world: World, changes: Changes) -> None:
     ]
     if rows:
         conn.execute(
-            text("INSERT INTO session_players (user_id, session_pk) VALUES (:user_id, :session_pk)"),
+            text(
+                "INSERT INTO session_players (user_id, session_pk) VALUES (:user_id, :session_pk)"
+            ),
             rows,
         )
 
@@ -201,8 +251,10 @@ def _write_stats(conn: Connection, world: World, changes: Changes) -> None:
         for uid, d in sorted(changes.stats.items())
     ]
     conn.execute(
-        text("UPDATE stats SET win_count = win_count + :w, loss_count = loss_count + :l, "
-             "earnings = earnings + :e WHERE id = :sid"),
+        text(
+            "UPDATE stats SET win_count = win_count + :w, loss_count = loss_count + :l, "
+            "earnings = earnings + :e WHERE id = :sid"
+        ),
         deltas,
     )
     conn.execute(text("UPDATE users SET wallet = wallet + :e WHERE id = :uid"), deltas)
@@ -229,13 +281,17 @@ def save_checkpoints(conn: Connection, checkpoints: dict[str, str], now: datetim
         ).scalar_one_or_none()
         if current is None:
             conn.execute(
-                text("INSERT INTO stream_checkpoints (stream, last_entry_id, updated_at) "
-                     "VALUES (:stream, :entry_id, :now)"),
+                text(
+                    "INSERT INTO stream_checkpoints (stream, last_entry_id, updated_at) "
+                    "VALUES (:stream, :entry_id, :now)"
+                ),
                 {"stream": stream, "entry_id": entry_id, "now": now},
             )
         elif entry_id_key(entry_id) > entry_id_key(current):
             conn.execute(
-                text("UPDATE stream_checkpoints SET last_entry_id = :entry_id, updated_at = :now "
-                     "WHERE stream = :stream"),
+                text(
+                    "UPDATE stream_checkpoints SET last_entry_id = :entry_id, updated_at = :now "
+                    "WHERE stream = :stream"
+                ),
                 {"stream": stream, "entry_id": entry_id, "now": now},
             )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, text
 from redis.client import Pipeline
+from sqlalchemy import Connection, Engine, text
 
 from persistence.keys import Keys
 
@@ -26,7 +26,9 @@ def refresh_ranks_now(engine: Engine) -> int:
         return refresh_ranks(conn)
 
 
-def rebuild_leaderboard_cache(engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000) -> int:
+def rebuild_leaderboard_cache(
+    engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000
+) -> int:
     """Replace `um:leaderboard` with every player's earnings from the database."""
     total = 0
     pipe.delete(keys.leaderboard)

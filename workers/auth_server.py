@@ -20,13 +20,13 @@ from domain.auth import (
     InvalidRequest,
     LoginRequest,
     RegisterRequest,
+    UserView,
     VerifyTokenRequest,
     error_reply,
     ok_reply,
     parse_request,
     redact,
 )
-from domain.auth import UserView
 from domain.errors import ErrorCode, InvalidPayload
 from persistence import accounts, auth_store, cache
 from persistence.keys import AUTH_GROUP
@@ -87,9 +87,11 @@ class AuthServer:
             try:
                 if first:
                     ensure_group(self.redis, self.keys.auth_requests, AUTH_GROUP)
-                    self.dispatch(read_history(
-                        self.redis, [self.keys.auth_requests], AUTH_GROUP, self.consumer, 1000
-                    ))
+                    self.dispatch(
+                        read_history(
+                            self.redis, [self.keys.auth_requests], AUTH_GROUP, self.consumer, 1000
+                        )
+                    )
                     first = False
                 self.poll_once()
                 self.backoff.reset()
@@ -109,10 +111,16 @@ class AuthServer:
         claim_every = self.services.settings.claim_idle_ms / 1000 / 2
         if now - self.last_claim >= claim_every:
             self.last_claim = now
-            self.dispatch(claim_idle(
-                self.redis, self.keys.auth_requests, AUTH_GROUP, self.consumer,
-                self.services.settings.claim_idle_ms, 100,
-            ))
+            self.dispatch(
+                claim_idle(
+                    self.redis,
+                    self.keys.auth_requests,
+                    AUTH_GROUP,
+                    self.consumer,
+                    self.services.settings.claim_idle_ms,
+                    100,
+                )
+            )
         free = self.acquire_slots()
         if free == 0:
             return
@@ -144,8 +152,11 @@ class AuthServer:
                 self.slots.acquire()
             if now_ms - entry.timestamp_ms > REQUEST_MAX_AGE_S * 1000:
                 self.finish(entry, reply=None)
-                self.log.info("request dropped as stale", entry_id=entry.entry_id,
-                              age_ms=now_ms - entry.timestamp_ms)
+                self.log.info(
+                    "request dropped as stale",
+                    entry_id=entry.entry_id,
+                    age_ms=now_ms - entry.timestamp_ms,
+                )
                 self.slots.release()
                 continue
             future = self.pool.submit(self.serve, entry)
@@ -170,22 +181,35 @@ class AuthServer:
             request = parse_request(entry.payload)
         except InvalidPayload as exc:
             self.finish(entry, reply=None, dead=(str(exc.reason), exc.message))
-            self.log.warning("request dead-lettered", entry_id=entry.entry_id,
-                             reason=str(exc.reason), error=exc.message)
+            self.log.warning(
+                "request dead-lettered",
+                entry_id=entry.entry_id,
+                reason=str(exc.reason),
+                error=exc.message,
+            )
             return
         except InvalidRequest as exc:
             reply = error_reply(exc.request_id, ErrorCode.INVALID_REQUEST, exc.message)
             self.finish(entry, reply=(exc.request_id, reply))
-            self.log.info("request answered", entry_id=entry.entry_id,
-                          request_id=str(exc.request_id), outcome=ErrorCode.INVALID_REQUEST,
-                          duration_ms=_ms(started))
+            self.log.info(
+                "request answered",
+                entry_id=entry.entry_id,
+                request_id=str(exc.request_id),
+                outcome=ErrorCode.INVALID_REQUEST,
+                duration_ms=_ms(started),
+            )
             return
         reply = self.answer(request)
         self.finish(entry, reply=(request.request_id, reply))
         outcome = "ok" if reply["ok"] else reply["error"]["code"]
-        self.log.info("request answered", entry_id=entry.entry_id,
-                      request_id=str(request.request_id), op=request.op, outcome=outcome,
-                      duration_ms=_ms(started))
+        self.log.info(
+            "request answered",
+            entry_id=entry.entry_id,
+            request_id=str(request.request_id),
+            op=request.op,
+            outcome=outcome,
+            duration_ms=_ms(started),
+        )
 
     def answer(self, request: AuthRequest) -> dict[str, Any]:
         """The reply to a valid request; database trouble becomes an `internal` error."""
@@ -205,7 +229,9 @@ class AuthServer:
             raise
         except Exception as exc:  # a bug must not kill the server; the client gets told
             self.log.exception("request failed", op=request.op, error=repr(exc))
-        return error_reply(request.request_id, ErrorCode.INTERNAL, "the request could not be served")
+        return error_reply(
+            request.request_id, ErrorCode.INTERNAL, "the request could not be served"
+        )
 
     def register(self, request: RegisterRequest) -> dict[str, Any]:
         settings = self.services.settings
@@ -214,7 +240,9 @@ class AuthServer:
         password_hash = bcrypt.hashpw(request.password.encode(), bcrypt.gensalt(self.rounds))
         try:
             user = accounts.create_user(
-                self.services.engine, request.username, password_hash.decode(),
+                self.services.engine,
+                request.username,
+                password_hash.decode(),
                 settings.starting_wallet,
             )
         except accounts.UsernameTaken:
@@ -226,20 +254,29 @@ class AuthServer:
         return ok_reply(request.request_id, self.with_live_rank(user))
 
     def _taken(self, request: RegisterRequest) -> dict[str, Any]:
-        return error_reply(request.request_id, ErrorCode.USERNAME_TAKEN,
-                           f"the username {request.username!r} is taken")
+        return error_reply(
+            request.request_id,
+            ErrorCode.USERNAME_TAKEN,
+            f"the username {request.username!r} is taken",
+        )
 
     def login(self, request: LoginRequest) -> dict[str, Any]:
         if auth_store.is_locked(self.redis, self.keys, request.username):
-            return error_reply(request.request_id, ErrorCode.LOCKED,
-                               "too many failed logins; try again in 15 minutes")
+            return error_reply(
+                request.request_id,
+                ErrorCode.LOCKED,
+                "too many failed logins; try again in 15 minutes",
+            )
         credentials = accounts.find_credentials(self.services.engine, request.username)
         stored = credentials.password_hash.encode() if credentials else self.dummy_hash
         matches = bcrypt.checkpw(request.password.encode(), stored)
         if credentials is None or not matches:
             auth_store.record_failure(self.redis, self.keys, request.username)
-            return error_reply(request.request_id, ErrorCode.INVALID_CREDENTIALS,
-                               "unknown username or wrong password")
+            return error_reply(
+                request.request_id,
+                ErrorCode.INVALID_CREDENTIALS,
+                "unknown username or wrong password",
+            )
         auth_store.clear_failures(self.redis, self.keys, request.username)
         user = accounts.load_user(self.services.engine, user_id=credentials.user_id)
         if user is None:
@@ -252,8 +289,9 @@ class AuthServer:
         if user is None:
             user = accounts.load_user(self.services.engine, username=request.username)
             if user is None:
-                return error_reply(request.request_id, ErrorCode.NOT_FOUND,
-                                   f"no user named {request.username!r}")
+                return error_reply(
+                    request.request_id, ErrorCode.NOT_FOUND, f"no user named {request.username!r}"
+                )
             pipe = self.redis.pipeline(transaction=False)
             cache.write_user(pipe, self.keys, user, self.services.settings.user_cache_ttl)
             pipe.execute()
@@ -263,8 +301,9 @@ class AuthServer:
         user_id = auth_store.resolve_token(self.redis, self.keys, request.token)
         user = accounts.load_user(self.services.engine, user_id=user_id) if user_id else None
         if user is None:
-            return error_reply(request.request_id, ErrorCode.INVALID_TOKEN,
-                               "the token is unknown or expired")
+            return error_reply(
+                request.request_id, ErrorCode.INVALID_TOKEN, "the token is unknown or expired"
+            )
         return ok_reply(request.request_id, self.with_live_rank(user))
 
     def with_live_rank(self, user: UserView) -> UserView:
@@ -289,8 +328,14 @@ class AuthServer:
             pipe.expire(key, REPLY_TTL_S)
         if dead is not None:
             reason, message = dead
-            dead_letter(pipe, self.keys.dlq, entry, reason, message,
-                        payload_text=_redacted_text(entry.payload))
+            dead_letter(
+                pipe,
+                self.keys.dlq,
+                entry,
+                reason,
+                message,
+                payload_text=_redacted_text(entry.payload),
+            )
         pipe.xack(entry.stream, AUTH_GROUP, entry.entry_id)
         pipe.xdel(entry.stream, entry.entry_id)
         pipe.execute()

@@ -32,7 +32,7 @@ def safe_url(url: str) -> str:
     try:
         return normalize_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url.split("@")[-1]
+        return url.rsplit("@", maxsplit=1)[-1]
 
 
 def redis_unreachable(url: str, exc: BaseException) -> str:

@@ -23,7 +23,15 @@ from redis.exceptions import ResponseError
 from domain.auth import UserView
 from domain.errors import DeadLetterReason, InvalidPayload
 from domain.events import EventKind, parse_event
-from domain.games import Changes, Decision, Outcome, PlannedEntry, World, event_usernames, plan_batch
+from domain.games import (
+    Changes,
+    Decision,
+    Outcome,
+    PlannedEntry,
+    World,
+    event_usernames,
+    plan_batch,
+)
 from persistence import cache
 from persistence.db import IMMEDIATE, is_sqlite
 from persistence.games import load_world, save_checkpoints, session_is_live, write_changes
@@ -95,8 +103,10 @@ class EventConsumer:
         self.stop = stop
         self.burst = burst
         self.streams = [self.keys.update_stream, self.keys.terminate_stream]
-        self.kinds = {self.keys.update_stream: EventKind.UPDATE,
-                      self.keys.terminate_stream: EventKind.TERMINATE}
+        self.kinds = {
+            self.keys.update_stream: EventKind.UPDATE,
+            self.keys.terminate_stream: EventKind.TERMINATE,
+        }
         self.buffer: list[Entry] = []  # delivered, waiting for the other stream to catch up
         self.horizon: dict[str, str | None] = dict.fromkeys(self.streams)
         self.retries: dict[str, _Retry] = {}
@@ -134,8 +144,12 @@ class EventConsumer:
                     raise
                 self.log.warning("consumer group missing (Redis restarted?); recreating it")
                 self.needs_setup = True
-        self.log.info("event consumer stopped", applied=self.stats.applied,
-                      duplicates=self.stats.duplicates, dead_lettered=sum(self.stats.dead.values()))
+        self.log.info(
+            "event consumer stopped",
+            applied=self.stats.applied,
+            duplicates=self.stats.duplicates,
+            dead_lettered=sum(self.stats.dead.values()),
+        )
 
     def setup(self) -> None:
         """Create the groups, then finish this consumer's own pending entries first."""
@@ -184,7 +198,10 @@ class EventConsumer:
         wanted = {s: ">" for s in self.streams if buffered[s] < size}
         if wanted:
             response = self.redis.xreadgroup(
-                EVENTS_GROUP, self.consumer, wanted, count=size,
+                EVENTS_GROUP,
+                self.consumer,
+                wanted,
+                count=size,
                 block=BLOCK_MS if block else None,
             )
             fresh = to_entries(response)
@@ -199,7 +216,7 @@ class EventConsumer:
             return ready
         cutoff = min(limits)
         ready = [entry for entry in self.buffer if entry.sort_key <= cutoff]
-        self.buffer = self.buffer[len(ready):]
+        self.buffer = self.buffer[len(ready) :]
         return ready
 
     @staticmethod
@@ -230,8 +247,14 @@ class EventConsumer:
         self.last_claim = now
         entries: list[Entry] = []
         for stream in self.streams:
-            claimed = claim_idle(self.redis, stream, EVENTS_GROUP, self.consumer,
-                                 self.settings.claim_idle_ms, self.settings.batch_size)
+            claimed = claim_idle(
+                self.redis,
+                stream,
+                EVENTS_GROUP,
+                self.consumer,
+                self.settings.claim_idle_ms,
+                self.settings.batch_size,
+            )
             entries += [e for e in claimed if e.entry_id not in self.retries]
         if entries:
             self.log.info("claimed abandoned entries", count=len(entries))
@@ -246,8 +269,13 @@ class EventConsumer:
         dead: list[tuple[Entry, str, str]] = []
         for entry in entries:
             if entry.deliveries > self.settings.max_deliveries:
-                dead.append((entry, DeadLetterReason.MAX_DELIVERIES,
-                             f"delivered {entry.deliveries} times without being applied"))
+                dead.append(
+                    (
+                        entry,
+                        DeadLetterReason.MAX_DELIVERIES,
+                        f"delivered {entry.deliveries} times without being applied",
+                    )
+                )
                 continue
             kind = self.kinds[entry.stream]
             try:
@@ -263,9 +291,14 @@ class EventConsumer:
             entry = item.entry
             if decision.outcome is Outcome.DEFERRED:
                 if entry.deliveries >= self.settings.max_deliveries:
-                    dead.append((entry, DeadLetterReason.MAX_DELIVERIES,
-                                 f"still not applicable after {entry.deliveries} deliveries: "
-                                 f"{decision.message}"))
+                    dead.append(
+                        (
+                            entry,
+                            DeadLetterReason.MAX_DELIVERIES,
+                            f"still not applicable after {entry.deliveries} deliveries: "
+                            f"{decision.message}",
+                        )
+                    )
                     acks.append(entry)
                 else:
                     self.schedule_retry(entry)
@@ -285,12 +318,19 @@ class EventConsumer:
             self.stats.dead[str(reason)] += 1
         if changes is not None and changes.stats:
             self.ranks_dirty = True
-        if self.ranks_dirty and time.monotonic() - self.last_rank_refresh >= self.settings.rank_refresh_s:
+        if (
+            self.ranks_dirty
+            and time.monotonic() - self.last_rank_refresh >= self.settings.rank_refresh_s
+        ):
             self.refresh_ranks()
-        self.log.info("batch done", entries=len(entries), applied=sum(
-            d.outcome is Outcome.APPLIED for d in decisions), dead_lettered=len(dead),
+        self.log.info(
+            "batch done",
+            entries=len(entries),
+            applied=sum(d.outcome is Outcome.APPLIED for d in decisions),
+            dead_lettered=len(dead),
             deferred=sum(d.outcome is Outcome.DEFERRED for d in decisions),
-            duration_ms=round((time.perf_counter() - started) * 1000, 2))
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
         gc.collect(0)
 
     def schedule_retry(self, entry: Entry) -> None:
@@ -307,8 +347,10 @@ class EventConsumer:
                 return self.apply_once(parsed)
             except DATABASE_ERRORS as exc:
                 delay = backoff.next_delay()
-                self.log.error(database_unreachable(self.settings.database_url, exc),
-                               retry_in_s=round(delay, 2))
+                self.log.error(
+                    database_unreachable(self.settings.database_url, exc),
+                    retry_in_s=round(delay, 2),
+                )
                 if self.stop.wait(delay):
                     raise Interrupted from None
             except Exception as exc:
@@ -380,8 +422,13 @@ class EventConsumer:
         pipe = self.redis.pipeline(transaction=False)
         for entry, reason, message in dead:
             dead_letter(pipe, self.keys.dlq, entry, reason, message)
-            self.log.warning("entry dead-lettered", stream=entry.stream, entry_id=entry.entry_id,
-                             reason=str(reason), error=message)
+            self.log.warning(
+                "entry dead-lettered",
+                stream=entry.stream,
+                entry_id=entry.entry_id,
+                reason=str(reason),
+                error=message,
+            )
         if world is not None and changes is not None:
             self.write_caches(pipe, world, changes)
         for stream in self.streams:
@@ -401,7 +448,8 @@ class EventConsumer:
                 by_id = {p.id: p.username for p in world.players.values()}
                 cache.write_session(
                     pipe,  # type: ignore[arg-type]
-                    self.keys, session_id,
+                    self.keys,
+                    session_id,
                     players=[by_id[uid] for uid in session.roster if uid in by_id],
                     status=session.status,
                     meta=_json(session.meta),
@@ -417,9 +465,13 @@ class EventConsumer:
             if player is None:
                 continue
             view = UserView(
-                id=player.id, username=player.username, wallet=player.wallet,
-                win_count=player.win_count, loss_count=player.loss_count,
-                earnings=player.earnings, rank=player.rank,
+                id=player.id,
+                username=player.username,
+                wallet=player.wallet,
+                win_count=player.win_count,
+                loss_count=player.loss_count,
+                earnings=player.earnings,
+                rank=player.rank,
                 session=world.live_session_of.get(player.id),
             )
             cache.write_user(pipe, self.keys, view, ttl)  # type: ignore[arg-type]
@@ -432,8 +484,11 @@ class EventConsumer:
             changed = refresh_ranks(conn)
         self.ranks_dirty = False
         self.last_rank_refresh = time.monotonic()
-        self.log.info("ranks refreshed", changed=changed,
-                      duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        self.log.info(
+            "ranks refreshed",
+            changed=changed,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
 
 
 def _json(value: object) -> str:

@@ -88,15 +88,14 @@ class Worker:
             try:
                 revision = current_revision(self.services.settings.database_url)
             except DATABASE_ERRORS as exc:
-                self.log.error(database_unreachable(self.services.settings.database_url, exc),
-                               retry_in_s=delay)
+                self.log.error(
+                    database_unreachable(self.services.settings.database_url, exc), retry_in_s=delay
+                )
                 self.stop.wait(delay)
                 delay = min(delay * 2, 10)
                 continue
             if revision is None:
-                raise NotMigrated(
-                    "the database has no schema yet; run `usermgmt migrate` first"
-                )
+                raise NotMigrated("the database has no schema yet; run `usermgmt migrate` first")
             return
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -111,7 +110,9 @@ class Worker:
         started = getattr(self, "stopped_at", None)
         return started is not None and time.monotonic() - started > self.drain_timeout
 
-    def _thread(self, name: str, target: Callable[[], None], daemon: bool = False) -> threading.Thread:
+    def _thread(
+        self, name: str, target: Callable[[], None], daemon: bool = False
+    ) -> threading.Thread:
         def guarded() -> None:
             try:
                 target()
@@ -128,8 +129,12 @@ class Worker:
         """Keep `um:worker:heartbeat:<consumer>` alive so `usermgmt health` can tell."""
         key = self.services.keys.heartbeat(self.consumer)
         while not self.stop.is_set():
-            info = {"consumer": self.consumer, "pid": os.getpid(), "only": self.only or "all",
-                    "at": time.time()}
+            info = {
+                "consumer": self.consumer,
+                "pid": os.getpid(),
+                "only": self.only or "all",
+                "at": time.time(),
+            }
             if self.events is not None:
                 info["applied"] = self.events.stats.applied
             try:

@@ -29,8 +29,9 @@ class CommandFailed(Exception):
 
 
 def add_database_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database", metavar="URL",
-                        help="SQLAlchemy URL (default: USERMGMT_DATABASE_URL)")
+    parser.add_argument(
+        "--database", metavar="URL", help="SQLAlchemy URL (default: USERMGMT_DATABASE_URL)"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

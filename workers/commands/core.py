@@ -13,7 +13,8 @@ from workers.runner import NotMigrated, Worker
 
 def register(subparsers: Subparsers) -> None:
     migrate = subparsers.add_parser(
-        "migrate", help="upgrade the database schema to the latest version",
+        "migrate",
+        help="upgrade the database schema to the latest version",
         description="Upgrade the database to the latest schema (Alembic head). Creates the "
         "SQLite file if it is missing; running it again changes nothing.",
     )
@@ -21,20 +22,31 @@ def register(subparsers: Subparsers) -> None:
     migrate.set_defaults(func=cmd_migrate)
 
     worker = subparsers.add_parser(
-        "worker", help="run the event and auth consumers until SIGTERM/SIGINT",
+        "worker",
+        help="run the event and auth consumers until SIGTERM/SIGINT",
         description="Consume the game-event streams (group usermgmt-events) and the auth "
         "request stream (group usermgmt-auth). The first SIGTERM/SIGINT finishes and acks "
         "the batch in hand and exits 0; a second one exits at once.",
     )
-    worker.add_argument("--only", choices=["events", "auth"],
-                        help="run only one consumer (default: both)")
-    worker.add_argument("--consumer", metavar="NAME",
-                        help="consumer name in the groups (default: <host>-<pid>-<random>); "
-                        "reuse a name after a crash to finish its pending entries first")
-    worker.add_argument("--burst", action="store_true",
-                        help="process the event streams until drained, then exit")
-    worker.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
-                        help="seconds to finish the batch in hand after a signal (default 30)")
+    worker.add_argument(
+        "--only", choices=["events", "auth"], help="run only one consumer (default: both)"
+    )
+    worker.add_argument(
+        "--consumer",
+        metavar="NAME",
+        help="consumer name in the groups (default: <host>-<pid>-<random>); "
+        "reuse a name after a crash to finish its pending entries first",
+    )
+    worker.add_argument(
+        "--burst", action="store_true", help="process the event streams until drained, then exit"
+    )
+    worker.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds to finish the batch in hand after a signal (default 30)",
+    )
     add_database_option(worker)
     worker.set_defaults(func=cmd_worker)
 
@@ -59,8 +71,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     services = bootstrap(settings)
     try:
-        worker = Worker(services, args.consumer or default_consumer_name(), only=args.only,
-                        burst=args.burst, drain_timeout=args.drain_timeout)
+        worker = Worker(
+            services,
+            args.consumer or default_consumer_name(),
+            only=args.only,
+            burst=args.burst,
+            drain_timeout=args.drain_timeout,
+        )
         return worker.run()
     except NotMigrated as exc:
         raise CommandFailed(str(exc)) from None
