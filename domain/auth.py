@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from domain.accounts import Password, Username
 from domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
 
 REQUEST_MAX_AGE_S = 30
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 REPLY_TTL_S = 60
 
 
@@ -86,12 +88,15 @@ def parse_request(raw: str | bytes | None) -> AuthRequest:
 
 
 def _request_id(value: Any) -> uuid.UUID:
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise InvalidPayload(DeadLetterReason.INVALID_REQUEST, "request_id must be a UUID string")
+    # Only the canonical form: the reply key is then exactly `<prefix>:auth:reply:` plus the
+    # text the client sent. `uuid.UUID` would also take upper case, braces, `urn:uuid:` or bare
+    # hex, and the client would wait on a key the reply never reaches.
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return uuid.UUID(value)
+    raise InvalidPayload(
+        DeadLetterReason.INVALID_REQUEST,
+        "request_id must be a UUID string in canonical lower-case form (8-4-4-4-12 hex digits)",
+    )
 
 
 def describe_validation_error(exc: ValidationError) -> str:

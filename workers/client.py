@@ -1,12 +1,11 @@
 """A small client for game services: account calls over the request/reply stream.
 
-    from redis import Redis
-from redis.exceptions import TimeoutError as RedisTimeoutError
-    from workers.client import AuthClient, AuthError
+from redis import Redis
+from workers.client import AuthClient, AuthError
 
-    client = AuthClient(Redis.from_url("redis://localhost:6379/0"))
-    client.register("alice", "s3cret-pass")
-    user, token = client.login("alice", "s3cret-pass")
+client = AuthClient(Redis.from_url("redis://localhost:6379/0"))
+client.register("alice", "s3cret-pass")
+user, token = client.login("alice", "s3cret-pass")
 """
 
 from __future__ import annotations

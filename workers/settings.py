@@ -11,6 +11,7 @@ from redis.connection import parse_url
 from sqlalchemy.exc import ArgumentError
 
 from persistence.db import normalize_url
+from workers.connections import safe_url
 
 ENV_PREFIX = "USERMGMT_"
 
@@ -41,12 +42,16 @@ class Settings(BaseSettings):
     auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
     retry_delay_ms: int = Field(1_000, ge=10)
     consumer_idle_remove_s: float = Field(3_600.0, gt=0)
+    # Event streams keep entries this long (never an unapplied one); replay and restore
+    # need them: keep more than the time between two backups.
+    stream_retention_s: float = Field(7 * 24 * 3_600.0, ge=0)
+    trim_interval_s: float = Field(60.0, ge=0)  # 0: the worker never trims
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         try:
-            parse_url(value)
+            parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ValueError(f"not a Redis URL ({exc})") from None
         return value
@@ -71,6 +76,16 @@ def load_settings(**overrides: object) -> Settings:
         error = exc.errors(include_url=False)[0]
         field = str(error["loc"][0]) if error["loc"] else "?"
         variable = ENV_PREFIX + field.upper()
-        shown = os.environ.get(variable)
-        value = f"={shown!r}" if shown is not None and "password" not in field else ""
-        raise ConfigError(f"invalid setting {variable}{value}: {error['msg']}") from None
+        given = overrides[field] if field in overrides else os.environ.get(variable)
+        shown = _shown(field, given)
+        value = f"={shown!r}" if shown is not None else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {variable}{value}: {message}") from None
+
+
+def _shown(field: str, given: object) -> str | None:
+    """The offending value for the error line; a URL loses its password first."""
+    if given is None or "password" in field:
+        return None
+    text = str(given)
+    return safe_url(text) if field.endswith("_url") else text

@@ -1,0 +1,338 @@
+"""The real `usermgmt` command line and worker process, talked to only through Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+
+from tests.conftest import REDIS_URL
+from tests.e2e.conftest import REPO, USERMGMT, Stack, wait_for
+from workers.cli import build_parser, main
+from workers.client import AuthClient, AuthError
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "E2e-Secret-Pass1"
+T = TypeVar("T")
+
+
+class Tail:
+    """Collects a running process's stderr lines in a thread, so tests can wait on them."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stderr is not None
+        self.stream = process.stderr
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for raw in iter(self.stream.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def finish(self) -> list[str]:
+        """All lines, once the process has exited and its stderr is at end of file."""
+        self.thread.join(10)
+        return self.lines
+
+    def has(self, text: str) -> str | None:
+        return next((line for line in list(self.lines) if text in line), None)
+
+    def events(self) -> list[dict[str, object]]:
+        """The JSON log records among the lines."""
+        records = []
+        for line in list(self.lines):
+            if line.startswith("{"):
+                records.append(orjson.loads(line))
+        return records
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return sorted(actions[0].choices)  # type: ignore[union-attr]
+
+
+def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`usermgmt ARGS` as a process, for commands that need no running services."""
+    base = {
+        **os.environ,
+        "USERMGMT_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "USERMGMT_REDIS_URL": REDIS_URL,
+        "USERMGMT_BCRYPT_ROUNDS": "4",
+        "USERMGMT_LOG_FORMAT": "json",
+        "PYTHONPATH": str(REPO),
+    }
+
+    def run(
+        *args: str, cwd: Path | None = None, executable: list[str] = USERMGMT, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*executable, *args],
+            env={**base, **env},
+            cwd=cwd or tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+
+    return run
+
+
+def in_parallel(calls: list[Callable[[], T]]) -> list[T]:
+    """Run independent CLI processes side by side (each spends most of its time importing)."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+# -- help ----------------------------------------------------------------------------------
+
+
+def test_help_lists_every_command_and_the_core_ones_explain_themselves(cli: Any) -> None:
+    names = subcommands()
+    assert {"migrate", "worker"} <= set(names)
+    top, migrate, worker = in_parallel(
+        [lambda: cli("--help"), lambda: cli("migrate", "--help"), lambda: cli("worker", "--help")]
+    )
+    for result in (top, migrate, worker):
+        assert result.returncode == 0, result.stderr
+    for name in names:
+        assert name in top.stdout
+    assert "usage: usermgmt migrate" in migrate.stdout
+    assert "SIGTERM" in worker.stdout
+    assert "--only" in worker.stdout
+
+
+@pytest.mark.parametrize("name", subcommands())
+def test_every_subcommand_explains_itself(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each `usermgmt NAME --help` (the same `main` the script runs; a process each is slow)."""
+    with pytest.raises(SystemExit) as exited:
+        main([name, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: usermgmt {name}" in out
+    assert len(out.splitlines()) >= 3
+
+
+def test_the_installed_console_script_answers_help_and_no_command_is_a_usage_error(
+    cli: Any,
+) -> None:
+    script = Path(sys.executable).parent / "usermgmt"
+    assert script.exists(), "pip install -e . should have installed the usermgmt script"
+    helped, bare = in_parallel([lambda: cli("--help", executable=[str(script)]), cli])
+    assert helped.returncode == 0, helped.stderr
+    assert "worker" in helped.stdout
+    assert bare.returncode == 2
+    assert "Traceback" not in bare.stderr
+
+
+# -- bad settings --------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ("worker", "USERMGMT_BCRYPT_ROUNDS", "abc"),
+    ("worker", "USERMGMT_LOG_FORMAT", "xml"),
+    ("worker", "USERMGMT_REDIS_URL", "http://127.0.0.1:6379"),
+    ("migrate", "USERMGMT_BCRYPT_ROUNDS", "abc"),
+    ("migrate", "USERMGMT_LOG_FORMAT", "xml"),
+    ("migrate", "USERMGMT_DATABASE_URL", "mysql://db/users"),
+]
+
+
+def test_a_bad_setting_exits_2_with_one_line_naming_it(cli: Any) -> None:
+    results = in_parallel(
+        [
+            lambda command=command, variable=variable, value=value: cli(
+                command, **{variable: value}
+            )
+            for command, variable, value in BAD_SETTINGS
+        ]
+    )
+    for (command, variable, _), result in zip(BAD_SETTINGS, results, strict=True):
+        case = (command, variable, result.stderr)
+        assert result.returncode == 2, case
+        lines = stderr_lines(result)
+        assert len(lines) == 1, case
+        assert variable in lines[0], case
+        assert "Traceback" not in result.stderr, case
+        assert result.stdout == "", case
+
+
+def test_dotenv_settings_and_hidden_passwords_in_settings_errors(cli: Any, tmp_path: Path) -> None:
+    workdir = tmp_path / "ops"
+    workdir.mkdir()
+    (workdir / ".env").write_text("USERMGMT_MAX_DELIVERIES=never\n")
+    from_file, with_password = in_parallel(
+        [
+            lambda: cli("migrate", cwd=workdir),
+            lambda: cli("worker", USERMGMT_REDIS_URL="redis://:Hidden-Pw-42@host:port/0"),
+        ]
+    )
+    assert from_file.returncode == 2
+    lines = stderr_lines(from_file)
+    assert len(lines) == 1
+    assert "USERMGMT_MAX_DELIVERIES" in lines[0]
+    assert with_password.returncode == 2
+    assert "USERMGMT_REDIS_URL" in with_password.stderr
+    assert "Hidden-Pw-42" not in with_password.stderr
+
+
+# -- migrate -------------------------------------------------------------------------------
+
+
+def table_names(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def test_migrate_twice_is_fine(stack: Stack) -> None:
+    # The fixture migrated once already.
+    again = stack.cli("migrate")
+    assert again.returncode == 0, again.stderr
+    assert "already at the latest schema" in again.stdout
+    database = Path(stack.database_url.removeprefix("sqlite:///"))
+    assert {"users", "stats", "leaderboard", "alembic_version"} <= table_names(database)
+
+
+def test_migrate_works_from_any_directory(cli: Any, tmp_path: Path) -> None:
+    """The migrations ship inside the package: the working directory does not matter."""
+    workdir = tmp_path / "somewhere" / "else"
+    workdir.mkdir(parents=True)
+    relative = workdir / "data" / "relative.db"
+    absolute = tmp_path / "elsewhere" / "absolute.db"
+    urls = ["sqlite:///data/relative.db", f"sqlite:///{absolute}"]
+    for expected in ("upgraded from empty", "already at the latest schema"):
+        results = in_parallel(
+            [lambda url=url: cli("migrate", cwd=workdir, USERMGMT_DATABASE_URL=url) for url in urls]
+        )
+        for result in results:
+            assert result.returncode == 0, result.stderr
+            assert expected in result.stdout
+    for target in (relative, absolute):
+        assert {"users", "stats", "leaderboard"} <= table_names(target)
+
+
+def test_migrate_against_an_unreachable_database_is_one_line(cli: Any) -> None:
+    result = cli(
+        "migrate", USERMGMT_DATABASE_URL="postgresql://postgres:Db-Secret-7@127.0.0.1:1/test"
+    )
+    assert result.returncode == 1
+    lines = stderr_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert "cannot use the database at" in lines[0]
+    assert "127.0.0.1:1" in lines[0]
+    assert "Db-Secret-7" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- the worker process ----------------------------------------------------------------------
+
+
+def test_the_worker_serves_accounts_and_stops_cleanly_on_sigterm(stack: Stack) -> None:
+    process = stack.start_worker("--only", "auth")
+    tail = Tail(process)
+    client = AuthClient(stack.redis, prefix=stack.prefix, timeout=30)
+    registered = client.register("Alice", PASSWORD)
+    assert registered["username"] == "Alice"
+    user, token = client.login("alice", PASSWORD)
+    assert user == registered
+    assert client.verify_token(token)["id"] == registered["id"]
+    with pytest.raises(AuthError) as caught:
+        client.register("ALICE", "Another-Pass-2")
+    assert caught.value.code == "username_taken"
+    with pytest.raises(AuthError) as caught:
+        client.login("alice", "Wrong-Pass-3")
+    assert caught.value.code == "invalid_credentials"
+    # Junk carrying secrets is dead-lettered; the secrets reach neither the log nor the DLQ.
+    requests, dlq = f"{stack.prefix}:auth:requests", f"{stack.prefix}:dlq"
+    stack.redis.xadd(requests, {"payload": b"op=login&password=Junk-Pass-4"})
+    stack.redis.xadd(
+        requests, {"payload": orjson.dumps({"request_id": 7, "password": "Junk-Pass-5"})}
+    )
+    wait_for(lambda: stack.redis.xlen(dlq) == 2)
+    assert client.get_user("ALICE")["username"] == "Alice"  # still serving
+
+    assert stack.stop_worker(process) == 0
+    lines = tail.finish()
+    assert any("worker stopped" in line for line in lines)
+    output = "\n".join(lines)
+    dead = repr(stack.redis.xrange(dlq))
+    for secret in (PASSWORD, "Another-Pass-2", "Wrong-Pass-3", token, "Junk-Pass-4", "Junk-Pass-5"):
+        assert secret not in output
+        assert secret not in dead
+    assert "Traceback" not in output
+    answered = [r for r in tail.events() if r.get("event") == "request answered"]
+    assert {r.get("op") for r in answered} >= {"register", "login", "verify_token"}
+    for record in answered:
+        assert {"request_id", "entry_id", "outcome", "duration_ms"} <= set(record)
+    # Every answered entry is gone from the stream: no password waits there.
+    assert stack.redis.xlen(f"{stack.prefix}:auth:requests") == 0
+
+
+def test_sigint_also_exits_0(stack: Stack) -> None:
+    process = stack.start_worker()
+    tail = Tail(process)
+    client = AuthClient(stack.redis, prefix=stack.prefix, timeout=30)
+    client.register("bob", PASSWORD)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    assert any("worker stopped" in line for line in tail.finish())
+
+
+def test_the_worker_keeps_running_while_redis_is_unreachable(stack: Stack) -> None:
+    process = stack.start_worker(USERMGMT_REDIS_URL="redis://:Redis-Secret-9@127.0.0.1:1/0")
+    tail = Tail(process)
+    line = wait_for(lambda: tail.has("cannot reach Redis at"))
+    assert "127.0.0.1:1" in line
+    assert "USERMGMT_REDIS_URL" in line
+    # It retries rather than dying: a second report comes, and the process is alive.
+    wait_for(lambda: sum("cannot reach Redis at" in item for item in tail.lines) >= 3)
+    assert process.poll() is None
+    assert stack.stop_worker(process) == 0
+    lines = tail.finish()
+    assert any("worker stopped" in item for item in lines)
+    assert not any("Redis-Secret-9" in item for item in lines)
+    assert not any("Traceback" in item for item in lines)
+
+
+def test_the_worker_waits_for_an_unreachable_database_and_stops_on_sigterm(stack: Stack) -> None:
+    process = stack.start_worker(
+        USERMGMT_DATABASE_URL="postgresql://postgres:Db-Secret-8@127.0.0.1:1/test"
+    )
+    tail = Tail(process)
+    line = wait_for(lambda: tail.has("cannot use the database at"))
+    assert "127.0.0.1:1" in line
+    assert process.poll() is None
+    assert stack.stop_worker(process) == 0
+    lines = tail.finish()
+    assert not any("Db-Secret-8" in item for item in lines)
+    assert not any("Traceback" in item for item in lines)
+
+
+def test_the_worker_refuses_an_unmigrated_database_in_one_line(
+    stack: Stack, tmp_path: Path
+) -> None:
+    empty = tmp_path / "never-migrated.db"
+    process = stack.start_worker(USERMGMT_DATABASE_URL=f"sqlite:///{empty}")
+    tail = Tail(process)
+    assert process.wait(timeout=30) == 1
+    lines = [line for line in tail.finish() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "usermgmt migrate" in lines[0]
+    assert "Traceback" not in lines[0]

@@ -1,0 +1,915 @@
+"""The auth request/reply server (SPEC §4) on every backend, driven in-process.
+
+The server runs in a thread exactly as the worker runs it; requests go in through the
+stream and replies come back on the reply keys, as any client in any language sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import bcrypt
+import orjson
+import pytest
+import sqlalchemy as sa
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from domain.auth import parse_request
+from persistence import auth_store
+from persistence.keys import AUTH_GROUP, Keys
+from tests.conftest import Backend, make_settings
+from tests.integration.helpers import dead_letters, rows
+from workers import auth_server
+from workers.auth_server import AuthServer
+from workers.bootstrap import Services
+from workers.client import AuthClient, AuthError
+
+PASSWORD = "Correct-Horse-9"
+USER_FIELDS = {"id", "username", "wallet", "win_count", "loss_count", "earnings", "rank"}
+
+
+# -- harness ------------------------------------------------------------------------------
+
+
+@contextmanager
+def running(services: Services, consumer: str = "c1") -> Iterator[AuthServer]:
+    """Run `AuthServer.run()` in a thread; stop it and check it ended cleanly."""
+    stop = threading.Event()
+    server = AuthServer(services, consumer, stop)
+    crashed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            server.run()
+        except BaseException as exc:
+            crashed.append(exc)
+
+    thread = threading.Thread(target=target, name=f"auth-{consumer}", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join(15)
+    assert not thread.is_alive(), "the auth server did not stop"
+    assert not crashed, f"the auth server crashed: {crashed!r}"
+
+
+def with_settings(services: Services, backend: Backend, **overrides: object) -> Services:
+    return dataclasses.replace(services, settings=make_settings(backend, **overrides))
+
+
+def raw_request(redis: Redis, keys: Keys, timeout: float = 10, **fields: Any) -> dict[str, Any]:
+    """Publish one request as any client would and BLPOP its reply (the whole JSON object)."""
+    request_id = fields.setdefault("request_id", str(uuid.uuid4()))
+    redis.xadd(keys.auth_requests, {"payload": orjson.dumps(fields)})
+    popped = redis.blpop([keys.reply(uuid.UUID(request_id))], timeout=timeout)
+    assert popped is not None, f"no reply to {fields.get('op')} within {timeout} s"
+    reply: dict[str, Any] = orjson.loads(popped[1])
+    return reply
+
+
+def poll(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Wait until `condition()` is truthy (the server works in other threads)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def stream_is_clean(redis: Redis, keys: Keys) -> bool:
+    """Every entry acked and deleted: nothing left in the stream, nothing pending."""
+    pending = redis.xpending(keys.auth_requests, AUTH_GROUP)["pending"]
+    return redis.xlen(keys.auth_requests) == 0 and pending == 0
+
+
+def dump_everything(redis: Redis, prefix: str) -> dict[bytes, bytes]:
+    """Every key under `prefix` with all of its content serialised, whatever its type."""
+    contents: dict[bytes, bytes] = {}
+    for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = redis.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        value: Any
+        if kind == "string":
+            value = redis.get(key)
+        elif kind == "hash":
+            value = redis.hgetall(key)
+        elif kind == "list":
+            value = redis.lrange(key, 0, -1)
+        elif kind == "set":
+            value = redis.smembers(key)
+        elif kind == "zset":
+            value = redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "stream":
+            value = redis.xrange(key)
+        else:
+            raise AssertionError(f"unexpected key type {kind} for {key!r}")
+        contents[key] = repr(value).encode()
+    return contents
+
+
+def user_rows(services: Services) -> list[tuple[Any, ...]]:
+    return rows(
+        services,
+        "SELECT u.username, s.win_count, s.loss_count, s.earnings, l.rank, l.earnings "
+        "FROM users u JOIN stats s ON s.user_id = u.id "
+        "JOIN leaderboard l ON l.stats_id = s.id ORDER BY u.id",
+    )
+
+
+def table_counts(services: Services) -> tuple[int, int, int]:
+    (counts,) = rows(
+        services,
+        "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM stats), "
+        "(SELECT COUNT(*) FROM leaderboard)",
+    )
+    return counts  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def short_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block 0.1 s per read instead of 1 s, so a stopping server notices sooner."""
+    monkeypatch.setattr(auth_server, "BLOCK_MS", 100)
+
+
+@pytest.fixture
+def client(backend: Backend) -> AuthClient:
+    return AuthClient(backend.redis, prefix=backend.prefix, timeout=10)
+
+
+# -- reply shapes (SPEC §4) ----------------------------------------------------------------
+
+
+def test_register_replies_with_the_public_user_and_creates_all_three_rows(
+    services: Services, backend: Backend
+) -> None:
+    services = with_settings(services, backend, starting_wallet=250)
+    request_id = str(uuid.uuid4())
+    with running(services):
+        reply = raw_request(
+            backend.redis,
+            backend.keys,
+            request_id=request_id,
+            op="register",
+            username="Alice",
+            password=PASSWORD,
+        )
+    assert reply == {
+        "request_id": request_id,
+        "ok": True,
+        "user": {
+            "id": reply["user"]["id"],
+            "username": "Alice",
+            "wallet": 250,
+            "win_count": 0,
+            "loss_count": 0,
+            "earnings": 0,
+            "rank": 1,
+        },
+    }
+    assert isinstance(reply["user"]["id"], int)
+    assert user_rows(services) == [("Alice", 0, 0, 0, 1, 0)]
+    ((stored_hash, wallet),) = rows(services, "SELECT password_hash, wallet FROM users")
+    assert wallet == 250
+    assert stored_hash != PASSWORD
+    assert stored_hash.startswith("$2")  # a bcrypt hash
+    assert bcrypt.checkpw(PASSWORD.encode(), stored_hash.encode())
+    assert backend.redis.zscore(backend.keys.leaderboard, "Alice") == 0
+    assert stream_is_clean(backend.redis, backend.keys)
+
+
+def test_login_replies_with_the_user_and_a_token_that_verifies(
+    services: Services, backend: Backend
+) -> None:
+    keys = backend.keys
+    with running(services):
+        registered = raw_request(
+            backend.redis, keys, op="register", username="Alice", password=PASSWORD
+        )
+        request_id = str(uuid.uuid4())
+        login = raw_request(
+            backend.redis,
+            keys,
+            request_id=request_id,
+            op="login",
+            username="alice",
+            password=PASSWORD,
+        )
+        verified = raw_request(backend.redis, keys, op="verify_token", token=login["token"])
+        found = raw_request(backend.redis, keys, op="get_user", username="ALICE")
+    assert set(login) == {"request_id", "ok", "user", "token"}
+    assert login["request_id"] == request_id
+    assert login["ok"] is True
+    assert login["user"] == registered["user"]
+    assert login["user"]["username"] == "Alice"  # kept as first written
+    token = login["token"]
+    assert isinstance(token, str)
+    assert len(token) >= 43  # 32 random bytes, base64url
+    assert set(token) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    for reply in (verified, found):
+        assert set(reply) == {"request_id", "ok", "user"}
+        assert reply["ok"] is True
+        assert reply["user"] == registered["user"]
+        assert set(reply["user"]) == USER_FIELDS
+
+
+def test_each_login_issues_a_new_token_valid_for_24_hours(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    with running(services):
+        client.register("alice", PASSWORD)
+        _, first = client.login("alice", PASSWORD)
+        _, second = client.login("alice", PASSWORD)
+        assert first != second
+        assert client.verify_token(first)["username"] == "alice"
+        assert client.verify_token(second)["username"] == "alice"
+    ttl = backend.redis.ttl(backend.keys.token(auth_store.token_digest(first)))
+    assert 24 * 3600 - 60 <= ttl <= 24 * 3600
+
+
+def test_error_replies_have_the_spec_shape(services: Services, backend: Backend) -> None:
+    keys = backend.keys
+    cases = [
+        ({"op": "get_user", "username": "nobody"}, "not_found"),
+        ({"op": "verify_token", "token": "not-a-real-token-" + "x" * 30}, "invalid_token"),
+        ({"op": "login", "username": "nobody", "password": PASSWORD}, "invalid_credentials"),
+        ({"op": "register", "username": "a!", "password": PASSWORD}, "invalid_request"),
+        ({"op": "register", "username": "alice", "password": "short"}, "invalid_request"),
+        ({"op": "get_user"}, "invalid_request"),
+        ({"op": "fly"}, "invalid_request"),
+    ]
+    with running(services):
+        for fields, code in cases:
+            request_id = str(uuid.uuid4())
+            reply = raw_request(backend.redis, keys, request_id=request_id, **fields)
+            assert set(reply) == {"request_id", "ok", "error"}, fields
+            assert reply["request_id"] == request_id
+            assert reply["ok"] is False
+            assert set(reply["error"]) == {"code", "message"}
+            assert reply["error"]["code"] == code, fields
+            assert isinstance(reply["error"]["message"], str)
+            assert reply["error"]["message"]
+    assert table_counts(services) == (0, 0, 0)
+    assert stream_is_clean(backend.redis, keys)
+
+
+def test_the_reply_expires_after_60_seconds(services: Services, backend: Backend) -> None:
+    keys = backend.keys
+    request_id = uuid.uuid4()
+    payload = {"request_id": str(request_id), "op": "get_user", "username": "nobody"}
+    with running(services):
+        backend.redis.xadd(keys.auth_requests, {"payload": orjson.dumps(payload)})
+        poll(lambda: backend.redis.exists(keys.reply(request_id)))
+    assert 0 < backend.redis.ttl(keys.reply(request_id)) <= 60
+    assert backend.redis.llen(keys.reply(request_id)) == 1
+
+
+def test_the_client_raises_a_typed_error_carrying_the_code(
+    services: Services, client: AuthClient
+) -> None:
+    with running(services):
+        client.register("alice", PASSWORD)
+        with pytest.raises(AuthError) as caught:
+            client.register("ALICE", PASSWORD)
+        assert caught.value.code == "username_taken"
+        with pytest.raises(AuthError) as caught:
+            client.get_user("bob")
+        assert caught.value.code == "not_found"
+
+
+# -- usernames ----------------------------------------------------------------------------
+
+
+def test_usernames_are_unique_case_insensitively(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    with running(services):
+        client.register("Alice", PASSWORD)
+        for other in ("alice", "ALICE", "aLiCe"):
+            reply = raw_request(
+                backend.redis, backend.keys, op="register", username=other, password="Other-pass-1"
+            )
+            assert reply["ok"] is False
+            assert reply["error"]["code"] == "username_taken"
+        # The first registration stands: its password still works, the others' do not.
+        user, _ = client.login("ALICE", PASSWORD)
+        with pytest.raises(AuthError) as caught:
+            client.login("alice", "Other-pass-1")
+        assert caught.value.code == "invalid_credentials"
+    assert user["username"] == "Alice"
+    assert table_counts(services) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("names", [("racer", "racer"), ("Racer", "rACER")])
+def test_two_racing_registrations_of_one_name_have_exactly_one_winner(
+    services: Services, monkeypatch: pytest.MonkeyPatch, names: tuple[str, str]
+) -> None:
+    """Both pass the "is it free?" check before either inserts: the database decides."""
+    server = AuthServer(services, "racer", threading.Event())
+    both_checked = threading.Barrier(2, timeout=10)
+    real_hashpw = bcrypt.hashpw
+
+    def hashpw_after_both_checked(password: bytes, salt: bytes) -> bytes:
+        both_checked.wait()  # both threads are past find_credentials now
+        return real_hashpw(password, salt)
+
+    monkeypatch.setattr(bcrypt, "hashpw", hashpw_after_both_checked)
+    replies: list[dict[str, Any]] = []
+
+    def register(name: str, password: str) -> None:
+        request = parse_request(
+            orjson.dumps(
+                {
+                    "request_id": str(uuid.uuid4()),
+                    "op": "register",
+                    "username": name,
+                    "password": password,
+                }
+            )
+        )
+        replies.append(server.answer(request))
+
+    threads = [
+        threading.Thread(target=register, args=(names[0], "Password-one")),
+        threading.Thread(target=register, args=(names[1], "Password-two")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    server.pool.shutdown()
+    assert len(replies) == 2
+    outcomes = sorted("ok" if reply["ok"] else reply["error"]["code"] for reply in replies)
+    assert outcomes == ["ok", "username_taken"]
+    assert table_counts(services) == (1, 1, 1)
+
+
+def test_register_is_one_transaction(services: Services, backend: Backend) -> None:
+    """A failure on the last insert (leaderboard) leaves no users or stats row behind."""
+
+    def fail_on_leaderboard(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT INTO LEADERBOARD"):
+            raise sa.exc.OperationalError(statement, {}, Exception("disk I/O error (injected)"))
+
+    sa.event.listen(services.engine, "before_cursor_execute", fail_on_leaderboard)
+    try:
+        with running(services):
+            reply = raw_request(
+                backend.redis, backend.keys, op="register", username="alice", password=PASSWORD
+            )
+    finally:
+        sa.event.remove(services.engine, "before_cursor_execute", fail_on_leaderboard)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "internal"
+    assert table_counts(services) == (0, 0, 0)
+    assert not backend.redis.exists(backend.keys.user("alice"))
+    # Nothing half-made blocks the name: it can be registered now.
+    with running(services):
+        reply = raw_request(
+            backend.redis, backend.keys, op="register", username="alice", password=PASSWORD
+        )
+    assert reply["ok"] is True
+    assert table_counts(services) == (1, 1, 1)
+
+
+# -- credentials and lockout ---------------------------------------------------------------
+
+
+def test_unknown_user_and_wrong_password_get_the_same_answer_and_the_same_work(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_checkpw = bcrypt.checkpw
+    checks: list[str] = []
+
+    def counting_checkpw(password: bytes, hashed: bytes) -> bool:
+        checks.append(threading.current_thread().name)
+        return real_checkpw(password, hashed)
+
+    with running(services):
+        raw_request(backend.redis, backend.keys, op="register", username="alice", password=PASSWORD)
+        monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
+        wrong = raw_request(
+            backend.redis, backend.keys, op="login", username="alice", password="Wrong-pass-1"
+        )
+        wrong_checks = len(checks)
+        unknown = raw_request(
+            backend.redis, backend.keys, op="login", username="nobody", password="Wrong-pass-1"
+        )
+    assert wrong["ok"] is unknown["ok"] is False
+    assert wrong["error"] == unknown["error"]
+    assert wrong["error"]["code"] == "invalid_credentials"
+    assert "alice" not in wrong["error"]["message"]
+    # One bcrypt check each: an unknown user costs as much as a wrong password.
+    assert wrong_checks == 1
+    assert len(checks) == 2
+
+
+def login(redis: Redis, keys: Keys, username: str, password: str) -> dict[str, Any]:
+    return raw_request(redis, keys, op="login", username=username, password=password)
+
+
+def code(reply: dict[str, Any]) -> str:
+    return "ok" if reply["ok"] else str(reply["error"]["code"])
+
+
+def test_five_failures_lock_the_account_even_for_the_right_password(
+    services: Services, backend: Backend
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        raw_request(redis, keys, op="register", username="bob", password=PASSWORD)
+        # Failures count per username, whatever its case.
+        failures = [
+            code(login(redis, keys, name, "Wrong-pass-1"))
+            for name in ("alice", "Alice", "ALICE", "alice", "aLiCe")
+        ]
+        assert failures == ["invalid_credentials"] * 5
+        assert code(login(redis, keys, "alice", PASSWORD)) == "locked"
+        assert code(login(redis, keys, "ALICE", PASSWORD)) == "locked"
+        assert code(login(redis, keys, "alice", "Wrong-pass-1")) == "locked"
+        # Another account is not affected.
+        assert code(login(redis, keys, "bob", PASSWORD)) == "ok"
+        locked = login(redis, keys, "alice", PASSWORD)
+    assert "15 minutes" in locked["error"]["message"]
+    lock_ttl = redis.ttl(keys.login_lock("alice"))
+    assert 15 * 60 - 60 <= lock_ttl <= 15 * 60
+
+
+def test_four_failures_do_not_lock_and_a_success_resets_the_count(
+    services: Services, backend: Backend
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        for _ in range(4):
+            assert code(login(redis, keys, "alice", "Wrong-pass-1")) == "invalid_credentials"
+        assert code(login(redis, keys, "alice", PASSWORD)) == "ok"
+        for _ in range(4):
+            assert code(login(redis, keys, "alice", "Wrong-pass-1")) == "invalid_credentials"
+        assert code(login(redis, keys, "alice", PASSWORD)) == "ok"
+
+
+def test_failures_older_than_the_window_do_not_count(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    now = [time.time()]
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return now[0]
+
+    monkeypatch.setattr(auth_store, "time", Clock)
+    with running(services):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        for _ in range(4):
+            assert code(login(redis, keys, "alice", "Wrong-pass-1")) == "invalid_credentials"
+        now[0] += 15 * 60 + 1  # the four fall out of the 15-minute window
+        for _ in range(4):
+            assert code(login(redis, keys, "alice", "Wrong-pass-1")) == "invalid_credentials"
+        assert code(login(redis, keys, "alice", PASSWORD)) == "ok"
+        # Five within the window do lock.
+        for _ in range(5):
+            login(redis, keys, "alice", "Wrong-pass-1")
+        now[0] += 60
+        assert code(login(redis, keys, "alice", PASSWORD)) == "locked"
+
+
+def test_unknown_usernames_are_locked_out_too(services: Services, backend: Backend) -> None:
+    """Guessing at a name that does not exist gets the same treatment as a real one."""
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        for _ in range(5):
+            assert code(login(redis, keys, "ghost", "Wrong-pass-1")) == "invalid_credentials"
+        assert code(login(redis, keys, "ghost", "Wrong-pass-1")) == "locked"
+
+
+# -- secrets in Redis ------------------------------------------------------------------------
+
+
+def test_no_password_or_token_is_left_anywhere_in_redis(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    secrets = ["First-Secret-Pw1", "Second-Secret-Pw2", "Wrong-Secret-Pw3"]
+    with running(services):
+        client.register("alice", secrets[0])
+        client.register("bob", secrets[1])
+        _, token_a = client.login("alice", secrets[0])
+        _, token_b = client.login("bob", secrets[1])
+        client.verify_token(token_a)
+        with pytest.raises(AuthError):
+            client.login("alice", secrets[2])
+        client.get_user("alice")
+        # Junk carrying a password is dead-lettered without it.
+        redis.xadd(
+            keys.auth_requests,
+            {"payload": orjson.dumps({"request_id": "x", "password": secrets[0]})},
+        )
+        redis.xadd(keys.auth_requests, {"payload": b"password=" + secrets[1].encode()})
+        redis.xadd(
+            keys.auth_requests,
+            {"payload": orjson.dumps([{"op": "login", "password": secrets[2]}])},
+        )
+        poll(lambda: stream_is_clean(redis, keys) and len(dead_letters(redis, keys)) == 3)
+    everything = dump_everything(redis, backend.prefix)
+    assert keys.token(auth_store.token_digest(token_a)).encode() in everything
+    for secret in [*secrets, token_a, token_b]:
+        for key, content in everything.items():
+            assert secret.encode() not in key, key
+            assert secret.encode() not in content, key
+    # The stored form of a token is its SHA-256 digest, pointing at the user id.
+    (alice_id,) = rows(services, "SELECT id FROM users WHERE username = 'alice'")[0]
+    assert redis.get(keys.token(auth_store.token_digest(token_a))) == str(alice_id).encode()
+
+
+# -- get_user and its cache ----------------------------------------------------------------
+
+
+def test_get_user_fills_the_cache_with_public_fields_and_the_configured_ttl(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    services = with_settings(services, backend, user_cache_ttl=123)
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        registered = client.register("Alice", PASSWORD)
+        redis.delete(keys.user("alice"))
+        found = client.get_user("alice")
+    assert found == registered
+    cached = {k.decode(): v.decode() for k, v in redis.hgetall(keys.user("alice")).items()}
+    assert set(cached) == USER_FIELDS  # public fields only: no password_hash, no token
+    assert cached["username"] == "Alice"
+    assert cached["id"] == str(registered["id"])
+    assert 0 < redis.ttl(keys.user("alice")) <= 123
+    for value in cached.values():
+        assert not value.startswith("$2")
+
+
+def test_get_user_reads_the_cache_first(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        client.register("alice", PASSWORD)
+        redis.delete(keys.user("alice"))
+        client.get_user("alice")  # fills the cache from SQL
+        redis.hset(keys.user("alice"), "wallet", 777)  # only the cache knows this
+        found = client.get_user("ALICE")
+    assert found["wallet"] == 777
+    assert rows(services, "SELECT wallet FROM users") == [(0,)]
+
+
+# -- the stream: acks, deletes, staleness, the group -----------------------------------------
+
+
+def test_every_answered_entry_is_acked_and_deleted(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        client.register("alice", PASSWORD)
+        client.login("alice", PASSWORD)
+        with pytest.raises(AuthError):
+            client.login("alice", "Wrong-pass-1")
+        client.get_user("alice")
+        with pytest.raises(AuthError):
+            client.call("nonsense")
+        poll(lambda: stream_is_clean(redis, keys))
+    assert redis.xlen(keys.auth_requests) == 0
+    assert redis.xpending(keys.auth_requests, AUTH_GROUP)["pending"] == 0
+
+
+def test_requests_older_than_30_seconds_are_dropped_unanswered(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    now_s, micros = redis.time()
+    now_ms = int(now_s) * 1000 + int(micros) // 1000
+    stale_id = uuid.uuid4()
+    fresh_id = uuid.uuid4()
+    for entry_id, request_id, name in (
+        (f"{now_ms - 60_000}-0", stale_id, "stale"),
+        (f"{now_ms - 20_000}-0", fresh_id, "fresh"),
+    ):
+        request = {
+            "request_id": str(request_id),
+            "op": "register",
+            "username": name,
+            "password": PASSWORD,
+        }
+        redis.xadd(keys.auth_requests, {"payload": orjson.dumps(request)}, id=entry_id)
+    with running(services):
+        popped = redis.blpop([keys.reply(fresh_id)], timeout=10)
+        assert popped is not None  # 20 s old: still served
+        client.get_user("fresh")
+        poll(lambda: stream_is_clean(redis, keys))
+        assert not redis.exists(keys.reply(stale_id))
+    assert [name for name, *_ in user_rows(services)] == ["fresh"]
+    assert dead_letters(redis, keys) == []
+
+
+def test_a_request_published_before_the_worker_first_ran_is_served(
+    services: Services, backend: Backend
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    assert not redis.exists(keys.auth_requests)
+    request_id = uuid.uuid4()
+    request = {
+        "request_id": str(request_id),
+        "op": "register",
+        "username": "early",
+        "password": PASSWORD,
+    }
+    redis.xadd(keys.auth_requests, {"payload": orjson.dumps(request)})
+    with running(services):
+        popped = redis.blpop([keys.reply(request_id)], timeout=10)
+        assert popped is not None
+        assert orjson.loads(popped[1])["ok"] is True
+        groups = redis.xinfo_groups(keys.auth_requests)
+    assert [group["name"] for group in groups] in ([AUTH_GROUP.encode()], [AUTH_GROUP])
+    assert table_counts(services) == (1, 1, 1)
+
+
+def test_the_group_is_created_with_its_stream_when_missing(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        poll(lambda: redis.exists(keys.auth_requests))
+        client.register("alice", PASSWORD)
+    groups = redis.xinfo_groups(keys.auth_requests)
+    assert len(groups) == 1
+
+
+# -- junk ----------------------------------------------------------------------------------
+
+JUNK: list[tuple[str, dict[bytes | str, bytes | str], str]] = [
+    ("not JSON", {"payload": b"hello there"}, "invalid_json"),
+    ("not JSON with a secret", {"payload": b"op=login&password=Junk-Secret-1"}, "invalid_json"),
+    ("no payload field", {"data": b"{}", "password": b"Junk-Secret-2"}, "invalid_request"),
+    (
+        "request_id not a UUID",
+        {
+            "payload": orjson.dumps(
+                {
+                    "request_id": "../../um:leaderboard",
+                    "op": "register",
+                    "username": "mallory",
+                    "password": "Junk-Secret-3",
+                }
+            )
+        },
+        "invalid_request",
+    ),
+    (
+        "a JSON list",
+        {
+            "payload": orjson.dumps(
+                [{"request_id": str(uuid.uuid4()), "op": "login", "password": "Junk-Secret-4"}]
+            )
+        },
+        "invalid_request",
+    ),
+    ("a JSON string", {"payload": b'"Junk-Secret-5"'}, "invalid_request"),
+    ("no request_id", {"payload": b'{"op": "get_user", "username": "alice"}'}, "invalid_request"),
+]
+
+
+def test_junk_is_dead_lettered_without_secrets_and_never_stops_the_server(
+    services: Services, backend: Backend, client: AuthClient
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        poll(lambda: redis.exists(keys.auth_requests))
+        before = set(redis.scan_iter(match=f"{backend.prefix}:*"))
+        entry_ids = [redis.xadd(keys.auth_requests, fields) for _, fields, _ in JUNK]
+        # A request with a UUID but a bad body is answered on its own reply key.
+        answered_id = uuid.uuid4()
+        bad_body = {"request_id": str(answered_id), "op": "drop_tables", "password": "Junk-Sec-6"}
+        redis.xadd(keys.auth_requests, {"payload": orjson.dumps(bad_body)})
+        poll(lambda: stream_is_clean(redis, keys) and len(dead_letters(redis, keys)) == len(JUNK))
+        written = set(redis.scan_iter(match=f"{backend.prefix}:*")) - before
+        assert written == {keys.dlq.encode(), keys.reply(answered_id).encode()}
+        reply = orjson.loads(redis.lpop(keys.reply(answered_id)))
+        assert reply["error"]["code"] == "invalid_request"
+        # Still serving.
+        assert client.register("alice", PASSWORD)["username"] == "alice"
+    # Served concurrently, so the dead letters may be in any order: match them by entry id.
+    letters = {letter["entry_id"]: letter for letter in dead_letters(redis, keys)}
+    expected = {
+        entry_id.decode() if isinstance(entry_id, bytes) else entry_id: reason
+        for entry_id, (_, _, reason) in zip(entry_ids, JUNK, strict=True)
+    }
+    assert {entry_id: letter["reason"] for entry_id, letter in letters.items()} == expected
+    by_name = {
+        name: letters[entry_id] for entry_id, (name, _, _) in zip(expected, JUNK, strict=True)
+    }
+    for letter in letters.values():
+        assert letter["stream"] == keys.auth_requests
+        assert letter["message"]
+        assert {"payload", "deliveries", "failed_at"} <= set(letter)
+        assert "password" not in letter["payload"]
+    raw_dlq = repr(redis.xrange(keys.dlq)).encode()
+    for secret in ("Junk-Secret-1", "Junk-Secret-2", "Junk-Secret-3", "Junk-Secret-4"):
+        assert secret.encode() not in raw_dlq
+    # What can be kept safely is kept, so an operator can see what arrived.
+    assert orjson.loads(by_name["request_id not a UUID"]["payload"]) == {
+        "request_id": "../../um:leaderboard",
+        "op": "register",
+        "username": "mallory",
+    }
+    assert by_name["not JSON"]["payload"] == "hello there"
+    assert by_name["no payload field"]["payload"] == ""
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+
+def test_logins_hash_concurrently_up_to_the_configured_limit(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With auth_concurrency=2, two logins are inside bcrypt together, never three."""
+    services = with_settings(services, backend, auth_concurrency=2)
+    real_checkpw = bcrypt.checkpw
+    pair = threading.Barrier(2, timeout=10)  # passes only when two checks overlap
+    lock = threading.Lock()
+    inside = [0]
+    peak = [0]
+
+    def overlapping_checkpw(password: bytes, hashed: bytes) -> bool:
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        try:
+            pair.wait()
+            return real_checkpw(password, hashed)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    client = AuthClient(backend.redis, prefix=backend.prefix, timeout=20)
+    with running(services):
+        for name in ("player1", "player2", "player3", "player4"):
+            client.register(name, PASSWORD)
+        monkeypatch.setattr(bcrypt, "checkpw", overlapping_checkpw)
+        outcomes: dict[str, str] = {}
+
+        def log_in(name: str) -> None:
+            try:
+                outcomes[name] = client.login(name, PASSWORD)[0]["username"]
+            except AuthError as exc:
+                outcomes[name] = exc.code
+
+        threads = [
+            threading.Thread(target=log_in, args=(n,))
+            for n in ("player1", "player2", "player3", "player4")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert outcomes == {name: name for name in ("player1", "player2", "player3", "player4")}
+    assert peak[0] == 2
+
+
+def test_a_slow_login_does_not_stall_other_requests(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_checkpw = bcrypt.checkpw
+    entered = threading.Event()
+    release = threading.Event()
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        entered.set()
+        release.wait(20)
+        return real_checkpw(password, hashed)
+
+    redis, keys = backend.redis, backend.keys
+    client = AuthClient(redis, prefix=backend.prefix, timeout=10)
+    with running(services):
+        client.register("slow", PASSWORD)
+        client.register("quick", PASSWORD)
+        monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+        slow_id = uuid.uuid4()
+        request = {
+            "request_id": str(slow_id),
+            "op": "login",
+            "username": "slow",
+            "password": PASSWORD,
+        }
+        redis.xadd(keys.auth_requests, {"payload": orjson.dumps(request)})
+        assert entered.wait(10)
+        # While the login is stuck inside bcrypt, other requests are answered.
+        assert client.get_user("quick")["username"] == "quick"
+        with pytest.raises(AuthError):
+            client.verify_token("no-such-token-" + "x" * 30)
+        assert not redis.exists(keys.reply(slow_id))
+        release.set()
+        popped = redis.blpop([keys.reply(slow_id)], timeout=10)
+    assert popped is not None
+    assert orjson.loads(popped[1])["ok"] is True
+
+
+def test_a_slow_request_is_not_served_twice_by_its_own_reclaim(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry still in flight here is busy, not abandoned: reclaiming must not rerun it."""
+    services = with_settings(services, backend, claim_idle_ms=100)
+    real_checkpw = bcrypt.checkpw
+    calls: list[bytes] = []
+    release = threading.Event()
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        calls.append(password)
+        release.wait(20)
+        return real_checkpw(password, hashed)
+
+    redis, keys = backend.redis, backend.keys
+    client = AuthClient(redis, prefix=backend.prefix, timeout=10)
+    with running(services):
+        client.register("slow", PASSWORD)
+        monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+        slow_id = uuid.uuid4()
+        request = {
+            "request_id": str(slow_id),
+            "op": "login",
+            "username": "slow",
+            "password": PASSWORD,
+        }
+        entry_id = redis.xadd(keys.auth_requests, {"payload": orjson.dumps(request)})
+
+        def delivered_again() -> bool:
+            pending = redis.xpending_range(
+                keys.auth_requests, AUTH_GROUP, min=entry_id, max=entry_id, count=1
+            )
+            return bool(pending) and pending[0]["times_delivered"] >= 2
+
+        poll(delivered_again)  # the server's reclaim has seen it (still in flight)
+        release.set()
+        popped = redis.blpop([keys.reply(slow_id)], timeout=10)
+        assert popped is not None
+        poll(lambda: stream_is_clean(redis, keys))
+    # The server has stopped and its pool is drained: count what really ran.
+    assert len(calls) == 1
+    assert not redis.exists(keys.reply(slow_id))  # no second reply behind the first
+
+
+# -- resilience ----------------------------------------------------------------------------
+
+
+def test_the_server_keeps_serving_after_redis_errors(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dropped connection while reading must not leave the server unable to read again."""
+    redis = backend.redis
+    real_xreadgroup = redis.xreadgroup
+    failures = [0]
+
+    def flaky_xreadgroup(*args: Any, **kwargs: Any) -> Any:
+        streams = kwargs.get("streams", args[2] if len(args) > 2 else {})
+        if ">" in streams.values() and failures[0] < 2:
+            failures[0] += 1
+            raise RedisConnectionError("connection reset by peer (injected)")
+        return real_xreadgroup(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "xreadgroup", flaky_xreadgroup)
+    client = AuthClient(redis, prefix=backend.prefix, timeout=15)
+    with running(services):
+        assert client.register("alice", PASSWORD)["username"] == "alice"
+        assert client.get_user("alice")["username"] == "alice"
+    assert failures[0] == 2
+
+
+def test_several_servers_share_the_stream_and_each_request_is_answered_once(
+    services: Services, backend: Backend
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    request_ids = [uuid.uuid4() for _ in range(12)]
+    with running(services, "c1"), running(services, "c2"):
+        for index, request_id in enumerate(request_ids):
+            request = {
+                "request_id": str(request_id),
+                "op": "register",
+                "username": f"user{index}",
+                "password": PASSWORD,
+            }
+            redis.xadd(keys.auth_requests, {"payload": orjson.dumps(request)})
+        for request_id in request_ids:
+            popped = redis.blpop([keys.reply(request_id)], timeout=10)
+            assert popped is not None
+            assert orjson.loads(popped[1])["ok"] is True
+        poll(lambda: stream_is_clean(redis, keys))
+    assert table_counts(services) == (12, 12, 12)
+    assert all(not redis.exists(keys.reply(request_id)) for request_id in request_ids)
