@@ -1,0 +1,214 @@
+"""`usermgmt acl` rules applied to the real Redis: each role does its job and nothing else.
+
+The users are named after the test's key prefix and deleted afterwards; the default
+user is never touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from redis import Redis
+from redis.exceptions import NoPermissionError, ResponseError
+
+from persistence import accounts
+from persistence.db import make_engine, upgrade
+from persistence.keys import Keys
+from tests.conftest import REDIS_URL, _delete_prefix, _real_redis
+from tests.integration.helpers import drain, publish, rows
+from workers import acl, dlq, status
+from workers.auth_server import AuthServer
+from workers.bootstrap import Services
+from workers.client import AuthClient
+from workers.settings import Settings
+from workers.streams import remove_idle_consumers
+
+PASSWORD = "acl-test-password-1"
+RESULTS = [
+    {"username": "alice", "outcome": "win", "earnings": 70},
+    {"username": "bob", "outcome": "loss", "earnings": 0},
+]
+
+
+@pytest.fixture
+def admin(prefix: str) -> Iterator[Redis]:
+    client = _real_redis()
+    yield client
+    _delete_prefix(client, prefix)
+    client.close()
+
+
+@pytest.fixture
+def clients(admin: Redis, prefix: str) -> Iterator[dict[str, Redis]]:
+    """One connection per role, logged in as a user made from `usermgmt acl`'s rules."""
+    roles = acl.roles(Keys(prefix), user_prefix=f"{prefix}-")
+    connections: dict[str, Redis] = {}
+    try:
+        for role in roles:
+            admin.execute_command("ACL", "SETUSER", role.user, *role.rules)
+            admin.execute_command("ACL", "SETUSER", role.user, "on", f">{PASSWORD}")
+            connections[role.role] = Redis.from_url(
+                REDIS_URL, username=role.user, password=PASSWORD
+            )
+        yield connections
+    finally:
+        for client in connections.values():
+            client.close()
+        for role in roles:
+            admin.execute_command("ACL", "DELUSER", role.user)
+
+
+def refused(call: Callable[[], Any]) -> bool:
+    """Whether Redis refuses the call for lack of permission."""
+    try:
+        call()
+    except NoPermissionError:
+        return True
+    except ResponseError as exc:
+        return "NOPERM" in str(exc)
+    return False
+
+
+def test_the_rules_name_every_role_and_start_from_nothing(prefix: str) -> None:
+    roles = acl.roles(Keys(prefix))
+    assert [role.role for role in roles] == list(acl.ROLES)
+    assert [role.user for role in roles] == [f"{prefix}-{name}" for name in acl.ROLES]
+    for role in roles:
+        assert role.rules[0] == "reset"
+        assert all(prefix in rule for rule in role.rules if "~" in rule)
+    line = roles[2].setuser()
+    assert line.startswith(f"ACL SETUSER {prefix}-auth-client reset ")
+    assert f'"(~{prefix}:auth:reply:* +blpop +lpop)"' in line
+
+
+def test_matchmaking_may_only_publish_updates_and_read_users_and_sessions(
+    clients: dict[str, Redis], admin: Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    matchmaking = clients["matchmaking"]
+    admin.hset(keys.user("alice"), mapping={"username": "alice", "wallet": 5})
+    admin.hset(keys.session("s1"), mapping={"status": "in_progress"})
+
+    assert matchmaking.ping()
+    assert matchmaking.xadd(keys.update_stream, {"payload": b"{}"})
+    assert matchmaking.hgetall(keys.user("alice"))[b"wallet"] == b"5"
+    assert matchmaking.hget(keys.session("s1"), "status") == b"in_progress"
+    assert matchmaking.exists(keys.user("alice")) == 1
+
+    assert refused(lambda: matchmaking.xadd(keys.terminate_stream, {"payload": b"{}"}))
+    assert refused(lambda: matchmaking.xadd(keys.user("mallory"), {"payload": b"{}"}))
+    assert refused(lambda: matchmaking.hset(keys.user("alice"), "wallet", 1_000_000))
+    assert refused(lambda: matchmaking.delete(keys.session("s1")))
+    assert refused(lambda: matchmaking.xrange(keys.update_stream))
+    assert refused(lambda: matchmaking.xadd(keys.auth_requests, {"payload": b"{}"}))
+    assert refused(lambda: matchmaking.keys(f"{prefix}:*"))
+    assert refused(lambda: matchmaking.hgetall(f"{prefix}x:user:alice"))
+    assert admin.hget(keys.user("alice"), "wallet") == b"5"
+    assert not admin.exists(keys.terminate_stream)
+
+
+def test_a_game_server_may_only_publish_results(
+    clients: dict[str, Redis], admin: Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    game_server = clients["game-server"]
+    admin.hset(keys.user("alice"), "wallet", 5)
+
+    assert game_server.xadd(keys.terminate_stream, {"payload": b"{}"})
+    assert refused(lambda: game_server.xadd(keys.update_stream, {"payload": b"{}"}))
+    assert refused(lambda: game_server.hgetall(keys.user("alice")))
+    assert refused(lambda: game_server.xadd(keys.dlq, {"payload": b"{}"}))
+    assert refused(lambda: game_server.xgroup_destroy(keys.terminate_stream, "usermgmt-events"))
+    assert refused(lambda: game_server.xdel(keys.terminate_stream, "0-1"))
+    assert not admin.exists(keys.update_stream)
+
+
+def test_an_auth_client_may_only_send_requests_and_pop_replies(
+    clients: dict[str, Redis], admin: Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    client = clients["auth-client"]
+    reply_key = keys.reply(uuid.uuid4())
+    admin.lpush(reply_key, b'{"ok": true}')
+    admin.hset(keys.user("alice"), "wallet", 5)
+
+    assert client.xadd(keys.auth_requests, {"payload": b"{}"})
+    assert client.blpop([reply_key], timeout=1) == (reply_key.encode(), b'{"ok": true}')
+    assert client.lpop(reply_key) is None
+    assert refused(lambda: client.xadd(reply_key, {"payload": b"{}"}))
+    assert refused(lambda: client.lpush(reply_key, b"forged"))
+    assert refused(lambda: client.hgetall(keys.user("alice")))
+    assert refused(lambda: client.xadd(keys.update_stream, {"payload": b"{}"}))
+    assert refused(lambda: client.xrange(keys.auth_requests))
+    assert refused(lambda: client.get(keys.token("0" * 64)))
+    assert not admin.exists(keys.update_stream)
+
+
+def test_the_worker_role_runs_the_worker_and_nothing_outside_the_prefix(
+    clients: dict[str, Redis], admin: Redis, prefix: str, tmp_path: Path
+) -> None:
+    keys = Keys(prefix)
+    database_url = f"sqlite:///{tmp_path / 'usermgmt.db'}"
+    upgrade(database_url)
+    settings = Settings(
+        redis_url=REDIS_URL,
+        database_url=database_url,
+        key_prefix=prefix,
+        bcrypt_rounds=4,
+        retry_delay_ms=50,
+        auth_concurrency=2,
+    )
+    services = Services(settings, clients["worker"], make_engine(database_url), keys)
+    try:
+        for name in ("alice", "bob"):
+            accounts.create_user(services.engine, name, "x" * 60, wallet=0)
+        # Producers publish through their own roles; the worker applies as the worker role.
+        publish(clients["matchmaking"], keys, "update", session_id="g1", players=["alice", "bob"])
+        publish(clients["game-server"], keys, "terminate", session_id="g1", results=RESULTS)
+        publish(clients["game-server"], keys, "terminate", session_id="nope", results=RESULTS)
+        drain(services, consumer="acl-worker")
+        assert rows(services, "SELECT wallet FROM users ORDER BY username") == [(70,), (0,)]
+        assert admin.zscore(keys.leaderboard, "alice") == 70
+
+        # Auth round trip: the client role asks, the worker role answers.
+        stop = threading.Event()
+        server = AuthServer(services, "acl-worker", stop)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            user = AuthClient(clients["auth-client"], prefix=prefix).register("carol", PASSWORD)
+            assert user["username"] == "carol"
+        finally:
+            stop.set()
+            thread.join(15)
+
+        # Operator work with the same role: status, dead letters, idle consumers, heartbeat.
+        worker = clients["worker"]
+        worker.set(keys.heartbeat("acl-worker"), orjson.dumps({"at": 0}), ex=15)
+        report = status.collect(worker, services.engine, keys, database_url)
+        assert {s.name for s in report.streams} >= {"update", "terminate", "auth_requests"}
+        assert [w.consumer for w in report.workers] == ["acl-worker"]
+        remove_idle_consumers(worker, keys.update_stream, "usermgmt-events", 10**9)
+        assert dlq.purge(worker, keys) == report.dlq_length
+
+        assert refused(lambda: worker.set("elsewhere:key", 1))
+        assert refused(lambda: worker.get(f"{prefix}x:user:alice"))
+        assert refused(lambda: worker.keys("*"))
+        assert refused(lambda: worker.config_get("maxmemory"))
+        assert refused(lambda: worker.execute_command("ACL", "LIST"))
+        # Commands that would hurt the shared server are checked with a dry run only.
+        user = f"{prefix}-worker"
+        for command in (["FLUSHALL"], ["FLUSHDB"], ["SHUTDOWN"], ["DEBUG", "SLEEP", "0"]):
+            verdict = admin.execute_command("ACL", "DRYRUN", user, *command)
+            assert b"no permissions" in verdict, command
+        assert (
+            admin.execute_command("ACL", "DRYRUN", user, "XADD", keys.dlq, "*", "a", "1") == b"OK"
+        )
+    finally:
+        services.engine.dispose()
