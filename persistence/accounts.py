@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from domain.accounts import username_key
 from domain.auth import UserView
+from persistence import outbox
 from persistence.models import (
     GameSession,
     LeaderboardEntry,
@@ -33,11 +35,14 @@ class Credentials:
 
 
 def create_user(engine: Engine, username: str, password_hash: str, wallet: int) -> UserView:
-    """Create the users, stats and leaderboard rows in one transaction.
+    """Create the users, stats and leaderboard rows and the outbox row, in one transaction.
 
     Uniqueness is the database's unique index on the lower-cased name, so two workers
-    racing for one name cannot both win.
+    racing for one name cannot both win. The outbox row is the registration event the
+    relay publishes on the accounts stream (for replay): it commits with the user or
+    not at all.
     """
+    created_at = utcnow()
     try:
         with engine.begin() as conn:
             user_id = conn.execute(
@@ -47,7 +52,7 @@ def create_user(engine: Engine, username: str, password_hash: str, wallet: int) 
                     username_key=username_key(username),
                     password_hash=password_hash,
                     wallet=wallet,
-                    created_at=utcnow(),
+                    created_at=created_at,
                 )
                 .returning(User.id)
             ).scalar_one()
@@ -66,6 +71,14 @@ def create_user(engine: Engine, username: str, password_hash: str, wallet: int) 
                 ).scalar_one()
             )
             conn.execute(insert(LeaderboardEntry).values(stats_id=stats_id, rank=rank, earnings=0))
+            outbox.add_registration(
+                conn,
+                user_id=user_id,
+                username=username,
+                password_hash=password_hash,
+                wallet=wallet,
+                created_at=created_at,
+            )
     except IntegrityError:
         raise UsernameTaken(username) from None
     return UserView(
@@ -90,30 +103,30 @@ def find_credentials(engine: Engine, username: str) -> Credentials | None:
     return Credentials(row.id, row.username, row.password_hash) if row else None
 
 
-def _view_query():  # type: ignore[no-untyped-def]
-    return (
-        select(
-            User.id,
-            User.username,
-            User.wallet,
-            Stats.win_count,
-            Stats.loss_count,
-            Stats.earnings,
-            LeaderboardEntry.rank,
-            GameSession.session_id,
-        )
-        .join(Stats, Stats.user_id == User.id)
-        .join(LeaderboardEntry, LeaderboardEntry.stats_id == Stats.id)
-        .outerjoin(SessionPlayer, SessionPlayer.user_id == User.id)
-        .outerjoin(GameSession, GameSession.id == SessionPlayer.session_pk)
+# Everything a public user record needs, joined once; callers add the WHERE clause.
+_VIEW_QUERY = (
+    select(
+        User.id,
+        User.username,
+        User.wallet,
+        Stats.win_count,
+        Stats.loss_count,
+        Stats.earnings,
+        LeaderboardEntry.rank,
+        GameSession.session_id,
     )
+    .join(Stats, Stats.user_id == User.id)
+    .join(LeaderboardEntry, LeaderboardEntry.stats_id == Stats.id)
+    .outerjoin(SessionPlayer, SessionPlayer.user_id == User.id)
+    .outerjoin(GameSession, GameSession.id == SessionPlayer.session_pk)
+)
 
 
 def load_user(
     engine: Engine, *, username: str | None = None, user_id: int | None = None
 ) -> UserView | None:
     """The public record of one user by name (case-insensitive) or id, or None."""
-    query = _view_query()
+    query = _VIEW_QUERY
     if username is not None:
         query = query.where(User.username_key == username_key(username))
     else:
@@ -128,11 +141,11 @@ def load_users(engine: Engine, user_ids: list[int]) -> list[UserView]:
     if not user_ids:
         return []
     with engine.connect() as conn:
-        rows = conn.execute(_view_query().where(User.id.in_(user_ids))).all()
+        rows = conn.execute(_VIEW_QUERY.where(User.id.in_(user_ids))).all()
     return [_to_view(row) for row in rows]
 
 
-def _to_view(row) -> UserView:  # type: ignore[no-untyped-def]
+def _to_view(row: Any) -> UserView:
     return UserView(
         id=row.id,
         username=row.username,

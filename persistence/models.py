@@ -131,3 +131,37 @@ class StreamCheckpoint(Base):
     stream: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_entry_id: Mapped[str] = mapped_column(String(41))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OutboxEvent(Base):
+    """An event committed with its effect, waiting for the relay to XADD it (then marked).
+
+    Registrations go through here: the user row and its outbox row commit together,
+    so a crash between the commit and the publish loses nothing.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # the stream: um:{events}:<kind>
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, index=True
+    )
+    entry_id: Mapped[str | None] = mapped_column(String(41), nullable=True)
+
+
+class BackupMark(Base):
+    """Written into a backup file only: per event stream, where a replay of it must start.
+
+    Taken from the consumer group before the snapshot: entries below it were acked,
+    so their effects are in the snapshot; anything pending or undelivered is not.
+    """
+
+    __tablename__ = "backup_marks"
+
+    stream: Mapped[str] = mapped_column(String(64), primary_key=True)
+    replay_from: Mapped[str] = mapped_column(String(41))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

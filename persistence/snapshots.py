@@ -1,0 +1,159 @@
+"""SQLite snapshots: a consistent online copy, and putting one back.
+
+Both directions use SQLite's online backup API (one step, inside a read
+transaction): the copy is the database as of one commit, while the worker keeps
+writing in WAL mode, and a restore writes through SQLite, so the target's WAL and
+shared-memory files stay coherent.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from persistence.db import normalize_url
+from persistence.replay import write_backup_marks
+
+BUSY_TIMEOUT_S = 30.0
+
+
+class SnapshotError(Exception):
+    """A file that is not a usable usermgmt snapshot, or a copy that failed its check."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What a snapshot holds: schema revision, checkpoints, backup marks, size."""
+
+    path: Path
+    size_bytes: int
+    revision: str | None
+    checkpoints: dict[str, str]
+    marks: dict[str, str]
+
+
+def sqlite_path(database_url: str) -> Path | None:
+    """The file of a SQLite URL (None for PostgreSQL or an in-memory database)."""
+    url = normalize_url(database_url)
+    if not url.drivername.startswith("sqlite") or not url.database:
+        return None
+    if url.database == ":memory:":
+        return None
+    return Path(url.database).expanduser().resolve()
+
+
+def take_snapshot(source: Path, dest: Path, marks: dict[str, str], now: datetime) -> SnapshotInfo:
+    """Copy `source` to `dest` consistently (written aside, checked, then renamed).
+
+    `marks` (per event stream, where a replay of this copy must start) go into the
+    copy's `backup_marks` table.
+    """
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(source, timeout=BUSY_TIMEOUT_S)
+    try:
+        dst = sqlite3.connect(partial)
+        try:
+            src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    _write_marks(partial, marks, now)
+    _finalize(partial)
+    os.replace(partial, dest)
+    _fsync_dir(dest.parent)
+    return inspect_snapshot(dest)
+
+
+def _write_marks(path: Path, marks: dict[str, str], now: datetime) -> None:
+    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            write_backup_marks(conn, marks, now)
+    finally:
+        engine.dispose()
+
+
+def _finalize(path: Path) -> None:
+    """Check the copy and make it one self-contained file (rollback journal, not WAL)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        conn.close()
+    if verdict != "ok":
+        path.unlink(missing_ok=True)
+        raise SnapshotError(f"the copy failed SQLite's quick_check ({verdict})")
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def inspect_snapshot(path: Path) -> SnapshotInfo:
+    """Read a snapshot's revision, checkpoints and marks; raise if it is not one."""
+    if not path.is_file():
+        raise SnapshotError(f"{path} is not a file")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise SnapshotError(f"{path} cannot be opened as SQLite ({exc})") from None
+    try:
+        verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise SnapshotError(f"{path} failed SQLite's quick_check ({verdict})")
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if not {"alembic_version", "users", "stream_checkpoints"} <= tables:
+            raise SnapshotError(f"{path} is not a usermgmt database (tables are missing)")
+        revision = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        checkpoints = dict(conn.execute("SELECT stream, last_entry_id FROM stream_checkpoints"))
+        marks = (
+            dict(conn.execute("SELECT stream, replay_from FROM backup_marks"))
+            if "backup_marks" in tables
+            else {}
+        )
+    except sqlite3.DatabaseError as exc:
+        raise SnapshotError(f"{path} is not a usable SQLite database ({exc})") from None
+    finally:
+        conn.close()
+    return SnapshotInfo(
+        path=path,
+        size_bytes=path.stat().st_size,
+        revision=revision[0] if revision else None,
+        checkpoints=checkpoints,
+        marks=marks,
+    )
+
+
+def restore_snapshot(snapshot: Path, target: Path) -> None:
+    """Replace the database in `target` with the snapshot's content, through SQLite."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    src = sqlite3.connect(f"file:{snapshot}?mode=ro", uri=True)
+    try:
+        dst = sqlite3.connect(target, timeout=BUSY_TIMEOUT_S)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            dst.close()
+    finally:
+        src.close()

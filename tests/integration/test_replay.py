@@ -1,0 +1,205 @@
+"""Replay: the retained streams rebuild a database exactly as the live worker left it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from persistence import accounts
+from persistence.db import make_engine, upgrade
+from tests.conftest import POSTGRES_ON, Backend
+from tests.integration.helpers import dead_letters, drain, publish, services_for
+from tests.integration.replay_helpers import new_relay, play_history, register, table_rows
+from workers.bootstrap import Services
+from workers.replay import Replayer, rebuild_caches
+
+TARGETS = ["sqlite", *(["postgres"] if POSTGRES_ON else [])]
+
+
+@pytest.fixture
+def live(backend: Backend) -> Iterator[Services]:
+    """The test's backend with the full mixed history applied by the live consumer."""
+    with services_for(backend, max_deliveries=3, retry_delay_ms=20) as services:
+        play_history(services, new_relay(services))
+        drain(services)
+        yield services
+
+
+@pytest.fixture(params=TARGETS)
+def target_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty, migrated database of each kind to replay into."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'replayed.db'}"
+    upgrade(url)
+    return url
+
+
+def replay_into(live: Services, url: str, **kwargs: object) -> tuple[object, Services]:
+    engine = make_engine(url)
+    summary = Replayer(
+        live.redis,
+        live.keys,
+        engine,
+        batch_size=4,  # many chunks, so order across chunk boundaries is exercised
+        retry_delay_ms=live.settings.retry_delay_ms,
+    ).run(**kwargs)  # type: ignore[arg-type]
+    return summary, Services(live.settings, live.redis, engine, live.keys)
+
+
+def test_full_replay_reproduces_the_live_tables(live: Services, target_url: str) -> None:
+    expected = table_rows(live.engine)
+    assert len(expected["users"]) == 6
+    assert {row[0] for row in expected["game_sessions"]} >= {"g1", "g2", "g3", "g6"}
+    letters = {(d["stream"], d["entry_id"]) for d in dead_letters(live.redis, live.keys)}
+
+    summary, replayed = replay_into(live, target_url)
+
+    try:
+        assert table_rows(replayed.engine) == expected
+        assert summary.dead_lettered == len(letters)  # type: ignore[attr-defined]
+        assert summary.waiting == 0  # type: ignore[attr-defined]
+        assert summary.total_invalid == 0  # type: ignore[attr-defined]
+        total = sum(int(live.redis.xlen(s)) for s in _streams(live))
+        assert summary.total_read == total  # type: ignore[attr-defined]
+        # New registrations continue after the replayed ids (the PostgreSQL sequence).
+        user = accounts.create_user(replayed.engine, "newcomer", "h" * 60, 0)
+        assert user.id == max(row[0] for row in expected["users"]) + 1
+    finally:
+        replayed.engine.dispose()
+
+
+def test_replaying_twice_changes_nothing(live: Services, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'twice.db'}"
+    upgrade(url)
+    first, replayed = replay_into(live, url)
+    after_first = table_rows(replayed.engine)
+    with replayed.engine.connect() as conn:
+        checkpoints = conn.execute(text("SELECT * FROM stream_checkpoints")).all()
+
+    second, _ = replay_into(live, url)
+
+    assert table_rows(replayed.engine) == after_first
+    with replayed.engine.connect() as conn:
+        assert conn.execute(text("SELECT * FROM stream_checkpoints")).all() == checkpoints
+    assert first.applied > 0  # type: ignore[attr-defined]
+    assert second.applied == 0  # type: ignore[attr-defined]
+    assert second.duplicates == first.applied + first.duplicates  # type: ignore[attr-defined]
+    replayed.engine.dispose()
+
+
+def test_replay_onto_the_live_database_is_a_no_op(live: Services) -> None:
+    before = table_rows(live.engine)
+    summary = Replayer(live.redis, live.keys, live.engine).run()
+    assert table_rows(live.engine) == before
+    assert summary.applied == 0
+    assert summary.duplicates > 0
+
+
+def test_dead_lettered_entries_are_skipped_and_counted(live: Services, tmp_path: Path) -> None:
+    letters = dead_letters(live.redis, live.keys)
+    reasons = {d["reason"] for d in letters}
+    assert reasons >= {"invalid_json", "max_deliveries", "session_ended", "unknown_user"}
+    url = f"sqlite:///{tmp_path / 'dlq.db'}"
+    upgrade(url)
+    summary, replayed = replay_into(live, url)
+    assert summary.dead_lettered == len(letters)  # type: ignore[attr-defined]
+    with replayed.engine.connect() as conn:
+        sessions = {row[0] for row in conn.execute(text("SELECT session_id FROM game_sessions"))}
+    assert "g5" not in sessions and "ghost" not in sessions
+    replayed.engine.dispose()
+
+
+def test_replay_writes_sql_only_unless_asked(live: Services, tmp_path: Path) -> None:
+    redis, keys = live.redis, live.keys
+    cached = {key: redis.dump(key) for key in redis.scan_iter(match=f"{keys.prefix}:*")}
+    url = f"sqlite:///{tmp_path / 'quiet.db'}"
+    upgrade(url)
+    replay_into(live, url)
+    assert {key: redis.dump(key) for key in redis.scan_iter(match=f"{keys.prefix}:*")} == cached
+
+
+def test_rebuilding_the_caches_matches_the_database(live: Services) -> None:
+    redis, keys = live.redis, live.keys
+    redis.delete(keys.leaderboard)
+    redis.hset(keys.session("stale"), "status", "in_progress")
+    redis.hset(keys.user("alice"), "earnings", "999999")
+    counts = rebuild_caches(live.engine, redis, keys)
+    assert counts["live sessions written"] == 1
+    assert not redis.exists(keys.session("stale"))
+    assert not redis.exists(keys.user("alice"))
+    assert orjson.loads(redis.hget(keys.session("g8"), "players")) == ["dave", "erin"]
+    assert redis.hget(keys.session("g8"), "meta") == b'{"mode":2}'
+    with live.engine.connect() as conn:
+        earnings = dict(
+            conn.execute(
+                text("SELECT u.username, s.earnings FROM users u JOIN stats s ON s.user_id = u.id")
+            ).all()
+        )
+    board = {
+        name.decode(): int(score)
+        for name, score in redis.zrange(keys.leaderboard, 0, -1, withscores=True)
+    }
+    assert board == earnings
+
+
+def test_replay_ranges_apply_only_the_entries_inside(
+    services: Services, backend: Backend, tmp_path: Path
+) -> None:
+    relay = new_relay(services)
+    register(services, relay, "ann", "ben")
+    first = publish(services.redis, services.keys, "update", session_id="r1", players=["ann"])
+    second = publish(services.redis, services.keys, "update", session_id="r2", players=["ben"])
+    url = f"sqlite:///{tmp_path / 'range.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    replayer = Replayer(services.redis, services.keys, engine)
+    from workers.ranges import parse_id
+
+    summary = replayer.run(end=parse_id(first))
+    assert summary.read == {"accounts": 2, "update": 1}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT session_id FROM game_sessions")).scalars().all() == ["r1"]
+    summary = Replayer(services.redis, services.keys, engine).run(parse_id(second))
+    assert summary.read == {"update": 1}
+    with engine.connect() as conn:
+        sessions = conn.execute(text("SELECT session_id FROM game_sessions ORDER BY id")).scalars()
+        assert sessions.all() == ["r1", "r2"]
+    engine.dispose()
+
+
+def test_conflicting_and_invalid_registrations_are_skipped(
+    services: Services, backend: Backend, tmp_path: Path
+) -> None:
+    relay = new_relay(services)
+    register(services, relay, "ann")
+    services.redis.xadd(services.keys.accounts_stream, {"payload": b'{"user_id": "x"}'})
+    forged = {
+        "event_id": str(uuid.uuid4()),
+        "user_id": 1,
+        "username": "mallory",
+        "password_hash": "h" * 60,
+        "wallet": 0,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    services.redis.xadd(services.keys.accounts_stream, {"payload": orjson.dumps(forged)})
+    url = f"sqlite:///{tmp_path / 'conflict.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    summary = Replayer(services.redis, services.keys, engine).run()
+    assert summary.applied == 1
+    assert summary.invalid == {"invalid_event": 1, "conflict": 1}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id, username FROM users")).all() == [(1, "ann")]
+    engine.dispose()
+
+
+def _streams(services: Services) -> list[str]:
+    keys = services.keys
+    return [keys.accounts_stream, keys.update_stream, keys.terminate_stream]
