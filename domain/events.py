@@ -116,6 +116,19 @@ def parse_event(kind: EventKind, raw: str | bytes | None) -> GameEvent:
 
 
 def entry_id_key(entry_id: str) -> tuple[int, int]:
-    """`1700000000000-3` → (1700000000000, 3): stream entry ids order by this, across streams."""
+    """`1700000000000-3` → (1700000000000, 3): the entries of one stream order by this."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+# Sequence numbers count per stream, so within one millisecond the ids of two streams
+# do not tell which entry Redis accepted first. Ties go to accounts, then updates, then
+# terminates: an update is never applied after a terminate published after it (a
+# terminate that comes too early waits for its update; the reverse would be lost).
+_STREAM_RANK = {"accounts": 0, EventKind.UPDATE: 1, EventKind.TERMINATE: 2}
+
+
+def entry_order(kind: str, entry_id: str) -> tuple[int, int, int]:
+    """The order of entries merged across the event streams (SPEC §3, "Order")."""
+    ms, seq = entry_id_key(entry_id)
+    return ms, _STREAM_RANK.get(kind, len(_STREAM_RANK)), seq

@@ -15,7 +15,7 @@ from typing import Any
 
 from domain.accounts import username_key
 from domain.errors import DeadLetterReason
-from domain.events import GameEvent, TerminateEvent, UpdateEvent
+from domain.events import GameEvent, TerminateEvent, UpdateEvent, entry_order
 
 ENDED = "ended"
 
@@ -78,11 +78,18 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class Decision:
-    """What happened to one entry, with the reason for a dead letter or a deferral."""
+    """What happened to one entry, with the reason for a dead letter or a deferral.
+
+    `holds_session`: a deferred entry that later entries of its session (and, for an
+    update, later updates naming its players) must not overtake: an update waiting
+    for a busy player, or an entry queued behind one. A terminate waiting for its
+    session's first update holds nothing: the update must be able to pass it.
+    """
 
     outcome: Outcome
     reason: DeadLetterReason | None = None
     message: str = ""
+    holds_session: bool = False
 
 
 @dataclass
@@ -137,41 +144,178 @@ def event_usernames(events: Iterable[GameEvent]) -> set[str]:
     return names
 
 
+Order = tuple[int, int, int]  # `entry_order`: the merged order of the event streams
+
+
+@dataclass
+class Waiting:
+    """Deferred entries that later ones must not overtake, by their `entry_order`.
+
+    Later entries of a held session wait behind it, and so do later updates naming a
+    player of a held update: a player freed by one session goes to the update that
+    asked for them first, not to one published after it.
+    """
+
+    sessions: dict[str, list[Order]] = field(default_factory=dict)
+    players: dict[str, list[Order]] = field(default_factory=dict)  # by username key
+
+    def hold(self, event: GameEvent, order: Order) -> None:
+        """Record a held entry: its session, and an update's players."""
+        for held, key in self._keys(event):
+            held.setdefault(key, []).append(order)
+
+    def release(self, event: GameEvent, order: Order) -> None:
+        """Forget a held entry that has been decided after all."""
+        for held, key in self._keys(event):
+            orders = held.get(key, [])
+            if order in orders:
+                orders.remove(order)
+            if not orders:
+                held.pop(key, None)
+
+    def holds_back(self, event: GameEvent, order: Order) -> str | None:
+        """Why an earlier held entry holds this one back, or None."""
+        if any(held < order for held in self.sessions.get(event.session_id, ())):
+            return f"an earlier event of session {event.session_id} is waiting"
+        if isinstance(event, UpdateEvent):
+            for name in event.players:
+                if any(held < order for held in self.players.get(username_key(name), ())):
+                    return f"an earlier update naming {name} is waiting"
+        return None
+
+    def _keys(self, event: GameEvent) -> list[tuple[dict[str, list[Order]], str]]:
+        keys = [(self.sessions, event.session_id)]
+        if isinstance(event, UpdateEvent):
+            keys += [(self.players, username_key(name)) for name in event.players]
+        return keys
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """An update waiting in this batch for a busy player."""
+
+    index: int
+    entry: PlannedEntry
+    order: Order
+
+
 def plan_batch(
-    world: World, entries: list[PlannedEntry], now: datetime
+    world: World,
+    entries: list[PlannedEntry],
+    now: datetime,
+    waiting: Waiting | None = None,
 ) -> tuple[list[Decision], Changes]:
-    """Decide every entry in order against `world` (which it updates) and collect the changes."""
-    planner = _Planner(world, now)
-    decisions = [planner.decide(entry) for entry in entries]
-    return decisions, planner.changes
+    """Decide every entry in order against `world` (which it updates) and collect the changes.
+
+    An entry deferred in the batch holds later ones as `waiting` describes for entries
+    held outside it. An update waiting for a busy player is decided again as soon as
+    an entry of the batch frees that player, and a terminate that arrives before its
+    session's first update right after that update applies (it would otherwise hold
+    the update back forever): within one millisecond the order across the streams is
+    a convention, and neither should cost a retry.
+    """
+    planner = _Planner(world, now, waiting or Waiting())
+    for entry in entries:
+        planner.decide(entry)
+    return planner.decisions, planner.changes
 
 
 class _Planner:
-    def __init__(self, world: World, now: datetime) -> None:
+    def __init__(self, world: World, now: datetime, waiting: Waiting) -> None:
         self.world = world
         self.now = now
+        self.waiting = waiting
+        self.held = Waiting()  # entries of this batch deferred so far
         self.changes = Changes()
-        self.deferred_sessions: set[str] = set()
+        self.decisions: list[Decision] = []
+        # A terminate that came before its session's first update, by session id:
+        # decided again right after that update applies.
+        self.early_terminates: dict[str, tuple[int, PlannedEntry]] = {}
+        # Updates waiting for a busy player (by user id), and players freed since.
+        self.waiting_for: dict[int, list[_Deferred]] = {}
+        self.freed: list[int] = []
 
-    def decide(self, entry: PlannedEntry) -> Decision:
+    def decide(self, entry: PlannedEntry) -> None:
+        index = len(self.decisions)
+        self.decisions.append(Decision(Outcome.DEFERRED))
+        self.decisions[index] = self._decide(entry, index)
+        self._wake_waiting_updates()
+
+    def _decide(self, entry: PlannedEntry, index: int) -> Decision:
         event = entry.event
-        event_id = str(event.event_id)
-        if event_id in self.world.processed:
+        if str(event.event_id) in self.world.processed:
             self._touch_for_duplicate(event)
             return Decision(Outcome.DUPLICATE)
-        if event.session_id in self.deferred_sessions:
-            # Keep per-session order: nothing overtakes an earlier entry that waits.
-            return Decision(Outcome.DEFERRED, message="an earlier event of this session is waiting")
+        order = entry_order(entry.stream_kind, entry.entry_id)
+        reason = self.held.holds_back(event, order) or self.waiting.holds_back(event, order)
+        if reason is not None:
+            # Keep the order: nothing overtakes an earlier entry that waits.
+            self.held.hold(event, order)
+            return Decision(Outcome.DEFERRED, message=reason, holds_session=True)
         if isinstance(event, UpdateEvent):
-            decision = self._update(event)
-        else:
-            decision = self._terminate(event)
-        if decision.outcome is Outcome.APPLIED:
-            self.world.processed.add(event_id)
-            self.changes.processed.append((event_id, entry.stream_kind, entry.entry_id))
-        elif decision.outcome is Outcome.DEFERRED:
-            self.deferred_sessions.add(event.session_id)
+            return self._decide_update(_Deferred(index, entry, order))
+        decision = self._terminate(event)
+        if decision.outcome is Outcome.DEFERRED:
+            self.early_terminates.setdefault(event.session_id, (index, entry))
+        elif decision.outcome is Outcome.APPLIED:
+            self._record(entry)
         return decision
+
+    def _decide_update(self, item: _Deferred) -> Decision:
+        event = item.entry.event
+        assert isinstance(event, UpdateEvent)
+        decision = self._update(event)
+        if decision.outcome is Outcome.DEFERRED:
+            self.held.hold(event, item.order)
+            busy = self._busy_player(event)
+            if busy is not None:
+                self.waiting_for.setdefault(busy, []).append(item)
+        elif decision.outcome is Outcome.APPLIED:
+            self._record(item.entry)
+            self._decide_early_terminate(event.session_id)
+        return decision
+
+    def _wake_waiting_updates(self) -> None:
+        """Decide again the updates that waited for a player the batch has just freed."""
+        while self.freed:
+            for item in self.waiting_for.pop(self.freed.pop(0), []):
+                event = item.entry.event
+                self.held.release(event, item.order)
+                reason = self.held.holds_back(event, item.order) or self.waiting.holds_back(
+                    event, item.order
+                )
+                if reason is not None:  # an older entry still waits: this one stays behind
+                    self.held.hold(event, item.order)
+                    self.decisions[item.index] = Decision(
+                        Outcome.DEFERRED, message=reason, holds_session=True
+                    )
+                    continue
+                self.decisions[item.index] = self._decide_update(item)
+
+    def _busy_player(self, event: UpdateEvent) -> int | None:
+        players, _ = self._players(event.players)
+        for player in players:
+            current = self.world.live_session_of.get(player.id)
+            if current is not None and current != event.session_id:
+                return player.id
+        return None
+
+    def _record(self, entry: PlannedEntry) -> None:
+        event_id = str(entry.event.event_id)
+        self.world.processed.add(event_id)
+        self.changes.processed.append((event_id, entry.stream_kind, entry.entry_id))
+
+    def _decide_early_terminate(self, session_id: str) -> None:
+        """A terminate published before its session's update applies once the update has."""
+        early = self.early_terminates.pop(session_id, None)
+        if early is None:
+            return
+        index, entry = early
+        assert isinstance(entry.event, TerminateEvent)
+        decision = self._terminate(entry.event)
+        if decision.outcome is Outcome.APPLIED:
+            self._record(entry)
+        self.decisions[index] = decision
 
     def _players(self, names: Iterable[str]) -> tuple[list[Player], list[str]]:
         found, unknown = [], []
@@ -204,6 +348,7 @@ class _Planner:
                 return Decision(
                     Outcome.DEFERRED,
                     message=f"player {player.username} is in live session {current}",
+                    holds_session=True,
                 )
         if session is None:
             session = Session(
@@ -281,7 +426,8 @@ class _Planner:
 
     def _set_membership(self, user_id: int, session_id: str | None) -> None:
         if session_id is None:
-            self.world.live_session_of.pop(user_id, None)
+            if self.world.live_session_of.pop(user_id, None) is not None:
+                self.freed.append(user_id)
         else:
             self.world.live_session_of[user_id] = session_id
         self.changes.membership[user_id] = session_id

@@ -29,7 +29,11 @@ def refresh_ranks_now(engine: Engine) -> int:
 def rebuild_leaderboard_cache(
     engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000
 ) -> int:
-    """Replace `um:leaderboard` with every player's earnings from the database."""
+    """Replace `um:leaderboard` with every player's earnings from the database.
+
+    The scores are added with `GT`, like every other writer's: a worker that raises a
+    score between this read and the pipeline's execution is never lowered by it.
+    """
     total = 0
     pipe.delete(keys.leaderboard)
     with engine.connect() as conn:
@@ -37,6 +41,6 @@ def rebuild_leaderboard_cache(
             text("SELECT u.username, s.earnings FROM users u JOIN stats s ON s.user_id = u.id")
         )
         for rows in result.partitions():
-            pipe.zadd(keys.leaderboard, {name: earnings for name, earnings in rows})
+            pipe.zadd(keys.leaderboard, {name: earnings for name, earnings in rows}, gt=True)
             total += len(rows)
     return total

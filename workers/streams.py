@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -89,7 +89,8 @@ def read_history(
     entries: list[Entry] = []
     start = dict.fromkeys(streams, "0")
     while start:
-        batch = to_entries(client.xreadgroup(group, consumer, start, count=count))
+        response = client.xreadgroup(group, consumer, start, count=count)  # type: ignore[arg-type]
+        batch = to_entries(response)
         entries += batch
         for stream in list(start):
             mine = [entry for entry in batch if entry.stream == stream]
@@ -106,7 +107,7 @@ def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[s
     """Deliver this consumer's own pending entries again (a retry counts as a delivery)."""
     if not ids:
         return []
-    messages = client.xclaim(stream, group, consumer, 0, ids)
+    messages = client.xclaim(stream, group, consumer, 0, list[Any](ids))
     entries = to_entries([(stream, [m for m in messages if m is not None and m[1] is not None])])
     fill_deliveries(client, group, entries)
     gone = set(ids) - {entry.entry_id for entry in entries}
@@ -116,9 +117,26 @@ def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[s
 
 
 def claim_idle(
-    client: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    count: int,
+    keep: Collection[str] = (),
 ) -> list[Entry]:
-    """Take over entries another consumer left pending for longer than `min_idle_ms`."""
+    """Take over entries another consumer left pending for longer than `min_idle_ms`.
+
+    XAUTOCLAIM also takes this consumer's own idle entries. Those in `keep` (already
+    in hand: scheduled for a retry, or buffered) are claimed with JUSTID, which does
+    not count as a delivery, and are not returned; the rest are delivered with XCLAIM.
+    """
+    if keep:
+        claimed = client.xautoclaim(
+            stream, group, consumer, min_idle_ms, "0-0", count=count, justid=True
+        )
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in claimed]
+        return claim_own(client, stream, group, consumer, [i for i in ids if i not in keep])
     reply = client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
     messages = reply[1]
     deleted = reply[2] if len(reply) > 2 else []
@@ -127,6 +145,30 @@ def claim_idle(
     entries = to_entries([(stream, [m for m in messages if m is not None])])
     fill_deliveries(client, group, entries)
     return entries
+
+
+def remove_idle_consumers(
+    client: Redis, stream: str, group: str, idle_ms: int, keep: Collection[str] = ()
+) -> list[str]:
+    """Delete consumers idle for more than `idle_ms` with nothing pending; returns their names.
+
+    A consumer with pending entries is never deleted (that would drop its entries from
+    the group), nor one named in `keep` (the caller and workers with a live heartbeat:
+    on Redis 7.0 an idle time only counts deliveries, so a quiet live worker looks idle).
+    """
+    try:
+        consumers: list[dict[str, Any]] = client.xinfo_consumers(stream, group)
+    except ResponseError:  # the stream or the group does not exist (yet)
+        return []
+    removed: list[str] = []
+    for consumer in consumers:
+        raw = consumer["name"]
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if name in keep or int(consumer["pending"]) > 0 or int(consumer["idle"]) <= idle_ms:
+            continue
+        client.xgroup_delconsumer(stream, group, name)
+        removed.append(name)
+    return removed
 
 
 def fill_deliveries(client: Redis, group: str, entries: Iterable[Entry]) -> None:
@@ -151,6 +193,16 @@ def dead_letter(
     payload_text: str | None = None,
 ) -> None:
     """Queue an XADD of a dead letter (SPEC §3): the original payload, reason and message."""
+    pipe.xadd(dlq, {"payload": dead_letter_payload(entry, reason, message, payload_text)})
+
+
+def dead_letter_payload(
+    entry: Entry,
+    reason: DeadLetterReason | str,
+    message: str,
+    payload_text: str | None = None,
+) -> bytes:
+    """The JSON `payload` of a dead letter: the original payload, reason and message."""
     if payload_text is None:
         payload_text = entry.payload.decode("utf-8", "replace") if entry.payload is not None else ""
     letter = {
@@ -162,7 +214,7 @@ def dead_letter(
         "deliveries": entry.deliveries,
         "failed_at": datetime.now(UTC).isoformat(),
     }
-    pipe.xadd(dlq, {"payload": orjson.dumps(letter)})
+    return orjson.dumps(letter)
 
 
 def redis_time_ms(client: Redis) -> int:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from redis import Redis
 
+from persistence.db import make_engine
 from persistence.keys import Keys
+from tests.conftest import Backend, make_settings
 from workers.bootstrap import Services
 from workers.event_consumer import EventConsumer
 
@@ -38,3 +42,48 @@ def rows(services: Services, sql: str, **params: Any) -> list[tuple[Any, ...]]:
 def dead_letters(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """Decoded payloads of the dead-letter stream, oldest first."""
     return [orjson.loads(fields[b"payload"]) for _, fields in redis.xrange(keys.dlq)]
+
+
+@contextmanager
+def services_for(backend: Backend, **overrides: object) -> Iterator[Services]:
+    """Services on the test's backend with some settings changed (`make_settings`)."""
+    built = Services(
+        settings=make_settings(backend, **overrides),
+        redis=backend.redis,
+        engine=make_engine(backend.database_url),
+        keys=backend.keys,
+    )
+    try:
+        yield built
+    finally:
+        built.engine.dispose()
+
+
+def add_players(services: Services, *names: str, wallet: int = 0) -> None:
+    """Register players straight in the database (no bcrypt; they never log in)."""
+    from persistence import accounts
+
+    for name in names:
+        accounts.create_user(services.engine, name, "x" * 60, wallet=wallet)
+
+
+def standings(services: Services) -> dict[str, tuple[int, int, int, int, int]]:
+    """username -> (win_count, loss_count, earnings, wallet, leaderboard.rank)."""
+    return {
+        row[0]: tuple(row[1:])  # type: ignore[misc]
+        for row in rows(
+            services,
+            "SELECT u.username, s.win_count, s.loss_count, s.earnings, u.wallet, l.rank "
+            "FROM users u JOIN stats s ON s.user_id = u.id "
+            "JOIN leaderboard l ON l.stats_id = s.id",
+        )
+    }
+
+
+def pending_count(redis: Redis, keys: Keys) -> int:
+    """Entries delivered but not acked, over both event streams."""
+    total = 0
+    for stream in (keys.update_stream, keys.terminate_stream):
+        if redis.exists(stream):
+            total += int(redis.xpending(stream, "usermgmt-events")["pending"])
+    return total

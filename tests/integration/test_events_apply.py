@@ -1,0 +1,350 @@
+"""The full effect of update and terminate (SPEC §3), duplicates and poison entries."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tests.conftest import Backend
+from tests.integration.helpers import (
+    add_players,
+    dead_letters,
+    drain,
+    pending_count,
+    publish,
+    rows,
+    services_for,
+    standings,
+)
+from workers.bootstrap import Services
+from workers.event_consumer import EventConsumer
+
+
+def text_hash(backend: Backend, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in backend.redis.hgetall(key).items()}
+
+
+def aware(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    assert parsed.tzinfo is not None, f"{value!r} has no time zone"
+    return parsed
+
+
+def session_row(services: Services, session_id: str) -> tuple[object, ...]:
+    (row,) = rows(
+        services,
+        "SELECT status, meta, end_reason, ended_at FROM game_sessions WHERE session_id = :s",
+        s=session_id,
+    )
+    return row
+
+
+def roster(services: Services, session_id: str) -> list[str]:
+    return [
+        name
+        for (name,) in rows(
+            services,
+            "SELECT u.username FROM session_players sp JOIN users u ON u.id = sp.user_id "
+            "JOIN game_sessions g ON g.id = sp.session_pk WHERE g.session_id = :s "
+            "ORDER BY u.username",
+            s=session_id,
+        )
+    ]
+
+
+def test_update_records_the_session_in_sql_and_redis(services: Services, backend: Backend) -> None:
+    add_players(services, "alice", "bob", "carol")
+    keys, sid = backend.keys, "eu-1:000042"
+    meta = {"map": "dust", "round": 2, "ranked": True, "ratio": 0.5}
+    event_id = str(uuid.uuid4())
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    publish(
+        backend.redis,
+        keys,
+        "update",
+        event_id=event_id,
+        session_id=sid,
+        players=["Alice", "bob"],
+        status="waiting",
+        meta=meta,
+    )
+    drain(services)
+
+    status, stored_meta, end_reason, ended_at = session_row(services, sid)
+    assert (status, end_reason, ended_at) == ("waiting", None, None)
+    assert orjson.loads(str(stored_meta)) == meta
+    assert roster(services, sid) == ["alice", "bob"]
+    assert rows(services, "SELECT event_id FROM processed_events") == [(event_id,)]
+
+    cached = text_hash(backend, keys.session(sid))
+    assert orjson.loads(cached["players"]) == ["alice", "bob"]
+    assert cached["status"] == "waiting"
+    assert orjson.loads(cached["meta"]) == meta
+    created = aware(cached["created_at"])
+    assert before <= created <= datetime.now(UTC)
+    assert aware(cached["updated_at"]) == created
+    for name in ("alice", "bob"):
+        user = text_hash(backend, keys.user(name))
+        assert user["session"] == sid
+        assert user["username"] == name
+        assert backend.redis.ttl(keys.user(name)) > 0
+    assert not backend.redis.exists(keys.user("carol"))  # not in the game: not touched
+    assert pending_count(backend.redis, keys) == 0
+
+    # A later update replaces roster, status and meta; created_at stays.
+    publish(backend.redis, keys, "update", session_id=sid, players=["bob", "carol"])
+    drain(services)
+    status, stored_meta, _, _ = session_row(services, sid)
+    assert (status, orjson.loads(str(stored_meta))) == ("in_progress", {})
+    assert roster(services, sid) == ["bob", "carol"]
+    cached = text_hash(backend, keys.session(sid))
+    assert orjson.loads(cached["players"]) == ["bob", "carol"]
+    assert (cached["status"], orjson.loads(cached["meta"])) == ("in_progress", {})
+    assert aware(cached["created_at"]) == created
+    assert aware(cached["updated_at"]) > created
+    assert "session" not in text_hash(backend, keys.user("alice"))
+    assert text_hash(backend, keys.user("carol"))["session"] == sid
+    assert text_hash(backend, keys.user("bob"))["session"] == sid
+
+
+def test_terminate_credits_results_and_ends_the_session(
+    services: Services, backend: Backend
+) -> None:
+    add_players(services, "alice", "bob", "carol", "dave", wallet=10)
+    keys = backend.keys
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob", "carol"])
+    end_id = str(uuid.uuid4())
+    publish(
+        backend.redis,
+        keys,
+        "terminate",
+        event_id=end_id,
+        session_id="s1",
+        results=[
+            {"username": "ALICE", "outcome": "win", "earnings": 150},
+            {"username": "bob", "outcome": "loss", "earnings": 20},
+        ],
+    )
+    drain(services)
+
+    assert standings(services) == {
+        "alice": (1, 0, 150, 160, 1),
+        "bob": (0, 1, 20, 30, 2),
+        "carol": (0, 0, 0, 10, 3),
+        "dave": (0, 0, 0, 10, 3),
+    }
+    assert rows(
+        services,
+        "SELECT g.session_id, u.username, r.outcome, r.earnings FROM game_results r "
+        "JOIN users u ON u.id = r.user_id JOIN game_sessions g ON g.id = r.session_pk "
+        "ORDER BY u.username",
+    ) == [("s1", "alice", "win", 150), ("s1", "bob", "loss", 20)]
+    status, _, end_reason, ended_at = session_row(services, "s1")
+    assert (status, end_reason) == ("ended", "completed")
+    assert ended_at is not None
+    assert roster(services, "s1") == []
+    assert (end_id,) in rows(services, "SELECT event_id FROM processed_events")
+    assert rows(
+        services,
+        "SELECT COUNT(*) FROM leaderboard l JOIN stats s ON s.id = l.stats_id "
+        "WHERE l.earnings <> s.earnings",
+    ) == [(0,)]
+
+    assert not backend.redis.exists(keys.session("s1"))
+    alice = text_hash(backend, keys.user("alice"))
+    assert "session" not in alice
+    assert (alice["earnings"], alice["wallet"], alice["win_count"]) == ("150", "160", "1")
+    carol = text_hash(backend, keys.user("carol"))  # on the roster without a result
+    assert "session" not in carol and carol["earnings"] == "0"
+    assert backend.redis.zscore(keys.leaderboard, "alice") == 150
+    assert backend.redis.zscore(keys.leaderboard, "bob") == 20
+    assert dead_letters(backend.redis, keys) == []
+    assert pending_count(backend.redis, keys) == 0
+
+
+def test_an_aborted_game_ends_the_session_without_credit(
+    services: Services, backend: Backend
+) -> None:
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    publish(backend.redis, keys, "terminate", session_id="s1", results=[], reason="aborted")
+    drain(services)
+    assert session_row(services, "s1")[0::2] == ("ended", "aborted")
+    assert rows(services, "SELECT COUNT(*) FROM game_results") == [(0,)]
+    assert standings(services)["alice"][:4] == (0, 0, 0, 0)
+    assert not backend.redis.exists(keys.session("s1"))
+    assert "session" not in text_hash(backend, keys.user("bob"))
+    # The players are free for their next game.
+    publish(backend.redis, keys, "update", session_id="s2", players=["alice", "bob"])
+    drain(services)
+    assert roster(services, "s2") == ["alice", "bob"]
+
+
+def test_the_same_event_published_twice_applies_once(services: Services, backend: Backend) -> None:
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    start = {"event_id": str(uuid.uuid4()), "session_id": "s1", "players": ["alice", "bob"]}
+    end = {
+        "event_id": str(uuid.uuid4()),
+        "session_id": "s1",
+        "results": [
+            {"username": "alice", "outcome": "win", "earnings": 70},
+            {"username": "bob", "outcome": "loss", "earnings": 5},
+        ],
+    }
+    for _ in range(2):
+        publish(backend.redis, keys, "update", **start)
+        publish(backend.redis, keys, "terminate", **end)
+    worker = drain(services)
+    assert (worker.stats.applied, worker.stats.duplicates) == (2, 2)
+    # And once more after it was applied: still a duplicate, not a session_ended.
+    publish(backend.redis, keys, "terminate", **end)
+    publish(backend.redis, keys, "update", **start)
+    worker = drain(services)
+    assert (worker.stats.applied, worker.stats.duplicates) == (0, 2)
+
+    assert standings(services) == {"alice": (1, 0, 70, 70, 1), "bob": (0, 1, 5, 5, 2)}
+    assert rows(services, "SELECT COUNT(*) FROM game_results") == [(2,)]
+    assert rows(services, "SELECT COUNT(*) FROM processed_events") == [(2,)]
+    assert dead_letters(backend.redis, keys) == []
+    assert pending_count(backend.redis, keys) == 0
+
+
+def test_a_redelivered_duplicate_refreshes_lost_caches(
+    services: Services, backend: Backend
+) -> None:
+    add_players(services, "alice", "bob", wallet=3)
+    keys = backend.keys
+    start = {"event_id": str(uuid.uuid4()), "session_id": "s1", "players": ["alice", "bob"]}
+    publish(backend.redis, keys, "update", **start)
+    drain(services)
+    backend.redis.delete(keys.session("s1"), keys.user("alice"), keys.user("bob"))
+
+    publish(backend.redis, keys, "update", **start)
+    assert drain(services).stats.duplicates == 1
+    assert orjson.loads(backend.redis.hget(keys.session("s1"), "players")) == ["alice", "bob"]
+    assert backend.redis.hget(keys.user("alice"), "session") == b"s1"
+    assert backend.redis.hget(keys.user("bob"), "session") == b"s1"
+
+    end = {
+        "event_id": str(uuid.uuid4()),
+        "session_id": "s1",
+        "results": [{"username": "alice", "outcome": "win", "earnings": 40}],
+    }
+    publish(backend.redis, keys, "terminate", **end)
+    drain(services)
+    backend.redis.delete(keys.user("alice"), keys.leaderboard)
+    backend.redis.hset(keys.session("s1"), "status", "stale")  # a hash left behind
+
+    publish(backend.redis, keys, "terminate", **end)
+    assert drain(services).stats.duplicates == 1
+    alice = text_hash(backend, keys.user("alice"))
+    assert (alice["earnings"], alice["wallet"], alice["win_count"]) == ("40", "43", "1")
+    assert "session" not in alice
+    assert not backend.redis.exists(keys.session("s1"))
+    assert backend.redis.zscore(keys.leaderboard, "alice") == 40
+    assert standings(services)["alice"] == (1, 0, 40, 43, 1)
+    assert dead_letters(backend.redis, keys) == []
+
+
+def test_a_crash_between_commit_and_ack_applies_nothing_twice(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The effect is committed but Redis fails before caches and acks: the entries come
+    back to the same consumer, are recognised as applied, and only the caches follow."""
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    publish(
+        backend.redis,
+        keys,
+        "terminate",
+        session_id="s1",
+        results=[{"username": "bob", "outcome": "win", "earnings": 9}],
+    )
+    real_publish = EventConsumer.publish
+
+    def lost_connection(self: EventConsumer, *args: object) -> None:
+        raise RedisConnectionError("connection lost (test)")
+
+    monkeypatch.setattr(EventConsumer, "publish", lost_connection)
+    crashed = drain(services, consumer="c1")
+    assert crashed.stats.applied == 2
+    assert pending_count(backend.redis, keys) == 2
+    assert not backend.redis.exists(keys.user("bob"))
+
+    monkeypatch.setattr(EventConsumer, "publish", real_publish)
+    recovered = drain(services, consumer="c1")
+    assert (recovered.stats.applied, recovered.stats.duplicates) == (0, 2)
+    assert standings(services)["bob"][:4] == (1, 0, 9, 9)
+    assert backend.redis.hget(keys.user("bob"), "earnings") == b"9"
+    assert pending_count(backend.redis, keys) == 0
+
+
+def test_a_poison_entry_does_not_hold_back_the_batch(services: Services, backend: Backend) -> None:
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+    backend.redis.xadd(keys.update_stream, {"payload": b"{broken"})
+    publish(backend.redis, keys, "update", session_id="s2", players=["bob", "ghost"])
+    publish(backend.redis, keys, "update", session_id="s3", players=["bob"])
+    publish(
+        backend.redis,
+        keys,
+        "terminate",
+        session_id="s1",
+        results=[{"username": "alice", "outcome": "win", "earnings": 5}],
+    )
+    drain(services)
+    assert [d["reason"] for d in dead_letters(backend.redis, keys)] == [
+        "invalid_json",
+        "unknown_user",
+    ]
+    assert standings(services)["alice"][:3] == (1, 0, 5)
+    assert roster(services, "s3") == ["bob"]
+    assert rows(services, "SELECT COUNT(*) FROM game_sessions WHERE session_id = 's2'") == [(0,)]
+    assert pending_count(backend.redis, keys) == 0
+
+
+def test_an_entry_that_fails_to_write_is_isolated_and_retried(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose write raises is applied entry by entry: the others commit, the
+    failing one is retried until the delivery limit, and caches match the end state."""
+    from workers import event_consumer
+
+    real_write = event_consumer.write_changes
+
+    def write_changes(conn, world, changes, now):  # type: ignore[no-untyped-def]
+        if "poison" in changes.sessions:
+            raise RuntimeError("cannot write this one (test)")
+        real_write(conn, world, changes, now)
+
+    monkeypatch.setattr(event_consumer, "write_changes", write_changes)
+    with services_for(backend, max_deliveries=2) as services:
+        add_players(services, "alice", "bob")
+        keys = backend.keys
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+        publish(backend.redis, keys, "update", session_id="poison", players=["bob"])
+        publish(
+            backend.redis,
+            keys,
+            "terminate",
+            session_id="s1",
+            results=[{"username": "alice", "outcome": "win", "earnings": 5}],
+        )
+        drain(services)
+        assert standings(services)["alice"][:3] == (1, 0, 5)
+        letters = dead_letters(backend.redis, keys)
+        assert [(d["reason"], d["deliveries"]) for d in letters] == [("max_deliveries", 2)]
+        assert "poison" in letters[0]["payload"]
+        # alice's cache shows her out of s1, although an earlier entry put her in.
+        alice = text_hash(backend, keys.user("alice"))
+        assert "session" not in alice and alice["earnings"] == "5"
+        assert not backend.redis.exists(keys.session("s1"))
+        assert pending_count(backend.redis, keys) == 0

@@ -1,0 +1,171 @@
+"""Every dead-letter reason of SPEC §3, with the DLQ payload fields, and the entry acked."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from tests.conftest import Backend
+from tests.integration.helpers import (
+    add_players,
+    dead_letters,
+    drain,
+    pending_count,
+    publish,
+    services_for,
+    standings,
+)
+
+DLQ_FIELDS = {"stream", "entry_id", "payload", "reason", "message", "deliveries", "failed_at"}
+
+
+def raw(backend: Backend, kind: str, payload: bytes) -> tuple[str, str]:
+    """XADD a payload exactly as given; returns (entry id, payload text)."""
+    entry_id = backend.redis.xadd(backend.keys.event_stream(kind), {"payload": payload})
+    return entry_id.decode(), payload.decode("utf-8", "replace")
+
+
+def event(backend: Backend, kind: str, **body: Any) -> tuple[str, str]:
+    body.setdefault("event_id", str(uuid.uuid4()))
+    return raw(backend, kind, orjson.dumps(body))
+
+
+def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backend) -> None:
+    keys = backend.keys
+    with services_for(backend, max_deliveries=3) as services:
+        add_players(services, "alice", "bob", "carol")
+        # A finished game and a live one to break the rules against.
+        publish(backend.redis, keys, "update", session_id="done", players=["alice"])
+        publish(
+            backend.redis,
+            keys,
+            "terminate",
+            session_id="done",
+            results=[{"username": "alice", "outcome": "win", "earnings": 10}],
+        )
+        publish(backend.redis, keys, "update", session_id="live", players=["bob"])
+        drain(services)
+        before = standings(services)
+        started = datetime.now(UTC) - timedelta(seconds=1)
+
+        # (stream, entry id) -> (reason, payload): ids can repeat across the two streams.
+        expected: dict[tuple[str, str], tuple[str, str]] = {}
+
+        def expect(reason: str, kind: str, published: tuple[str, str]) -> None:
+            expected[(keys.event_stream(kind), published[0])] = (reason, published[1])
+
+        expect("invalid_json", "update", raw(backend, "update", b'{"event_id": "x", oops'))
+        expect("invalid_json", "terminate", raw(backend, "terminate", b"\xff\xfe not text"))
+        expect("invalid_event", "update", raw(backend, "update", b"[1, 2, 3]"))
+        expect(
+            "invalid_event",
+            "update",
+            event(backend, "update", session_id="bad id!", players=["alice"]),
+        )
+        expect(
+            "invalid_event",
+            "terminate",
+            event(
+                backend,
+                "terminate",
+                session_id="live",
+                results=[{"username": "bob", "outcome": "draw", "earnings": 1}],
+            ),
+        )
+        expect(
+            "unknown_user",
+            "update",
+            event(backend, "update", session_id="s9", players=["carol", "nobody"]),
+        )
+        expect(
+            "unknown_user",
+            "terminate",
+            event(
+                backend,
+                "terminate",
+                session_id="live",
+                results=[{"username": "ghost", "outcome": "win", "earnings": 5}],
+            ),
+        )
+        expect(
+            "not_in_roster",
+            "terminate",
+            event(
+                backend,
+                "terminate",
+                session_id="live",
+                results=[
+                    {"username": "bob", "outcome": "win", "earnings": 5},
+                    {"username": "carol", "outcome": "loss", "earnings": 0},
+                ],
+            ),
+        )
+        expect(
+            "session_ended",
+            "terminate",
+            event(
+                backend,
+                "terminate",
+                session_id="done",
+                results=[{"username": "alice", "outcome": "win", "earnings": 10}],
+            ),
+        )
+        expect(
+            "session_ended",
+            "update",
+            event(backend, "update", session_id="done", players=["alice"]),
+        )
+        expect(
+            "max_deliveries",
+            "terminate",
+            event(
+                backend,
+                "terminate",
+                session_id="never-started",
+                results=[{"username": "carol", "outcome": "win", "earnings": 5}],
+            ),
+        )
+        # An entry without a payload field at all.
+        no_payload = backend.redis.xadd(keys.update_stream, {"data": b"{}"}).decode()
+        expected[(keys.update_stream, no_payload)] = ("invalid_event", "")
+
+        worker = drain(services)
+
+        letters = dead_letters(backend.redis, keys)
+        assert {(d["stream"], d["entry_id"]): d["reason"] for d in letters} == {
+            key: reason for key, (reason, _) in expected.items()
+        }
+        for letter in letters:
+            assert set(letter) == DLQ_FIELDS
+            reason, payload = expected[(letter["stream"], letter["entry_id"])]
+            assert letter["payload"] == payload  # the original text
+            assert isinstance(letter["message"], str) and letter["message"]
+            failed_at = datetime.fromisoformat(letter["failed_at"])
+            assert started <= failed_at <= datetime.now(UTC)
+            assert letter["deliveries"] == (3 if reason == "max_deliveries" else 1)
+        # Each message says what was wrong.
+        by_reason = {letter["reason"]: letter["message"] for letter in letters}
+        assert "nobody" in by_reason["unknown_user"] or "ghost" in by_reason["unknown_user"]
+        assert "carol" in by_reason["not_in_roster"]
+        assert "done" in by_reason["session_ended"]
+
+        assert sum(worker.stats.dead.values()) == len(expected)
+        assert pending_count(backend.redis, keys) == 0  # every dead letter was acked
+        assert standings(services) == before  # and none of them changed anything
+        # The live session is untouched by the entries that broke its rules.
+        assert backend.redis.exists(keys.session("live"))
+
+
+def test_dead_letters_are_written_once(backend: Backend) -> None:
+    """A dead-lettered entry is acked in the same round trip: a restart does not repeat it."""
+    keys = backend.keys
+    with services_for(backend) as services:
+        raw(backend, "update", b"not json")
+        drain(services, consumer="c1")
+        drain(services, consumer="c1")
+        drain(services, consumer="c2")
+        assert [d["reason"] for d in dead_letters(backend.redis, keys)] == ["invalid_json"]
+        assert pending_count(backend.redis, keys) == 0

@@ -1,0 +1,471 @@
+"""Delivery rules of SPEC §3: order across streams, waiting, retries, recovery, reclaiming."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import orjson
+
+from tests.conftest import Backend
+from tests.integration.helpers import (
+    add_players,
+    dead_letters,
+    drain,
+    pending_count,
+    publish,
+    rows,
+    services_for,
+    standings,
+)
+from workers.bootstrap import Services
+from workers.event_consumer import EventConsumer
+
+GROUP = "usermgmt-events"
+
+
+def wait_for(condition, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextmanager
+def running(services: Services, consumer: str = "live") -> Iterator[EventConsumer]:
+    """A consumer in a thread, as in the worker (not burst): it waits for new entries."""
+    stop = threading.Event()
+    worker = EventConsumer(services, consumer, stop)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def roster(services: Services, session_id: str) -> list[str]:
+    return [
+        name
+        for (name,) in rows(
+            services,
+            "SELECT u.username FROM session_players sp JOIN users u ON u.id = sp.user_id "
+            "JOIN game_sessions g ON g.id = sp.session_pk WHERE g.session_id = :s "
+            "ORDER BY u.username",
+            s=session_id,
+        )
+    ]
+
+
+def result(name: str, earnings: int, outcome: str = "win") -> dict[str, object]:
+    return {"username": name, "outcome": outcome, "earnings": earnings}
+
+
+def ended(services: Services, session_id: str) -> bool:
+    return rows(
+        services, "SELECT status FROM game_sessions WHERE session_id = :s", s=session_id
+    ) == [("ended",)]
+
+
+# -- waiting ---------------------------------------------------------------------------
+
+
+def test_terminate_published_before_its_update_applies_after_it(
+    services: Services, backend: Backend
+) -> None:
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    publish(
+        backend.redis,
+        keys,
+        "terminate",
+        session_id="s1",
+        results=[result("alice", 30), result("bob", 4, "loss")],
+    )
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    drain(services)
+    assert standings(services) == {"alice": (1, 0, 30, 30, 1), "bob": (0, 1, 4, 4, 2)}
+    assert ended(services, "s1")
+    assert dead_letters(backend.redis, keys) == []
+    assert pending_count(backend.redis, keys) == 0
+
+
+def test_terminate_waits_for_an_update_that_arrives_later(backend: Backend) -> None:
+    keys = backend.keys
+    with services_for(backend, max_deliveries=100) as services:
+        add_players(services, "alice")
+        with running(services) as worker:
+            publish(backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 8)])
+            wait_for(lambda: worker.stats.deferred >= 2)  # tried, and tried again
+            assert standings(services)["alice"][:3] == (0, 0, 0)
+            publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+            wait_for(lambda: ended(services, "s1"))
+        assert standings(services)["alice"][:3] == (1, 0, 8)
+        assert dead_letters(backend.redis, keys) == []
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_an_update_naming_a_busy_player_waits_for_the_other_session(
+    services: Services, backend: Backend
+) -> None:
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    publish(backend.redis, keys, "update", session_id="s0", players=["alice"])
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    publish(backend.redis, keys, "terminate", session_id="s0", results=[result("alice", 5)])
+    drain(services)
+    # Had s1 taken alice while she was in s0, ending s0 would have freed her from s1.
+    assert ended(services, "s0")
+    assert roster(services, "s1") == ["alice", "bob"]
+    assert backend.redis.hget(keys.user("alice"), "session") == b"s1"
+    assert dead_letters(backend.redis, keys) == []
+
+
+def test_a_busy_player_across_batches(backend: Backend) -> None:
+    keys = backend.keys
+    with services_for(backend, max_deliveries=100) as services:
+        add_players(services, "alice", "bob")
+        with running(services) as worker:
+            publish(backend.redis, keys, "update", session_id="s0", players=["alice"])
+            wait_for(lambda: roster(services, "s0") == ["alice"])
+            publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+            wait_for(lambda: worker.stats.deferred >= 2)
+            assert roster(services, "s1") == []
+            assert not backend.redis.exists(keys.session("s1"))
+            publish(backend.redis, keys, "terminate", session_id="s0", results=[result("alice", 1)])
+            wait_for(lambda: roster(services, "s1") == ["alice", "bob"])
+        assert backend.redis.exists(keys.session("s1"))
+        assert dead_letters(backend.redis, keys) == []
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_later_events_of_a_session_wait_behind_its_deferred_update(backend: Backend) -> None:
+    """An update of s1 waits for carol (busy in s0); the terminate of s1 that follows it
+    must not overtake it, or carol's result would be outside the roster."""
+    keys = backend.keys
+    with services_for(backend, max_deliveries=100) as services:
+        add_players(services, "alice", "carol")
+        with running(services) as worker:
+            publish(backend.redis, keys, "update", session_id="s0", players=["carol"])
+            publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+            wait_for(lambda: roster(services, "s1") == ["alice"])
+            publish(backend.redis, keys, "update", session_id="s1", players=["alice", "carol"])
+            wait_for(lambda: worker.stats.deferred >= 1)
+            publish(
+                backend.redis,
+                keys,
+                "terminate",
+                session_id="s1",
+                results=[result("alice", 10), result("carol", 20)],
+            )
+            wait_for(lambda: worker.stats.deferred >= 4)  # both waited at least twice
+            assert not ended(services, "s1")
+            publish(backend.redis, keys, "terminate", session_id="s0", results=[], reason="aborted")
+            wait_for(lambda: ended(services, "s1"))
+        assert standings(services)["carol"][:3] == (1, 0, 20)
+        assert standings(services)["alice"][:3] == (1, 0, 10)
+        assert dead_letters(backend.redis, keys) == []
+        assert pending_count(backend.redis, keys) == 0
+
+
+# -- retries counted by Redis ------------------------------------------------------------
+
+
+def test_an_entry_that_never_applies_is_dead_lettered_after_max_deliveries(
+    backend: Backend,
+) -> None:
+    keys = backend.keys
+    with services_for(backend, max_deliveries=3) as services:
+        add_players(services, "alice")
+        entry_id = publish(
+            backend.redis, keys, "terminate", session_id="nope", results=[result("alice", 1)]
+        )
+        worker = drain(services)
+        assert worker.stats.deferred == 2
+        (letter,) = dead_letters(backend.redis, keys)
+        assert (letter["entry_id"], letter["reason"], letter["deliveries"]) == (
+            entry_id,
+            "max_deliveries",
+            3,
+        )
+        assert "nope" in letter["message"]
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_deliveries_are_counted_by_redis_not_in_memory(backend: Backend) -> None:
+    """Two deliveries happened before this process started: the third is the last."""
+    keys = backend.keys
+    with services_for(backend, max_deliveries=3) as services:
+        add_players(services, "alice")
+        entry_id = publish(
+            backend.redis, keys, "terminate", session_id="nope", results=[result("alice", 1)]
+        )
+        backend.redis.xgroup_create(keys.terminate_stream, GROUP, id="0", mkstream=True)
+        backend.redis.xreadgroup(GROUP, "c0", {keys.terminate_stream: ">"})
+        backend.redis.xclaim(keys.terminate_stream, GROUP, "c0", 0, [entry_id])
+        (info,) = backend.redis.xpending_range(keys.terminate_stream, GROUP, "-", "+", 10)
+        assert info["times_delivered"] == 2
+
+        worker = drain(services, consumer="c0")
+        assert worker.stats.deferred == 0  # dead at once, not retried max_deliveries times
+        (letter,) = dead_letters(backend.redis, keys)
+        assert (letter["reason"], letter["deliveries"]) == ("max_deliveries", 3)
+        assert pending_count(backend.redis, keys) == 0
+
+
+# -- order ---------------------------------------------------------------------------------
+
+
+class Clock:
+    """Publishes with explicit entry ids, one millisecond apart, so the order in which
+    Redis accepted the entries is exactly the order of the calls."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.ms = 1_700_000_000_000
+
+    def publish(self, kind: str, **payload: object) -> str:
+        self.ms += 1
+        payload.setdefault("event_id", str(uuid.uuid4()))
+        stream = self.backend.keys.event_stream(kind)
+        entry_id = f"{self.ms}-0"
+        self.backend.redis.xadd(stream, {"payload": orjson.dumps(payload)}, id=entry_id)
+        return entry_id
+
+
+def test_a_backlog_over_both_streams_applies_in_entry_id_order(backend: Backend) -> None:
+    """Small batches over a backlog where the update stream runs far ahead.
+
+    Every session has two updates (the second adds a player) and a terminate with a
+    result for that player. All first updates come first; then, per session, the second
+    update and the terminate. Merging by reading both streams batch by batch would
+    apply terminates before the second updates they follow (not_in_roster) or second
+    updates after their terminate (session_ended).
+    """
+    keys = backend.keys
+    clock = Clock(backend)
+    sessions = [f"g{i}" for i in range(8)]
+    with services_for(backend, batch_size=3) as services:
+        players = {sid: (f"{sid}a", f"{sid}b") for sid in sessions}
+        add_players(services, *(name for pair in players.values() for name in pair))
+        for sid in sessions:
+            clock.publish("update", session_id=sid, players=[players[sid][0]])
+        for number, sid in enumerate(sessions):
+            first, second = players[sid]
+            clock.publish("update", session_id=sid, players=[first, second])
+            clock.publish(
+                "terminate",
+                session_id=sid,
+                results=[result(first, number), result(second, 100 + number, "loss")],
+            )
+        worker = drain(services)
+        assert dead_letters(backend.redis, keys) == []
+        assert worker.stats.deferred == 0  # nothing had to wait: the order was right
+        table = standings(services)
+        for number, sid in enumerate(sessions):
+            first, second = players[sid]
+            assert table[first][:3] == (1, 0, number)
+            assert table[second][:3] == (0, 1, 100 + number)
+            assert ended(services, sid)
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_a_backlog_where_the_terminate_stream_runs_ahead(backend: Backend) -> None:
+    """The mirror image: many terminates first, then updates and terminates interleaved."""
+    keys = backend.keys
+    clock = Clock(backend)
+    with services_for(backend, batch_size=3) as services:
+        others = [f"other{number}" for number in range(10)]
+        add_players(services, "alice", *others)
+        for number, name in enumerate(others):  # games whose terminates fill the stream first
+            clock.publish("update", session_id=f"old{number}", players=[name])
+        for number in range(10):
+            clock.publish("terminate", session_id=f"old{number}", results=[], reason="aborted")
+        # alice plays five games in a row: each update must follow the previous
+        # terminate, or she would still be busy.
+        for number in range(5):
+            clock.publish("update", session_id=f"a{number}", players=["alice"])
+            clock.publish("terminate", session_id=f"a{number}", results=[result("alice", 10)])
+        worker = drain(services)
+        assert worker.stats.deferred == 0
+        assert standings(services)["alice"][:3] == (5, 0, 50)
+        assert dead_letters(backend.redis, keys) == []
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_within_one_millisecond_updates_go_before_terminates(backend: Backend) -> None:
+    """Sequence numbers count per stream, so `5-0` on the terminate stream may have been
+    accepted after `5-3` on the update stream; the update goes first."""
+    keys = backend.keys
+    with services_for(backend, batch_size=2) as services:
+        add_players(services, "alice", "bob", "filler0", "filler1", "filler2")
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+        drain(services)
+        ms = 1_800_000_000_000
+        for seq in range(3):  # other sessions' updates in the same millisecond
+            body = {
+                "event_id": str(uuid.uuid4()),
+                "session_id": f"x{seq}",
+                "players": [f"filler{seq}"],
+            }
+            backend.redis.xadd(
+                keys.update_stream, {"payload": orjson.dumps(body)}, id=f"{ms}-{seq}"
+            )
+        grow = {"event_id": str(uuid.uuid4()), "session_id": "s1", "players": ["alice", "bob"]}
+        backend.redis.xadd(keys.update_stream, {"payload": orjson.dumps(grow)}, id=f"{ms}-3")
+        end = {
+            "event_id": str(uuid.uuid4()),
+            "session_id": "s1",
+            "results": [result("alice", 1), result("bob", 2)],
+        }
+        backend.redis.xadd(keys.terminate_stream, {"payload": orjson.dumps(end)}, id=f"{ms}-0")
+        drain(services)
+        assert dead_letters(backend.redis, keys) == []
+        assert ended(services, "s1")
+        assert standings(services)["bob"][:3] == (1, 0, 2)
+
+
+def test_the_group_starts_at_zero(services: Services, backend: Backend) -> None:
+    """Entries published before any worker ran are processed too."""
+    add_players(services, "alice")
+    keys = backend.keys
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+    last = publish(backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 3)])
+    assert backend.redis.xinfo_groups(keys.terminate_stream) == []
+    drain(services)
+    assert standings(services)["alice"][:3] == (1, 0, 3)
+    (group,) = backend.redis.xinfo_groups(keys.terminate_stream)
+    assert group["name"] == GROUP.encode()
+    assert group["last-delivered-id"] == last.encode()
+
+
+# -- recovery -------------------------------------------------------------------------------
+
+
+def test_a_restarted_consumer_finishes_its_own_pending_entries_first(backend: Backend) -> None:
+    """c1 crashed holding a terminate it had read ahead of the update stream.
+
+    The update that precedes it (adding carol) was never delivered. Restarted under
+    the same name, c1 takes its pending terminate back and still applies it after
+    that update: carol's result is inside the roster.
+    """
+    keys = backend.keys
+    with services_for(backend, claim_idle_ms=600_000) as services:
+        add_players(services, "alice", "bob", "carol")
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+        drain(services, consumer="c1")
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob", "carol"])
+        publish(
+            backend.redis,
+            keys,
+            "terminate",
+            session_id="s1",
+            results=[result("alice", 1), result("carol", 2, "loss")],
+        )
+        backend.redis.xreadgroup(GROUP, "c1", {keys.terminate_stream: ">"})  # then it died
+
+        # Another consumer does not take c1's entry (not idle long enough) ...
+        drain(services, consumer="c2")
+        assert roster(services, "s1") == ["alice", "bob", "carol"]
+        assert pending_count(backend.redis, keys) == 1
+        # ... c1 does, at once.
+        drain(services, consumer="c1")
+        assert ended(services, "s1")
+        assert standings(services)["carol"][:3] == (0, 1, 2)
+        assert dead_letters(backend.redis, keys) == []
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_a_restarted_consumer_merges_its_pending_entries_with_undelivered_ones(
+    backend: Backend,
+) -> None:
+    """The same crash without another consumer in between: recovery and new entries mix."""
+    keys = backend.keys
+    with services_for(backend, claim_idle_ms=600_000) as services:
+        add_players(services, "alice", "bob", "carol")
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+        drain(services, consumer="c1")
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob", "carol"])
+        publish(
+            backend.redis,
+            keys,
+            "terminate",
+            session_id="s1",
+            results=[result("alice", 1), result("carol", 2, "loss")],
+        )
+        backend.redis.xreadgroup(GROUP, "c1", {keys.terminate_stream: ">"})
+        worker = drain(services, consumer="c1")
+        assert worker.stats.applied == 2
+        assert standings(services)["carol"][:3] == (0, 1, 2)
+        assert dead_letters(backend.redis, keys) == []
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed_after_claim_idle_ms(backend: Backend) -> None:
+    keys = backend.keys
+    with services_for(backend, claim_idle_ms=300) as services:
+        add_players(services, "alice")
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+        publish(backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 6)])
+        for stream in (keys.update_stream, keys.terminate_stream):
+            backend.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        backend.redis.xreadgroup(
+            GROUP, "dead", {keys.update_stream: ">", keys.terminate_stream: ">"}
+        )
+        assert pending_count(backend.redis, keys) == 2
+
+        def idle_long_enough() -> bool:
+            return all(
+                info["time_since_delivered"] >= 400
+                for stream in (keys.update_stream, keys.terminate_stream)
+                for info in backend.redis.xpending_range(stream, GROUP, "-", "+", 10)
+            )
+
+        wait_for(idle_long_enough)
+        worker = drain(services, consumer="alive")
+        assert worker.stats.applied == 2
+        assert standings(services)["alice"][:3] == (1, 0, 6)
+        assert pending_count(backend.redis, keys) == 0
+        assert dead_letters(backend.redis, keys) == []
+
+
+def test_a_long_wait_is_not_counted_as_extra_deliveries(backend: Backend) -> None:
+    """Retries longer than claim_idle_ms: the consumer's own periodic XAUTOCLAIM takes
+    them too, but that must not bring them closer to the delivery limit."""
+    keys = backend.keys
+    with services_for(backend, max_deliveries=4, retry_delay_ms=400, claim_idle_ms=100) as services:
+        add_players(services, "alice")
+        publish(backend.redis, keys, "terminate", session_id="late", results=[result("alice", 2)])
+        worker = drain(services)
+        (letter,) = dead_letters(backend.redis, keys)
+        assert (letter["reason"], letter["deliveries"]) == ("max_deliveries", 4)
+        assert worker.stats.deferred == 3
+
+
+def test_waiting_for_a_retry_does_not_spin(backend: Backend, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """While an entry waits for its retry the consumer blocks on Redis; it does not poll."""
+    keys = backend.keys
+    reads = 0
+    real_read = EventConsumer.read_new
+
+    def counting(self: EventConsumer, block_ms: int | None) -> list[object]:
+        nonlocal reads
+        reads += 1
+        return real_read(self, block_ms)  # type: ignore[return-value]
+
+    monkeypatch.setattr(EventConsumer, "read_new", counting)
+    with services_for(backend, max_deliveries=3, retry_delay_ms=300) as services:
+        add_players(services, "alice")
+        publish(backend.redis, keys, "terminate", session_id="nope", results=[result("alice", 1)])
+        worker = drain(services)
+        assert worker.stats.deferred == 2  # it waited twice: 300 ms, then 600 ms
+        assert [d["reason"] for d in dead_letters(backend.redis, keys)] == ["max_deliveries"]
+        assert reads < 20

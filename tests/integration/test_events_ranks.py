@@ -1,0 +1,170 @@
+"""Ranks (SPEC §5): exact in `leaderboard.rank` once idle, live in `um:leaderboard`,
+and carried by `get_user` replies."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+
+from domain.auth import parse_request
+from domain.ranking import competition_ranks
+from persistence import cache
+from tests.conftest import Backend
+from tests.integration.helpers import add_players, drain, publish, rows, standings
+from workers.auth_server import AuthServer
+from workers.bootstrap import Services
+
+
+def play(backend: Backend, rng: random.Random, names: list[str], games: int, tag: str) -> None:
+    """Publish `games` games of 2-4 players; earnings from a few values, so ties happen."""
+    for number in range(games):
+        roster = rng.sample(names, rng.randint(2, 4))
+        session_id = f"{tag}-{number}"
+        publish(backend.redis, backend.keys, "update", session_id=session_id, players=roster)
+        publish(
+            backend.redis,
+            backend.keys,
+            "terminate",
+            session_id=session_id,
+            results=[
+                {
+                    "username": name,
+                    "outcome": rng.choice(["win", "loss"]),
+                    "earnings": rng.choice([0, 0, 10, 25, 100]),
+                }
+                for name in roster
+            ],
+        )
+
+
+def python_ranks(services: Services) -> dict[str, int]:
+    earnings = {name: row[2] for name, row in standings(services).items()}
+    return competition_ranks(earnings)
+
+
+def table_ranks(services: Services) -> dict[str, int]:
+    return {name: row[4] for name, row in standings(services).items()}
+
+
+@contextmanager
+def auth_server(services: Services) -> Iterator[AuthServer]:
+    server = AuthServer(services, "auth-test", threading.Event())
+    try:
+        yield server
+    finally:
+        server.pool.shutdown(wait=True)
+
+
+def ask(server: AuthServer, op: str, **fields: Any) -> dict[str, Any]:
+    request = parse_request(orjson.dumps({"request_id": str(uuid.uuid4()), "op": op, **fields}))
+    return server.answer(request)
+
+
+def test_ranks_are_exact_once_the_worker_is_idle(services: Services, backend: Backend) -> None:
+    rng = random.Random(7)
+    names = [f"player{i:02d}" for i in range(12)]
+    add_players(services, *names)
+    for round_number in range(3):
+        play(backend, rng, names, games=6, tag=f"r{round_number}")
+        drain(services)
+        expected = python_ranks(services)
+        assert table_ranks(services) == expected
+        assert len(set(expected.values())) < len(expected), "the games should produce ties"
+        # The sorted set holds the same earnings and gives the same ranks live.
+        earnings = {name: row[2] for name, row in standings(services).items()}
+        played = {
+            name.decode(): int(score)
+            for name, score in backend.redis.zscan_iter(backend.keys.leaderboard)
+        }
+        assert played == earnings
+        for name, rank in expected.items():
+            assert cache.live_rank(backend.redis, backend.keys, name) == rank
+    # A player registered now, with nothing earned, ranks after everyone who has earnings.
+    add_players(services, "newcomer")
+    ranks = python_ranks(services)
+    assert table_ranks(services)["newcomer"] == ranks["newcomer"]
+    assert rows(services, "SELECT COUNT(*) FROM leaderboard WHERE earnings <> 0") != [(0,)]
+
+
+def test_get_user_carries_the_current_rank(services: Services, backend: Backend) -> None:
+    names = ["ann", "ben", "cid", "dot"]
+    with auth_server(services) as server:
+        for name in names:
+            assert ask(server, "register", username=name, password="long-enough")["ok"]
+        publish(backend.redis, backend.keys, "update", session_id="g1", players=["ann", "ben"])
+        publish(
+            backend.redis,
+            backend.keys,
+            "terminate",
+            session_id="g1",
+            results=[
+                {"username": "ann", "outcome": "win", "earnings": 50},
+                {"username": "ben", "outcome": "loss", "earnings": 50},
+            ],
+        )
+        drain(services)
+        replies = {name: ask(server, "get_user", username=name)["user"] for name in names}
+        assert {name: user["rank"] for name, user in replies.items()} == {
+            "ann": 1,
+            "ben": 1,
+            "cid": 3,
+            "dot": 3,
+        }
+        assert replies["ann"]["earnings"] == 50 and replies["ann"]["win_count"] == 1
+
+        # cid overtakes both; the replies follow before any rank refresh in SQL.
+        publish(backend.redis, backend.keys, "update", session_id="g2", players=["cid"])
+        publish(
+            backend.redis,
+            backend.keys,
+            "terminate",
+            session_id="g2",
+            results=[{"username": "cid", "outcome": "win", "earnings": 70}],
+        )
+        drain(services)
+        ranks = {name: ask(server, "get_user", username=name)["user"]["rank"] for name in names}
+        assert ranks == {"cid": 1, "ann": 2, "ben": 2, "dot": 4}
+        assert ranks == python_ranks(services) == table_ranks(services)
+
+
+def test_the_leaderboard_cache_is_rebuilt_when_redis_lost_it(
+    services: Services, backend: Backend
+) -> None:
+    """After a Redis restart only the players of new games would be in the set, each
+    ranked against part of the population; the worker rebuilds it from SQL first."""
+    add_players(services, "ann", "ben", "cid")
+    for session_id, winner, earnings in (("g1", "ann", 90), ("g2", "ben", 40)):
+        publish(backend.redis, backend.keys, "update", session_id=session_id, players=[winner])
+        publish(
+            backend.redis,
+            backend.keys,
+            "terminate",
+            session_id=session_id,
+            results=[{"username": winner, "outcome": "win", "earnings": earnings}],
+        )
+    drain(services)
+    backend.redis.delete(backend.keys.leaderboard)
+
+    publish(backend.redis, backend.keys, "update", session_id="g3", players=["cid"])
+    publish(
+        backend.redis,
+        backend.keys,
+        "terminate",
+        session_id="g3",
+        results=[{"username": "cid", "outcome": "win", "earnings": 60}],
+    )
+    drain(services)
+    board = {
+        name.decode(): int(score)
+        for name, score in backend.redis.zrange(backend.keys.leaderboard, 0, -1, withscores=True)
+    }
+    assert board == {"ann": 90, "ben": 40, "cid": 60}
+    with auth_server(services) as server:
+        assert ask(server, "get_user", username="cid")["user"]["rank"] == 2
+        assert ask(server, "get_user", username="ben")["user"]["rank"] == 3
