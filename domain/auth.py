@@ -104,7 +104,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_input=False, include_url=False)[:5]:
         location = ".".join(str(part) for part in error["loc"]) or "payload"
-        parts.append(f"{location}: {error['msg']}")
+        message = error["msg"]
+        if error["type"] == "union_tag_invalid":  # pydantic's message echoes the input
+            location, message = "op", f"must be one of {error['ctx']['expected_tags']}"
+        parts.append(f"{location}: {message}")
     return "; ".join(parts)
 
 

@@ -56,6 +56,13 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=5000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # A batch of games touches thousands of random player rows in three tables: a
+        # 64 MiB page cache (default 2 MiB) and a checkpoint every ~80 MB of WAL (default
+        # ~4 MB, which checkpointed and synced after nearly every batch once the
+        # population outgrew the cache) made a 200k-player batch 4x faster (issue 4).
+        cursor.execute("PRAGMA cache_size=-65536")
+        cursor.execute("PRAGMA wal_autocheckpoint=20000")
+        cursor.execute("PRAGMA journal_size_limit=67108864")
         cursor.close()
 
     @event.listens_for(engine, "begin")

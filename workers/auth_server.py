@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,8 @@ from workers.connections import (
     database_unreachable,
     redis_unreachable,
 )
+from workers.metrics import NO_METRICS, Metrics
+from workers.relay import Relay
 from workers.streams import (
     Backoff,
     Entry,
@@ -61,8 +64,17 @@ class AuthServer:
     several logins hash at once and one slow request never stalls the others.
     """
 
-    def __init__(self, services: Services, consumer: str, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        services: Services,
+        consumer: str,
+        stop: threading.Event,
+        metrics: Metrics = NO_METRICS,
+        relay: Relay | None = None,
+    ) -> None:
         self.services = services
+        self.metrics = metrics
+        self.relay = relay
         self.keys = services.keys
         self.redis = services.redis
         self.consumer = consumer
@@ -75,6 +87,9 @@ class AuthServer:
         # Unknown users are checked against this hash so both failures cost one bcrypt.
         self.dummy_hash = bcrypt.hashpw(b"usermgmt-timing-equaliser", bcrypt.gensalt(self.rounds))
         self.last_claim = 0.0
+        # Entry ids being served now, so a reclaim of a slow one does not run it twice.
+        self.in_flight: set[str] = set()
+        self.in_flight_lock = threading.Lock()
         self.log = log.bind(consumer=consumer, stream=self.keys.auth_requests)
 
     # -- the loop ------------------------------------------------------------------
@@ -124,12 +139,20 @@ class AuthServer:
         free = self.acquire_slots()
         if free == 0:
             return
-        response = self.redis.xreadgroup(
-            AUTH_GROUP, self.consumer, {self.keys.auth_requests: ">"}, count=free, block=BLOCK_MS
-        )
-        entries = to_entries(response)
-        for _ in range(free - len(entries)):
-            self.slots.release()
+        try:
+            response = self.redis.xreadgroup(
+                AUTH_GROUP,
+                self.consumer,
+                {self.keys.auth_requests: ">"},
+                count=free,
+                block=BLOCK_MS,
+            )
+            entries = to_entries(response)
+        except BaseException:
+            # A failed read must give its slots back, or the server never reads again.
+            self.release_slots(free)
+            raise
+        self.release_slots(free - len(entries))
         self.dispatch(entries, slots_taken=True)
 
     def acquire_slots(self) -> int:
@@ -142,27 +165,60 @@ class AuthServer:
             taken += 1
         return taken
 
-    def dispatch(self, entries: list[Entry], slots_taken: bool = False) -> None:
-        """Hand entries to the pool; stale ones are dropped without an answer."""
-        if not entries:
-            return
-        now_ms = redis_time_ms(self.redis)
-        for entry in entries:
-            if not slots_taken:
-                self.slots.acquire()
-            if now_ms - entry.timestamp_ms > REQUEST_MAX_AGE_S * 1000:
-                self.finish(entry, reply=None)
-                self.log.info(
-                    "request dropped as stale",
-                    entry_id=entry.entry_id,
-                    age_ms=now_ms - entry.timestamp_ms,
-                )
-                self.slots.release()
-                continue
-            future = self.pool.submit(self.serve, entry)
-            future.add_done_callback(self._release)
+    def release_slots(self, count: int) -> None:
+        for _ in range(count):
+            self.slots.release()
 
-    def _release(self, future: Future[None]) -> None:
+    def dispatch(self, entries: list[Entry], slots_taken: bool = False) -> None:
+        """Hand entries to the pool; stale ones are dropped without an answer.
+
+        With `slots_taken` the caller holds one slot per entry. Every slot that does not
+        go to a running request is given back, also when Redis fails half-way (the
+        entries left stay pending and are reclaimed later).
+        """
+        unused = len(entries) if slots_taken else 0
+        try:
+            now_ms = redis_time_ms(self.redis) if entries else 0
+            for entry in entries:
+                if slots_taken:
+                    unused -= 1
+                with self.in_flight_lock:
+                    busy = entry.entry_id in self.in_flight
+                if busy:
+                    # Reclaimed while still being served here: slow, not abandoned.
+                    if slots_taken:
+                        self.slots.release()
+                    continue
+                if not slots_taken:
+                    self.slots.acquire()
+                try:
+                    self.start(entry, now_ms)
+                except BaseException:
+                    self.slots.release()
+                    raise
+        finally:
+            self.release_slots(unused)
+
+    def start(self, entry: Entry, now_ms: int) -> None:
+        """Serve one entry on the pool (it holds a slot), or drop it when stale."""
+        if now_ms - entry.timestamp_ms > REQUEST_MAX_AGE_S * 1000:
+            self.finish(entry, reply=None)
+            self.metrics.observe_auth("unknown", "stale", 0.0)
+            self.log.info(
+                "request dropped as stale",
+                entry_id=entry.entry_id,
+                age_ms=now_ms - entry.timestamp_ms,
+            )
+            self.slots.release()
+            return
+        with self.in_flight_lock:
+            self.in_flight.add(entry.entry_id)
+        future = self.pool.submit(self.serve, entry)
+        future.add_done_callback(functools.partial(self._release, entry.entry_id))
+
+    def _release(self, entry_id: str, future: Future[None]) -> None:
+        with self.in_flight_lock:
+            self.in_flight.discard(entry_id)
         self.slots.release()
         if (exc := future.exception()) is not None:
             self.log.error("request handler failed", error=repr(exc))
@@ -181,6 +237,7 @@ class AuthServer:
             request = parse_request(entry.payload)
         except InvalidPayload as exc:
             self.finish(entry, reply=None, dead=(str(exc.reason), exc.message))
+            self.metrics.observe_auth("unknown", "dead_lettered", time.perf_counter() - started)
             self.log.warning(
                 "request dead-lettered",
                 entry_id=entry.entry_id,
@@ -191,6 +248,7 @@ class AuthServer:
         except InvalidRequest as exc:
             reply = error_reply(exc.request_id, ErrorCode.INVALID_REQUEST, exc.message)
             self.finish(entry, reply=(exc.request_id, reply))
+            self.metrics.observe_auth("invalid", "invalid_request", time.perf_counter() - started)
             self.log.info(
                 "request answered",
                 entry_id=entry.entry_id,
@@ -202,6 +260,7 @@ class AuthServer:
         reply = self.answer(request)
         self.finish(entry, reply=(request.request_id, reply))
         outcome = "ok" if reply["ok"] else reply["error"]["code"]
+        self.metrics.observe_auth(request.op, outcome, time.perf_counter() - started)
         self.log.info(
             "request answered",
             entry_id=entry.entry_id,
@@ -247,6 +306,10 @@ class AuthServer:
             )
         except accounts.UsernameTaken:
             return self._taken(request)
+        if self.relay is not None:
+            # The accounts entry goes out before the reply, so any event a client
+            # publishes about the new player comes after it in entry-id order.
+            self.relay.publish_quietly()
         pipe = self.redis.pipeline(transaction=False)
         cache.write_user(pipe, self.keys, user, settings.user_cache_ttl)
         cache.set_leaderboard_scores(pipe, self.keys, {user.username: 0})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -11,17 +12,25 @@ from types import FrameType
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 
 from persistence.db import current_revision
+from persistence.keys import AUTH_GROUP, EVENTS_GROUP
 from workers.auth_server import AuthServer
 from workers.bootstrap import Services
 from workers.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
 from workers.event_consumer import EventConsumer
+from workers.metrics import NO_METRICS, Metrics
+from workers.relay import Relay
+from workers.status import alive_workers
+from workers.streams import remove_idle_consumers
+from workers.trim import Trimmer
 
 log = structlog.get_logger("usermgmt.worker")
 
 HEARTBEAT_EVERY_S = 5
 HEARTBEAT_TTL_S = 15
+PRUNE_EVERY_S = 60.0
 
 
 class NotMigrated(Exception):
@@ -42,8 +51,11 @@ class Worker:
         only: str | None = None,
         burst: bool = False,
         drain_timeout: float = 30.0,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.services = services
+        self.metrics = metrics
+        self.last_prune = 0.0
         self.consumer = consumer
         self.only = only
         self.burst = burst
@@ -52,23 +64,32 @@ class Worker:
         self.failed = False
         self.events: EventConsumer | None = None
         self.auth: AuthServer | None = None
+        self.relay: Relay | None = None
         self.log = log.bind(consumer=consumer)
 
     def run(self, handle_signals: bool = True) -> int:
         """Run until stopped; returns the exit code (0 after a clean drain)."""
-        self.wait_for_schema()
-        if self.stop.is_set():
-            return 0
         if handle_signals:
+            # Before waiting for the database, so a signal while it is away still exits 0.
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+        self.wait_for_schema()
+        if self.stop.is_set():
+            self.log.info("worker stopped before it started", exit_code=0)
+            return 0
         threads = []
         if self.only in (None, "events"):
-            self.events = EventConsumer(self.services, self.consumer, self.stop, burst=self.burst)
+            self.events = EventConsumer(
+                self.services, self.consumer, self.stop, burst=self.burst, metrics=self.metrics
+            )
             threads.append(self._thread("events", self.events.run))
         if self.only in (None, "auth") and not self.burst:
-            self.auth = AuthServer(self.services, self.consumer, self.stop)
+            self.relay = Relay(self.services, self.stop)
+            self.auth = AuthServer(
+                self.services, self.consumer, self.stop, metrics=self.metrics, relay=self.relay
+            )
             threads.append(self._thread("auth", self.auth.run))
+        background = self._start_background()
         threads.append(self._thread("heartbeat", self._heartbeat, daemon=True))
         self.log.info("worker started", only=self.only or "all", pid=os.getpid())
         for thread in threads[:-1]:
@@ -78,8 +99,24 @@ class Worker:
                     self.log.error("drain timed out; exiting now", timeout_s=self.drain_timeout)
                     os._exit(1)
         self.stop.set()
+        for thread in background:
+            thread.join(5.0)  # the relay makes one last pass
         self.log.info("worker stopped", exit_code=1 if self.failed else 0)
         return 1 if self.failed else 0
+
+    def _start_background(self) -> list[threading.Thread]:
+        """The outbox relay (beside the auth consumer) and the stream trimmer (beside the
+        event consumer); both stop with the worker and are not waited for in the drain."""
+        settings = self.services.settings
+        started = []
+        if self.relay is not None:
+            started.append(self._thread("relay", self.relay.run, daemon=True))
+        if self.only in (None, "events") and not self.burst and settings.trim_interval_s > 0:
+            trimmer = Trimmer(
+                self.services, self.stop, settings.trim_interval_s, settings.stream_retention_s
+            )
+            started.append(self._thread("trim", trimmer.run, daemon=True))
+        return started
 
     def wait_for_schema(self) -> None:
         """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""
@@ -131,6 +168,7 @@ class Worker:
         while not self.stop.is_set():
             info = {
                 "consumer": self.consumer,
+                "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "only": self.only or "all",
                 "at": time.time(),
@@ -141,8 +179,35 @@ class Worker:
                 self.services.redis.set(key, orjson.dumps(info), ex=HEARTBEAT_TTL_S)
             except REDIS_ERRORS:
                 pass  # the consumers report the outage
+            else:
+                self._housekeeping()
             self.stop.wait(HEARTBEAT_EVERY_S)
         try:
             self.services.redis.delete(key)
         except REDIS_ERRORS:
             pass
+
+    def _housekeeping(self) -> None:
+        """Sample the stream gauges; now and then, drop consumers that went away.
+
+        Housekeeping never stops the worker: a failure is logged and tried next beat.
+        """
+        try:
+            self._sample_and_prune()
+        except (RedisError, *REDIS_ERRORS) as exc:
+            self.log.warning("housekeeping failed; trying again later", error=repr(exc))
+
+    def _sample_and_prune(self) -> None:
+        redis, keys = self.services.redis, self.services.keys
+        self.metrics.sample_streams(redis, keys)
+        idle_s = self.services.settings.consumer_idle_remove_s
+        if time.monotonic() - self.last_prune < min(PRUNE_EVERY_S, idle_s):
+            return
+        self.last_prune = time.monotonic()
+        groups = [(keys.update_stream, EVENTS_GROUP), (keys.terminate_stream, EVENTS_GROUP)]
+        groups.append((keys.auth_requests, AUTH_GROUP))
+        alive = {self.consumer, *(worker.consumer for worker in alive_workers(redis, keys))}
+        for stream, group in groups:
+            removed = remove_idle_consumers(redis, stream, group, int(idle_s * 1000), alive)
+            if removed:
+                self.log.info("removed idle consumers", stream=stream, group=group, names=removed)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from workers.commands import core
+from workers.commands import core, dlq, ops, play, publish, recovery
 
 
 def register_all(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add every subcommand, in the order `usermgmt --help` lists them."""
-    for module in (core,):
+    for module in (core, play, ops, dlq, publish, recovery):
         module.register(subparsers)

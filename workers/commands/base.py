@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeAlias
 
 from workers.bootstrap import Services, bootstrap
 from workers.connections import (
@@ -17,7 +18,8 @@ from workers.connections import (
 from workers.logs import configure_logging
 from workers.settings import Settings, load_settings
 
-Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
+# A string: `_SubParsersAction` is generic to type checkers only, not at run time.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class UsageError(Exception):

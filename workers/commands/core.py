@@ -8,6 +8,7 @@ from persistence.db import current_revision, upgrade
 from workers.bootstrap import bootstrap, default_consumer_name
 from workers.commands.base import CommandFailed, Subparsers, add_database_option, settings_from
 from workers.connections import DATABASE_ERRORS, database_unreachable, safe_url
+from workers.metrics import NO_METRICS, MetricsUnavailable, serve_metrics
 from workers.runner import NotMigrated, Worker
 
 
@@ -47,6 +48,12 @@ def register(subparsers: Subparsers) -> None:
         metavar="S",
         help="seconds to finish the batch in hand after a signal (default 30)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=port_number,
+        metavar="N",
+        help="serve Prometheus metrics on http://0.0.0.0:N/metrics (default: off)",
+    )
     add_database_option(worker)
     worker.set_defaults(func=cmd_worker)
 
@@ -69,6 +76,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    try:
+        metrics = serve_metrics(args.metrics_port) if args.metrics_port else NO_METRICS
+    except MetricsUnavailable as exc:
+        raise CommandFailed(str(exc)) from None
     services = bootstrap(settings)
     try:
         worker = Worker(
@@ -77,9 +88,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
             only=args.only,
             burst=args.burst,
             drain_timeout=args.drain_timeout,
+            metrics=metrics,
         )
         return worker.run()
     except NotMigrated as exc:
         raise CommandFailed(str(exc)) from None
     finally:
         services.close()
+
+
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {port}")
+    return port

@@ -1,0 +1,1 @@
+"""The benchmark suite (issue 4): `make bench`, `make bench-full`."""

@@ -1,0 +1,367 @@
+"""The benchmark workload: a bulk-inserted player population, games of four players
+(one update and one terminate each) published to the event streams, and the check
+that the final stats equal the published results exactly.
+
+Everything here is deterministic for a seed, so every scenario of one run drains the
+same kind of backlog.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bcrypt
+import orjson
+from redis import Redis
+
+from persistence.db import upgrade
+from persistence.keys import EVENTS_GROUP, Keys
+
+PLAYERS_PER_GAME = 4
+LIVE_GAMES = 256  # games in progress at once in the published stream
+PASSWORD = "bench-password"
+CREATED_AT = "2024-01-01 00:00:00.000000"
+
+
+class BenchFailure(Exception):
+    """A run whose outcome differs from what was published: the benchmark fails loudly."""
+
+
+def username(index: int) -> str:
+    """The name of player `index` (1-based, as its SQL id)."""
+    return f"p{index:07d}"
+
+
+# -- population ----------------------------------------------------------------------
+
+
+def build_population(path: Path, players: int, bcrypt_rounds: int = 4) -> None:
+    """A migrated SQLite database with `players` users, their stats and leaderboard rows.
+
+    Rows go straight into SQL with the driver's executemany (bcrypt is not what is
+    measured): every player shares one password hash of `bcrypt_rounds`.
+    """
+    if path.exists():
+        path.unlink()
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    password_hash = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(bcrypt_rounds)).decode()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("BEGIN")
+        chunk = 50_000
+        for start in range(1, players + 1, chunk):
+            ids = range(start, min(players, start + chunk - 1) + 1)
+            conn.executemany(
+                "INSERT INTO users (id, username, username_key, password_hash, wallet, "
+                "created_at) VALUES (?, ?, ?, ?, 0, ?)",
+                ((i, username(i), username(i), password_hash, CREATED_AT) for i in ids),
+            )
+            conn.executemany(
+                "INSERT INTO stats (id, user_id, win_count, loss_count, earnings) "
+                "VALUES (?, ?, 0, 0, 0)",
+                ((i, i) for i in ids),
+            )
+            conn.executemany(
+                "INSERT INTO leaderboard (id, stats_id, rank, earnings) VALUES (?, ?, 1, 0)",
+                ((i, i) for i in ids),
+            )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("ANALYZE")
+    finally:
+        conn.close()
+
+
+def copy_database(template: Path, target: Path) -> str:
+    """A fresh copy of a population database; returns its SQLAlchemy URL."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
+
+
+# -- events --------------------------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    """What the published events must add up to, per player id."""
+
+    wins: dict[int, int] = field(default_factory=dict)
+    losses: dict[int, int] = field(default_factory=dict)
+    earnings: dict[int, int] = field(default_factory=dict)
+    entries: int = 0
+    games: int = 0
+    results: int = 0
+
+    def add(self, player: int, won: bool, earnings: int) -> None:
+        target = self.wins if won else self.losses
+        target[player] = target.get(player, 0) + 1
+        self.earnings[player] = self.earnings.get(player, 0) + earnings
+        self.results += 1
+
+    @property
+    def players(self) -> set[int]:
+        return set(self.wins) | set(self.losses)
+
+
+class Games:
+    """Deterministic games: about `LIVE_GAMES` at once, no player in two live games.
+
+    A game ends about `2 * LIVE_GAMES` entries after it started, and a freed player
+    rests as long before playing again, so causally related entries are far apart:
+    published at a steady rate, they are several milliseconds apart, as real games
+    (minutes long) are. Entry ids order the two streams only to the millisecond.
+    """
+
+    def __init__(self, population: int, seed: int, tag: str) -> None:
+        if population < PLAYERS_PER_GAME * LIVE_GAMES * 3:
+            raise ValueError(f"population {population} too small for {LIVE_GAMES} live games")
+        self.population = population
+        self.random = random.Random(seed)
+        self.tag = tag
+        self.live: list[tuple[str, list[int]]] = []  # oldest first
+        self.busy: set[int] = set()
+        self.resting: list[list[int]] = []  # players of recently ended games, oldest first
+        self.started = 0
+        self.expected = Expected()
+
+    def entries(self, count: int) -> Iterator[tuple[str, bytes]]:
+        """`count` entries (`("update"|"terminate", payload)`), every started game ended."""
+        if count % 2:
+            raise ValueError("a backlog of whole games has an even number of entries")
+        rng = self.random
+        while self.expected.entries < count:
+            left = count - self.expected.entries
+            can_start = left > len(self.live) + 1
+            if can_start and (len(self.live) < LIVE_GAMES or rng.random() < 0.5):
+                yield "update", self._start()
+            else:
+                oldest = min(len(self.live), 8)
+                yield "terminate", self._end(rng.randrange(oldest))
+            self.expected.entries += 1
+
+    def _start(self) -> bytes:
+        players: list[int] = []
+        while len(players) < PLAYERS_PER_GAME:
+            candidate = self.random.randint(1, self.population)
+            if candidate not in self.busy and candidate not in players:
+                players.append(candidate)
+        self.busy.update(players)
+        self.started += 1
+        session_id = f"{self.tag}-{self.started:08d}"
+        self.live.append((session_id, players))
+        return orjson.dumps(
+            {
+                "event_id": str(uuid.UUID(int=self.random.getrandbits(128), version=4)),
+                "session_id": session_id,
+                "players": [username(p) for p in players],
+                "status": "in_progress",
+                "meta": {"map": "dust", "mode": "ranked"},
+            }
+        )
+
+    def _end(self, index: int) -> bytes:
+        session_id, players = self.live.pop(index)
+        self.resting.append(players)
+        if len(self.resting) > LIVE_GAMES:
+            self.busy.difference_update(self.resting.pop(0))
+        winner = self.random.randrange(len(players))
+        results = []
+        for position, player in enumerate(players):
+            won = position == winner
+            earnings = self.random.randint(100, 1000) if won else self.random.randint(0, 50)
+            self.expected.add(player, won, earnings)
+            results.append(
+                {
+                    "username": username(player),
+                    "outcome": "win" if won else "loss",
+                    "earnings": earnings,
+                }
+            )
+        self.expected.games += 1
+        return orjson.dumps(
+            {
+                "event_id": str(uuid.UUID(int=self.random.getrandbits(128), version=4)),
+                "session_id": session_id,
+                "results": results,
+                "reason": "completed",
+            }
+        )
+
+
+def publish(
+    redis: Redis,
+    keys: Keys,
+    entries: Iterator[tuple[str, bytes]],
+    first_ms: int,
+    chunk: int = 2_000,
+) -> int:
+    """XADD a backlog in order, one entry per millisecond from `first_ms`; returns how many.
+
+    The backlog is what producers publishing with `*` over the past minutes would have
+    left: explicit ids one millisecond apart keep the two streams' merged order exact
+    (a pipelined publisher would put hundreds of entries into one millisecond).
+    """
+    streams = {"update": keys.update_stream, "terminate": keys.terminate_stream}
+    total = 0
+    pipe = redis.pipeline(transaction=False)
+    for kind, payload in entries:
+        pipe.execute_command("XADD", streams[kind], f"{first_ms + total}-0", "payload", payload)
+        total += 1
+        if total % chunk == 0:
+            pipe.execute()
+    pipe.execute()
+    return total
+
+
+def delete_keys(redis: Redis, prefix: str) -> int:
+    """Delete every key under `prefix:` (never anything else)."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in redis.scan_iter(match=f"{prefix}:*", count=5_000):
+        batch.append(key)
+        if len(batch) >= 2_000:
+            deleted += redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += redis.unlink(*batch)
+    return deleted
+
+
+# -- the check -------------------------------------------------------------------------
+
+
+def competition_ranks(earnings: dict[int, int], population: int) -> dict[int, int]:
+    """1 + the number of players with strictly greater earnings, for every player."""
+    values = sorted((earnings.get(i, 0) for i in range(1, population + 1)), reverse=True)
+    first_at: dict[int, int] = {}
+    for position, value in enumerate(values):
+        first_at.setdefault(value, position + 1)
+    return {i: first_at[earnings.get(i, 0)] for i in range(1, population + 1)}
+
+
+def verify(
+    db_path: Path,
+    redis: Redis,
+    keys: Keys,
+    expected: Expected,
+    population: int,
+    check_ranks: bool = True,
+    check_caches: bool = True,
+) -> list[str]:
+    """Compare SQL and Redis with what was published; returns every mismatch found."""
+    problems: list[str] = []
+    conn = sqlite3.connect(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT u.id, s.win_count, s.loss_count, s.earnings, u.wallet, l.earnings, l.rank "
+            "FROM users u JOIN stats s ON s.user_id = u.id "
+            "JOIN leaderboard l ON l.stats_id = s.id"
+        ).fetchall()
+        ranks = competition_ranks(expected.earnings, population) if check_ranks else {}
+        for uid, wins, losses, earned, wallet, board, rank in rows:
+            want = (
+                expected.wins.get(uid, 0),
+                expected.losses.get(uid, 0),
+                expected.earnings.get(uid, 0),
+            )
+            got = (wins, losses, earned)
+            if got != want or wallet != want[2] or board != want[2]:
+                problems.append(
+                    f"player {uid}: stats {got}, wallet {wallet}, leaderboard {board}; "
+                    f"published {want}"
+                )
+            elif check_ranks and rank != ranks[uid]:
+                problems.append(f"player {uid}: rank {rank}, exact rank {ranks[uid]}")
+            if len(problems) > 20:
+                break
+        if len(rows) != population:
+            problems.append(f"{len(rows)} players in SQL, {population} inserted")
+        counts = {
+            "processed_events": conn.execute("SELECT count(*) FROM processed_events").fetchone()[0],
+            "game_results": conn.execute("SELECT count(*) FROM game_results").fetchone()[0],
+            "live sessions": conn.execute(
+                "SELECT count(*) FROM game_sessions WHERE status <> 'ended'"
+            ).fetchone()[0],
+            "session_players": conn.execute("SELECT count(*) FROM session_players").fetchone()[0],
+        }
+    finally:
+        conn.close()
+    wanted = {
+        "processed_events": expected.entries,
+        "game_results": expected.results,
+        "live sessions": 0,
+        "session_players": 0,
+    }
+    for name, value in counts.items():
+        if value != wanted[name]:
+            problems.append(f"{name}: {value} rows, expected {wanted[name]}")
+
+    dead = redis.xlen(keys.dlq)
+    if dead:
+        problems.append(f"{dead} dead letters")
+    for stream in (keys.update_stream, keys.terminate_stream):
+        for group in redis.xinfo_groups(stream):
+            if group["pending"] or group.get("lag"):
+                problems.append(
+                    f"{stream}: {group['pending']} pending, lag {group.get('lag')} after the run"
+                )
+    if check_caches:
+        problems += _verify_caches(redis, keys, expected)
+    return problems
+
+
+def _verify_caches(redis: Redis, keys: Keys, expected: Expected) -> list[str]:
+    problems: list[str] = []
+    sessions = list(redis.scan_iter(match=f"{keys.prefix}:session:*", count=5_000))
+    if sessions:
+        problems.append(f"{len(sessions)} session hashes left for ended games")
+    players = sorted(expected.players)
+    for start in range(0, len(players), 5_000):
+        chunk = players[start : start + 5_000]
+        pipe = redis.pipeline(transaction=False)
+        for uid in chunk:
+            pipe.hgetall(keys.user(username(uid)))
+            pipe.zscore(keys.leaderboard, username(uid))
+        replies = pipe.execute()
+        for index, uid in enumerate(chunk):
+            cached, score = replies[2 * index], replies[2 * index + 1]
+            want = {
+                b"win_count": str(expected.wins.get(uid, 0)).encode(),
+                b"loss_count": str(expected.losses.get(uid, 0)).encode(),
+                b"earnings": str(expected.earnings.get(uid, 0)).encode(),
+                b"wallet": str(expected.earnings.get(uid, 0)).encode(),
+            }
+            got = {name: cached.get(name) for name in want}
+            if got != want or b"session" in cached:
+                problems.append(f"user hash of {username(uid)}: {cached}, expected {want}")
+            if score is None or int(score) != expected.earnings.get(uid, 0):
+                problems.append(f"leaderboard score of {username(uid)}: {score}")
+            if len(problems) > 20:
+                return problems
+    return problems
+
+
+def group_state(redis: Redis, keys: Keys) -> tuple[int, int, int]:
+    """(entries read, pending, lag) summed over both event streams' group."""
+    read = pending = lag = 0
+    pipe = redis.pipeline(transaction=False)
+    for stream in (keys.update_stream, keys.terminate_stream):
+        pipe.xinfo_groups(stream)
+    for groups in pipe.execute():
+        for group in groups:
+            if group["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode()):
+                read += group.get("entries-read") or 0
+                pending += group["pending"]
+                lag += group.get("lag") or 0
+    return read, pending, lag
