@@ -6,11 +6,11 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from domain.accounts import Password, Username
 from domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+from domain.payloads import load_object
 
 REQUEST_MAX_AGE_S = 30
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -69,17 +69,7 @@ def parse_request(raw: str | bytes | None) -> AuthRequest:
     Raises `InvalidPayload` when no reply can be sent (no JSON object or no UUID
     `request_id`), `InvalidRequest` when the request can be answered with an error.
     """
-    if raw is None:
-        raise InvalidPayload(DeadLetterReason.INVALID_REQUEST, "entry has no payload field")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidPayload(
-            DeadLetterReason.INVALID_REQUEST,
-            f"payload must be a JSON object, got {type(data).__name__}",
-        )
+    data = load_object(raw, DeadLetterReason.INVALID_REQUEST)
     request_id = _request_id(data.get("request_id"))
     try:
         return _REQUEST_ADAPTER.validate_python(data)

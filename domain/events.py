@@ -6,7 +6,6 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,6 +19,7 @@ from pydantic import (
 from domain.accounts import Username, username_key
 from domain.auth import describe_validation_error
 from domain.errors import DeadLetterReason, InvalidPayload
+from domain.payloads import load_object
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
 MAX_PLAYERS = 100
@@ -96,17 +96,7 @@ _MODELS: dict[EventKind, type[UpdateEvent] | type[TerminateEvent]] = {
 
 def parse_event(kind: EventKind, raw: str | bytes | None) -> GameEvent:
     """Validate one stream payload; raises `InvalidPayload` with the dead-letter reason."""
-    if raw is None:
-        raise InvalidPayload(DeadLetterReason.INVALID_EVENT, "entry has no payload field")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidPayload(
-            DeadLetterReason.INVALID_EVENT,
-            f"payload must be a JSON object, got {type(data).__name__}",
-        )
+    data = load_object(raw, DeadLetterReason.INVALID_EVENT)
     try:
         return _MODELS[kind].model_validate(data)
     except ValidationError as exc:

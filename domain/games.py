@@ -175,6 +175,8 @@ class Waiting:
 
     def holds_back(self, event: GameEvent, order: Order) -> str | None:
         """Why an earlier held entry holds this one back, or None."""
+        if not self.sessions and not self.players:  # the common case: nothing waits
+            return None
         if any(held < order for held in self.sessions.get(event.session_id, ())):
             return f"an earlier event of session {event.session_id} is waiting"
         if isinstance(event, UpdateEvent):

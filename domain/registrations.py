@@ -10,12 +10,12 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from domain.accounts import Username
 from domain.auth import describe_validation_error
 from domain.errors import DeadLetterReason, InvalidPayload
+from domain.payloads import load_object
 
 ACCOUNTS = "accounts"  # the stream kind: `um:{events}:accounts`
 
@@ -53,17 +53,7 @@ def registration(
 
 def parse_registration(raw: str | bytes | None) -> Registration:
     """Validate one accounts-stream payload; raises `InvalidPayload` with a reason."""
-    if raw is None:
-        raise InvalidPayload(DeadLetterReason.INVALID_EVENT, "entry has no payload field")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidPayload(
-            DeadLetterReason.INVALID_EVENT,
-            f"payload must be a JSON object, got {type(data).__name__}",
-        )
+    data = load_object(raw, DeadLetterReason.INVALID_EVENT)
     try:
         return Registration.model_validate(data)
     except ValidationError as exc:

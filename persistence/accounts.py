@@ -136,15 +136,6 @@ def load_user(
     return _to_view(row) if row else None
 
 
-def load_users(engine: Engine, user_ids: list[int]) -> list[UserView]:
-    """Public records of many users, for refreshing caches after a batch."""
-    if not user_ids:
-        return []
-    with engine.connect() as conn:
-        rows = conn.execute(_VIEW_QUERY.where(User.id.in_(user_ids))).all()
-    return [_to_view(row) for row in rows]
-
-
 def _to_view(row: Any) -> UserView:
     return UserView(
         id=row.id,

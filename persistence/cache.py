@@ -74,11 +74,6 @@ def write_session(
     )
 
 
-def delete_session(pipe: Pipeline, keys: Keys, session_id: str) -> None:
-    """Remove the hash of a session that ended."""
-    pipe.delete(keys.session(session_id))
-
-
 def set_leaderboard_scores(pipe: Pipeline, keys: Keys, scores: dict[str, int]) -> None:
     """Raise members' scores; `GT` keeps a late writer from lowering a newer score."""
     if scores:
@@ -214,20 +209,6 @@ def queue_player(
         b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(expiry), expiry)
     )
     batch.add_packed(b"".join(packed), len(packed) - len(values) * 2)
-
-
-def queue_user(batch: CommandBatch, keys: Keys, user: UserView, ttl: int) -> None:
-    """`write_user` for a `CommandBatch`: the hash (session field or none) and its TTL."""
-    key = keys.user(user.username)
-    args: list[str | int] = ["HSET", key]
-    for name in _USER_FIELDS:
-        args += (name, getattr(user, name))
-    if user.session is None:
-        batch.add("HDEL", key, "session")
-    else:
-        args += ("session", user.session)
-    batch.add(*args)
-    batch.add("EXPIRE", key, ttl)
 
 
 def queue_session(

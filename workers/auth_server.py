@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,7 +82,12 @@ class AuthServer:
         self.stop = stop
         self.limit = services.settings.auth_concurrency
         self.slots = threading.Semaphore(self.limit)
-        self.pool = ThreadPoolExecutor(self.limit, thread_name_prefix="auth")
+        self.pool = ThreadPoolExecutor(
+            self.limit,
+            thread_name_prefix="auth",
+            initializer=_lower_priority,
+            initargs=(services.settings.auth_nice,),
+        )
         self.backoff = Backoff()
         self.rounds = services.settings.bcrypt_rounds
         # Unknown users are checked against this hash so both failures cost one bcrypt.
@@ -402,6 +408,21 @@ class AuthServer:
         pipe.xack(entry.stream, AUTH_GROUP, entry.entry_id)
         pipe.xdel(entry.stream, entry.entry_id)
         pipe.execute()
+
+
+def _lower_priority(nice: int) -> None:
+    """Run this auth thread at a lower CPU priority than the event consumer.
+
+    bcrypt keeps a core busy for its whole cost; on a small machine a login flood
+    would otherwise starve the event thread. Linux applies nice per thread; elsewhere
+    this does nothing.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError:
+        log.warning("could not lower the priority of an auth thread", nice=nice)
 
 
 def _redacted_text(payload: bytes | None) -> str:

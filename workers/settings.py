@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rank_refresh_s: float = Field(30.0, gt=0)
-    batch_size: int = Field(500, ge=1, le=10_000)
+    batch_size: int = Field(2_000, ge=1, le=10_000)
     auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+    auth_nice: int = Field(10, ge=0, le=19)
     retry_delay_ms: int = Field(1_000, ge=10)
     consumer_idle_remove_s: float = Field(3_600.0, gt=0)
     # Event streams keep entries this long (never an unapplied one); replay and restore
