@@ -136,6 +136,16 @@ def load_user(
     return _to_view(row) if row else None
 
 
+def find_login(engine: Engine, username: str) -> tuple[str, UserView] | None:
+    """The password hash and public record of an account, in one query, or None."""
+    query = _VIEW_QUERY.add_columns(User.password_hash).where(
+        User.username_key == username_key(username)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return (row.password_hash, _to_view(row)) if row else None
+
+
 def _to_view(row: Any) -> UserView:
     return UserView(
         id=row.id,

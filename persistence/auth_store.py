@@ -23,10 +23,13 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def issue_token(client: Redis, keys: Keys, user_id: int) -> str:
-    """A new URL-safe token for `user_id`, valid 24 h; only its digest is stored."""
+def start_session(client: Redis, keys: Keys, username: str, user_id: int) -> str:
+    """After a good password: forget the failed logins and issue a token, in one round trip."""
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    client.set(keys.token(token_digest(token)), user_id, ex=TOKEN_TTL_S)
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(keys.login_failures(username))
+    pipe.set(keys.token(token_digest(token)), user_id, ex=TOKEN_TTL_S)
+    pipe.execute()
     return token
 
 
@@ -58,8 +61,3 @@ def record_failure(client: Redis, keys: Keys, username: str) -> bool:
         lock.execute()
         return True
     return False
-
-
-def clear_failures(client: Redis, keys: Keys, username: str) -> None:
-    """Forget failed logins after a successful one."""
-    client.delete(keys.login_failures(username))

@@ -81,7 +81,10 @@ class AuthServer:
         self.consumer = consumer
         self.stop = stop
         self.limit = services.settings.auth_concurrency
-        self.slots = threading.Semaphore(self.limit)
+        # Up to twice as many requests in hand as threads: the next one is queued in the
+        # pool when a thread frees up, so no thread waits for a read from Redis.
+        self.depth = 2 * self.limit
+        self.slots = threading.Semaphore(self.depth)
         self.pool = ThreadPoolExecutor(
             self.limit,
             thread_name_prefix="auth",
@@ -167,7 +170,7 @@ class AuthServer:
             if self.stop.is_set():
                 return 0
         taken = 1
-        while taken < self.limit and self.slots.acquire(blocking=False):
+        while taken < self.depth and self.slots.acquire(blocking=False):
             taken += 1
         return taken
 
@@ -336,21 +339,18 @@ class AuthServer:
                 ErrorCode.LOCKED,
                 "too many failed logins; try again in 15 minutes",
             )
-        credentials = accounts.find_credentials(self.services.engine, request.username)
-        stored = credentials.password_hash.encode() if credentials else self.dummy_hash
+        found = accounts.find_login(self.services.engine, request.username)
+        stored = found[0].encode() if found else self.dummy_hash
         matches = bcrypt.checkpw(request.password.encode(), stored)
-        if credentials is None or not matches:
+        if found is None or not matches:
             auth_store.record_failure(self.redis, self.keys, request.username)
             return error_reply(
                 request.request_id,
                 ErrorCode.INVALID_CREDENTIALS,
                 "unknown username or wrong password",
             )
-        auth_store.clear_failures(self.redis, self.keys, request.username)
-        user = accounts.load_user(self.services.engine, user_id=credentials.user_id)
-        if user is None:
-            return error_reply(request.request_id, ErrorCode.NOT_FOUND, "the user no longer exists")
-        token = auth_store.issue_token(self.redis, self.keys, user.id)
+        user = found[1]
+        token = auth_store.start_session(self.redis, self.keys, request.username, user.id)
         return ok_reply(request.request_id, self.with_live_rank(user), token=token)
 
     def get_user(self, request: GetUserRequest) -> dict[str, Any]:
