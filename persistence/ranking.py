@@ -40,7 +40,7 @@ def rebuild_leaderboard_cache(
         result = conn.execution_options(yield_per=chunk).execute(
             text("SELECT u.username, s.earnings FROM users u JOIN stats s ON s.user_id = u.id")
         )
-        for rows in result.partitions():
+        for rows in result.partitions(chunk):
             pipe.zadd(keys.leaderboard, {name: earnings for name, earnings in rows}, gt=True)
             total += len(rows)
     return total
