@@ -40,6 +40,16 @@ def pytest_report_header() -> list[str]:
     return [f"usermgmt: redis {REDIS_URL}; postgres {postgres}"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With USERMGMT_TEST_POSTGRES=off, deselect (not skip) every test that needs PostgreSQL."""
+    if POSTGRES_ON:
+        return
+    needs = [item for item in items if "postgres_url" in getattr(item, "fixturenames", ())]
+    if needs:
+        config.hook.pytest_deselected(items=needs)
+        items[:] = [item for item in items if item not in needs]
+
+
 @dataclass
 class Backend:
     """One combination of database and Redis for a test."""
