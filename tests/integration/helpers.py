@@ -87,3 +87,17 @@ def pending_count(redis: Redis, keys: Keys) -> int:
         if redis.exists(stream):
             total += int(redis.xpending(stream, "usermgmt-events")["pending"])
     return total
+
+
+def roster(services: Services, session_id: str) -> list[str]:
+    """Usernames in the live roster of a session, sorted."""
+    return [
+        name
+        for (name,) in rows(
+            services,
+            "SELECT u.username FROM session_players sp JOIN users u ON u.id = sp.user_id "
+            "JOIN game_sessions g ON g.id = sp.session_pk WHERE g.session_id = :s "
+            "ORDER BY u.username",
+            s=session_id,
+        )
+    ]

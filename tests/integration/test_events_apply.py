@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     drain,
     pending_count,
     publish,
+    roster,
     rows,
     services_for,
     standings,
@@ -41,19 +42,6 @@ def session_row(services: Services, session_id: str) -> tuple[object, ...]:
         s=session_id,
     )
     return row
-
-
-def roster(services: Services, session_id: str) -> list[str]:
-    return [
-        name
-        for (name,) in rows(
-            services,
-            "SELECT u.username FROM session_players sp JOIN users u ON u.id = sp.user_id "
-            "JOIN game_sessions g ON g.id = sp.session_pk WHERE g.session_id = :s "
-            "ORDER BY u.username",
-            s=session_id,
-        )
-    ]
 
 
 def test_update_records_the_session_in_sql_and_redis(services: Services, backend: Backend) -> None:

@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     drain,
     pending_count,
     publish,
+    roster,
     rows,
     services_for,
     standings,
@@ -50,19 +51,6 @@ def running(services: Services, consumer: str = "live") -> Iterator[EventConsume
         stop.set()
         thread.join(10)
         assert not thread.is_alive()
-
-
-def roster(services: Services, session_id: str) -> list[str]:
-    return [
-        name
-        for (name,) in rows(
-            services,
-            "SELECT u.username FROM session_players sp JOIN users u ON u.id = sp.user_id "
-            "JOIN game_sessions g ON g.id = sp.session_pk WHERE g.session_id = :s "
-            "ORDER BY u.username",
-            s=session_id,
-        )
-    ]
 
 
 def result(name: str, earnings: int, outcome: str = "win") -> dict[str, object]:
