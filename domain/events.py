@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -52,13 +53,20 @@ class UpdateEvent(_Event):
     meta: Annotated[dict[str, MetaValue], Field(max_length=MAX_META_FIELDS)] = Field(
         default_factory=dict
     )
+    _player_keys: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _distinct_players(self) -> UpdateEvent:
-        keys = [username_key(name) for name in self.players]
+        keys = tuple(username_key(name) for name in self.players)
         if len(set(keys)) != len(keys):
             raise ValueError("players must be distinct (compared case-insensitively)")
+        self._player_keys = keys
         return self
+
+    @property
+    def player_keys(self) -> tuple[str, ...]:
+        """`username_key` of each player, in roster order (computed once, when validated)."""
+        return self._player_keys
 
 
 class Result(BaseModel):
@@ -76,15 +84,26 @@ class TerminateEvent(_Event):
 
     results: Annotated[list[Result], Field(max_length=MAX_PLAYERS)] = Field(default_factory=list)
     reason: Literal["completed", "aborted"] = "completed"
+    _result_keys: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _one_result_per_player(self) -> TerminateEvent:
-        keys = [username_key(result.username) for result in self.results]
+        keys = tuple(username_key(result.username) for result in self.results)
         if len(set(keys)) != len(keys):
             raise ValueError("results must name each player at most once")
         if self.reason == "completed" and not self.results:
             raise ValueError("a completed game needs at least one result")
+        self._result_keys = keys
         return self
+
+    @property
+    def result_usernames(self) -> list[str]:
+        return [result.username for result in self.results]
+
+    @property
+    def result_keys(self) -> tuple[str, ...]:
+        """`username_key` of each result's player, in order (computed once, when validated)."""
+        return self._result_keys
 
 
 GameEvent = UpdateEvent | TerminateEvent

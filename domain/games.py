@@ -7,13 +7,12 @@ the persistence layer writes those changes in one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from domain.accounts import username_key
 from domain.errors import DeadLetterReason
 from domain.events import GameEvent, TerminateEvent, UpdateEvent, entry_order
 
@@ -131,17 +130,18 @@ class PlannedEntry:
     event: GameEvent
     stream_kind: str
     entry_id: str
+    event_id: str = field(init=False)  # the event's UUID as text, the processed-events key
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "event_id", str(self.event.event_id))
 
 
 def event_usernames(events: Iterable[GameEvent]) -> set[str]:
     """Username keys a batch mentions, for loading its players in one query."""
-    names: set[str] = set()
+    keys: set[str] = set()
     for event in events:
-        if isinstance(event, UpdateEvent):
-            names.update(username_key(name) for name in event.players)
-        else:
-            names.update(username_key(result.username) for result in event.results)
-    return names
+        keys.update(event.player_keys if isinstance(event, UpdateEvent) else event.result_keys)
+    return keys
 
 
 Order = tuple[int, int, int]  # `entry_order`: the merged order of the event streams
@@ -180,15 +180,15 @@ class Waiting:
         if any(held < order for held in self.sessions.get(event.session_id, ())):
             return f"an earlier event of session {event.session_id} is waiting"
         if isinstance(event, UpdateEvent):
-            for name in event.players:
-                if any(held < order for held in self.players.get(username_key(name), ())):
+            for name, key in zip(event.players, event.player_keys, strict=True):
+                if any(held < order for held in self.players.get(key, ())):
                     return f"an earlier update naming {name} is waiting"
         return None
 
     def _keys(self, event: GameEvent) -> list[tuple[dict[str, list[Order]], str]]:
         keys = [(self.sessions, event.session_id)]
         if isinstance(event, UpdateEvent):
-            keys += [(self.players, username_key(name)) for name in event.players]
+            keys += [(self.players, key) for key in event.player_keys]
         return keys
 
 
@@ -245,7 +245,7 @@ class _Planner:
 
     def _decide(self, entry: PlannedEntry, index: int) -> Decision:
         event = entry.event
-        if str(event.event_id) in self.world.processed:
+        if entry.event_id in self.world.processed:
             self._touch_for_duplicate(event)
             return Decision(Outcome.DUPLICATE)
         order = entry_order(entry.stream_kind, entry.entry_id)
@@ -295,7 +295,7 @@ class _Planner:
                 self.decisions[item.index] = self._decide_update(item)
 
     def _busy_player(self, event: UpdateEvent) -> int | None:
-        players, _ = self._players(event.players)
+        players, _ = self._players(event.players, event.player_keys)
         for player in players:
             current = self.world.live_session_of.get(player.id)
             if current is not None and current != event.session_id:
@@ -303,9 +303,8 @@ class _Planner:
         return None
 
     def _record(self, entry: PlannedEntry) -> None:
-        event_id = str(entry.event.event_id)
-        self.world.processed.add(event_id)
-        self.changes.processed.append((event_id, entry.stream_kind, entry.entry_id))
+        self.world.processed.add(entry.event_id)
+        self.changes.processed.append((entry.event_id, entry.stream_kind, entry.entry_id))
 
     def _decide_early_terminate(self, session_id: str) -> None:
         """A terminate published before its session's update applies once the update has."""
@@ -319,10 +318,12 @@ class _Planner:
             self._record(entry)
         self.decisions[index] = decision
 
-    def _players(self, names: Iterable[str]) -> tuple[list[Player], list[str]]:
+    def _players(self, names: Sequence[str], keys: Sequence[str]) -> tuple[list[Player], list[str]]:
+        """The players `keys` name (their `username_key`s), and the `names` of unknown ones."""
+        known = self.world.players
         found, unknown = [], []
-        for name in names:
-            player = self.world.players.get(username_key(name))
+        for name, key in zip(names, keys, strict=True):
+            player = known.get(key)
             if player is None:
                 unknown.append(name)
             else:
@@ -330,7 +331,7 @@ class _Planner:
         return found, unknown
 
     def _update(self, event: UpdateEvent) -> Decision:
-        players, unknown = self._players(event.players)
+        players, unknown = self._players(event.players, event.player_keys)
         if unknown:
             return Decision(
                 Outcome.DEAD,
@@ -387,7 +388,7 @@ class _Planner:
                 DeadLetterReason.SESSION_ENDED,
                 f"session {event.session_id} has already ended",
             )
-        players, unknown = self._players(result.username for result in event.results)
+        players, unknown = self._players(event.result_usernames, event.result_keys)
         if unknown:
             return Decision(
                 Outcome.DEAD,
@@ -441,10 +442,8 @@ class _Planner:
         session = self.world.sessions.get(event.session_id)
         if session is not None:
             self.changes.touched_users.update(session.roster)
-        names = (
-            event.players
-            if isinstance(event, UpdateEvent)
-            else [result.username for result in event.results]
-        )
-        players, _ = self._players(names)
+        if isinstance(event, UpdateEvent):
+            players, _ = self._players(event.players, event.player_keys)
+        else:
+            players, _ = self._players(event.result_usernames, event.result_keys)
         self.changes.touched_users.update(player.id for player in players)

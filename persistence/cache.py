@@ -122,22 +122,51 @@ class CommandBatch:
 
     def execute(self, client: Redis) -> list[Any]:
         """Send every queued command in one round trip; returns the replies in order."""
-        if not self.count:
-            return []
+        return self.send(client).wait()
+
+    def send(self, client: Redis) -> InFlight:
+        """Write every queued command now; read the replies later with `InFlight.wait`.
+
+        The connection stays out of the pool until then, so the caller can do other
+        work (the next batch's SQL) while Redis runs these commands.
+        """
         pool = client.connection_pool
+        if not self.count:
+            return InFlight(pool, None, 0)
         conn = pool.get_connection()
         try:
-            payload = [b"".join(self.parts)]
-            conn.send_packed_command(payload, check_health=True)  # type: ignore[no-untyped-call]
-            replies = _read_replies(conn, self.count)
+            conn.send_packed_command([b"".join(self.parts)], check_health=True)  # type: ignore[no-untyped-call]
         except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # replies may be left unread
-            raise
-        finally:
+            conn.disconnect()  # type: ignore[no-untyped-call]
             pool.release(conn)
-        error = next((r for r in replies if isinstance(r, Exception)), None)
+            raise
+        in_flight = InFlight(pool, conn, self.count)
         self.parts.clear()
         self.count = 0
+        return in_flight
+
+
+class InFlight:
+    """Commands written to a connection whose replies have not been read yet."""
+
+    __slots__ = ("conn", "count", "pool")
+
+    def __init__(self, pool: Any, conn: Any, count: int) -> None:
+        self.pool, self.conn, self.count = pool, conn, count
+
+    def wait(self) -> list[Any]:
+        """Read every reply (once), hand the connection back; raise the first error reply."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return []
+        try:
+            replies = _read_replies(conn, self.count)
+        except BaseException:
+            conn.disconnect()  # replies may be left unread
+            raise
+        finally:
+            self.pool.release(conn)
+        error = next((r for r in replies if isinstance(r, Exception)), None)
         if error is not None:
             raise ResponseError(str(error))
         return replies
@@ -173,42 +202,49 @@ def _read_one(conn: Any) -> Any:
         return exc
 
 
-_PLAYER_FIELDS = tuple(
-    b"$%d\r\n%b\r\n" % (len(name), name.encode()) for name in (*_USER_FIELDS, "session")
+_HSET_KEY = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n"
+_PLAYER_VALUES = b"".join(  # the public fields, each value left as `$<length>\r\n<value>`
+    b"$%d\r\n%b\r\n$%%d\r\n%%b\r\n" % (len(name), name.encode()) for name in _USER_FIELDS
 )
+_SESSION_VALUE = b"$7\r\nsession\r\n$%d\r\n%b\r\n"
+_HDEL_SESSION = b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$7\r\nsession\r\n"
+_EXPIRE = b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%b\r\n$%d\r\n%d\r\n"
+_HSET_ARGS = 2 + 2 * len(_USER_FIELDS)  # HSET, key, then name and value per field
 
 
 def queue_player(
     batch: CommandBatch, keys: Keys, player: Player, session: str | None, ttl: int
 ) -> None:
-    """`write_user` of a player, packed by hand: it is most of the worker's cache writes.
+    """`write_user` of a player, packed from templates: most of the worker's cache writes.
 
     HSET of every public field (and `session` when the player is in a live one), HDEL
-    of `session` otherwise, and the TTL.
+    of `session` otherwise, and the TTL; each command is one `%` format.
     """
     key = keys.user(player.username).encode()
-    values = [
-        str(player.id).encode(),
-        player.username.encode(),
-        str(player.wallet).encode(),
-        str(player.win_count).encode(),
-        str(player.loss_count).encode(),
-        str(player.earnings).encode(),
-        str(player.rank).encode(),
-    ]
-    if session is not None:
-        values.append(session.encode())
-    packed = [b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(values), len(key), key)]
-    for name, value in zip(_PLAYER_FIELDS, values, strict=False):
-        packed.append(name)
-        packed.append(b"$%d\r\n%b\r\n" % (len(value), value))
-    if session is None:
-        packed.append(b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$7\r\nsession\r\n" % (len(key), key))
-    expiry = str(ttl).encode()
-    packed.append(
-        b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(expiry), expiry)
+    name = player.username.encode()
+    uid, wallet, wins, losses, earnings, rank = (
+        b"%d" % value
+        for value in (
+            player.id,
+            player.wallet,
+            player.win_count,
+            player.loss_count,
+            player.earnings,
+            player.rank,
+        )
     )
-    batch.add_packed(b"".join(packed), len(packed) - len(values) * 2)
+    values = _PLAYER_VALUES % (
+        len(uid), uid, len(name), name, len(wallet), wallet, len(wins), wins,
+        len(losses), losses, len(earnings), earnings, len(rank), rank,
+    )  # fmt: skip
+    expiry = _EXPIRE % (len(key), key, len(str(ttl)), ttl)
+    if session is None:
+        hset = _HSET_KEY % (_HSET_ARGS, len(key), key) + values
+        batch.add_packed(hset + _HDEL_SESSION % (len(key), key) + expiry, 3)
+    else:
+        live = session.encode()
+        hset = _HSET_KEY % (_HSET_ARGS + 2, len(key), key) + values
+        batch.add_packed(hset + _SESSION_VALUE % (len(live), live) + expiry, 2)
 
 
 def queue_session(

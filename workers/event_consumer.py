@@ -60,7 +60,7 @@ from workers.streams import (
 log = structlog.get_logger("usermgmt.events")
 
 BLOCK_MS = 1_000
-GC_YOUNG_THRESHOLD = 100_000  # allocations between young collections (default 700)
+FULL_COLLECTION_EVERY = 50  # batches
 
 
 class Interrupted(Exception):
@@ -121,10 +121,17 @@ class EventConsumer:
         # By (stream, entry id): the same id can exist in both streams.
         self.retries: dict[tuple[str, str], _Retry] = {}
         self.needs_setup = True
+        # Dirty at start-up: a previous worker may have stopped before its refresh.
+        # The clock starts now, so a backlog met at start-up is not held up by a
+        # full re-rank before its first batch; the first idle moment (or
+        # `rank_refresh_s` of continuous load) makes ranks exact.
         self.ranks_dirty = True
-        self.last_rank_refresh = 0.0
+        self.last_rank_refresh = time.monotonic()
         self.last_claim = 0.0
         self.backoff = Backoff()
+        # The last batch's dead letters, cache writes and acks, sent but with their
+        # replies not read yet: they are read while the next batch's SQL runs.
+        self.in_flight: cache.InFlight | None = None
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=consumer)
 
@@ -141,12 +148,15 @@ class EventConsumer:
                 entries = self.next_entries()
                 if entries:
                     self.handle(entries)
+                    del entries
+                    self.collect_garbage()
                 elif self.on_idle():
                     break
                 self.backoff.reset()
             except Interrupted:
                 break
             except REDIS_ERRORS as exc:
+                self.in_flight = None  # its connection is gone; unacked entries come back
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
                 self.wait_backoff(database_unreachable(self.settings.database_url, exc))
@@ -155,6 +165,8 @@ class EventConsumer:
                     raise
                 self.log.warning("consumer group missing (Redis restarted?); recreating it")
                 self.needs_setup = True
+        self.settle_on_exit()
+        gc.enable()
         self.log.info(
             "event consumer stopped",
             applied=self.stats.applied,
@@ -164,6 +176,7 @@ class EventConsumer:
 
     def setup(self) -> None:
         """Create the groups, then finish this consumer's own pending entries first."""
+        self.settle()
         for stream in self.streams:
             ensure_group(self.redis, stream, EVENTS_GROUP)
         self.ensure_leaderboard_cache()
@@ -203,8 +216,10 @@ class EventConsumer:
 
     def on_idle(self) -> bool:
         """Make ranks exact while nothing arrives; in burst mode, say whether we are done."""
+        self.settle()
         if self.ranks_dirty:
             self.refresh_ranks()
+        gc.collect()  # also the auth threads' garbage: automatic collection is off
         return self.burst and not self.buffer and not self.retries
 
     # -- reading -------------------------------------------------------------------
@@ -325,6 +340,7 @@ class EventConsumer:
             parsed.append(_Parsed(entry, PlannedEntry(event, str(kind), entry.entry_id)))
 
         decisions, world, changes = self.apply(parsed)
+        self.settle()  # the previous batch's replies, read while this one's SQL ran
         acks: list[Entry] = [entry for entry, _, _ in dead]
         for item, decision in zip(parsed, decisions, strict=True):
             entry = item.entry
@@ -352,7 +368,7 @@ class EventConsumer:
                 self.stats.duplicates += 1
             else:
                 self.stats.applied += 1
-        self.publish(world, changes, dead, acks)
+        self.in_flight = self.publish(world, changes, dead, acks)
         self.stats.batches += 1
         outcomes = ((p.entry.stream, d.outcome) for p, d in zip(parsed, decisions, strict=True))
         seconds = time.perf_counter() - started
@@ -374,7 +390,16 @@ class EventConsumer:
             deferred=sum(d.outcome is Outcome.DEFERRED for d in decisions),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        gc.collect(0)
+
+    def collect_garbage(self) -> None:
+        """Collect between batches, once the batch's objects are gone.
+
+        The young generation each time, everything every `FULL_COLLECTION_EVERY` batches.
+        """
+        if self.stats.batches % FULL_COLLECTION_EVERY == 0:
+            gc.collect()
+        else:
+            gc.collect(0)
 
     def schedule_retry(self, entry: Entry, held: GameEvent | None = None) -> None:
         delay = self.settings.retry_delay_ms / 1000 * min(2 ** (entry.deliveries - 1), 30)
@@ -422,7 +447,7 @@ class EventConsumer:
         with self.engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
             world = load_world(
                 conn,
-                event_ids=[str(event.event_id) for event in events],
+                event_ids=[p.event_id for p in planned],
                 username_keys=event_usernames(events),
                 session_ids=[event.session_id for event in events],
                 lock=not sqlite,
@@ -484,8 +509,8 @@ class EventConsumer:
         changes: Changes | None,
         dead: list[tuple[Entry, str, str]],
         acks: list[Entry],
-    ) -> None:
-        """Dead letters, caches and acks of a committed batch, in one round trip."""
+    ) -> cache.InFlight:
+        """Send a committed batch's dead letters, caches and acks in one write (acks last)."""
         batch = cache.CommandBatch()
         for entry, reason, message in dead:
             letter = dead_letter_payload(entry, reason, message)
@@ -503,7 +528,20 @@ class EventConsumer:
             ids = [entry.entry_id for entry in acks if entry.stream == stream]
             if ids:
                 batch.add("XACK", stream, EVENTS_GROUP, *ids)
-        batch.execute(self.redis)
+        return batch.send(self.redis)
+
+    def settle(self) -> None:
+        """Read the replies of the batch sent last; an error reply is raised here."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            in_flight.wait()
+
+    def settle_on_exit(self) -> None:
+        try:
+            self.settle()
+        except (*REDIS_ERRORS, ResponseError) as exc:
+            # Committed but maybe not acked: redelivered later and acked as a duplicate.
+            self.log.warning("last batch's acks not confirmed", error=repr(exc))
 
     def write_caches(self, batch: cache.CommandBatch, world: World, changes: Changes) -> None:
         """Session hashes, players' user hashes and leaderboard scores, each key once."""
@@ -554,14 +592,15 @@ def tune_gc() -> None:
     """Keep Python's cyclic collector off the hot path (measured 25-35% faster).
 
     Everything alive after start-up (modules, SQLAlchemy metadata, pydantic schemas)
-    is frozen out of the collector's scans; a batch allocates tens of thousands of
-    short-lived objects, so the young generation is collected between batches
-    (`handle` ends with `gc.collect(0)`) rather than every 700 allocations.
+    is frozen out of the collector's scans, and automatic collection is off: a batch
+    allocates hundreds of thousands of short-lived objects, nearly all freed by
+    reference counting, and a collection triggered mid-batch would scan the batch's
+    live objects again and again. `collect_garbage` runs between batches instead,
+    when those objects are gone, so cyclic garbage never outlives one batch.
     """
     gc.collect()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    gc.disable()
 
 
 def _json(value: object) -> str:

@@ -289,7 +289,7 @@ class Replayer:
         events = [p.event for p in planned]
         world = load_world(
             conn,
-            event_ids=[str(event.event_id) for event in events],
+            event_ids=[p.event_id for p in planned],
             username_keys=event_usernames(events),
             session_ids=[event.session_id for event in events],
             lock=not is_sqlite(self.engine),

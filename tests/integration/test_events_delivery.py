@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
+import pytest
+from redis.exceptions import ResponseError
 
 from tests.conftest import Backend
 from tests.integration.helpers import (
@@ -457,3 +459,29 @@ def test_waiting_for_a_retry_does_not_spin(backend: Backend, monkeypatch) -> Non
         assert worker.stats.deferred == 2  # it waited twice: 300 ms, then 600 ms
         assert [d["reason"] for d in dead_letters(backend.redis, keys)] == ["max_deliveries"]
         assert reads < 20
+
+
+def test_a_batch_is_acked_at_once_and_its_replies_read_with_the_next(backend: Backend) -> None:
+    """Replies are read while the next batch's SQL runs; the writes do not wait for that."""
+    with services_for(backend) as services:
+        add_players(services, "alice", "bob")
+        worker = EventConsumer(services, "c1", threading.Event())
+        worker.setup()
+        publish(backend.redis, backend.keys, "update", session_id="s1", players=["alice"])
+        worker.handle(worker.next_entries())
+        assert worker.in_flight is not None  # replies not read yet ...
+        # ... but the cache writes and the ack are already done in Redis.
+        assert backend.redis.hget(backend.keys.user("alice"), "session") == b"s1"
+        assert backend.redis.xpending(backend.keys.update_stream, GROUP)["pending"] == 0
+
+        # An error reply (here: a foreign value where a user hash goes) is raised when the
+        # replies are read: with the next batch, after that batch's commit.
+        backend.redis.set(backend.keys.user("bob"), "not a hash")
+        publish(backend.redis, backend.keys, "update", session_id="s2", players=["bob"])
+        worker.handle(worker.next_entries())
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            worker.settle()
+        assert worker.in_flight is None
+        status = "SELECT status FROM game_sessions WHERE session_id = 's2'"
+        assert rows(services, status) == [("in_progress",)]  # committed all the same
+        assert backend.redis.delete(backend.keys.user("bob")) == 1
