@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
+from functools import cached_property, lru_cache
 from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -53,20 +53,17 @@ class UpdateEvent(_Event):
     meta: Annotated[dict[str, MetaValue], Field(max_length=MAX_META_FIELDS)] = Field(
         default_factory=dict
     )
-    _player_keys: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _distinct_players(self) -> UpdateEvent:
-        keys = tuple(username_key(name) for name in self.players)
-        if len(set(keys)) != len(keys):
+        if len(set(self.player_keys)) != len(self.players):
             raise ValueError("players must be distinct (compared case-insensitively)")
-        self._player_keys = keys
         return self
 
-    @property
+    @cached_property
     def player_keys(self) -> tuple[str, ...]:
-        """`username_key` of each player, in roster order (computed once, when validated)."""
-        return self._player_keys
+        """`username_key` of each player, in roster order (computed once)."""
+        return tuple(username_key(name) for name in self.players)
 
 
 class Result(BaseModel):
@@ -84,26 +81,23 @@ class TerminateEvent(_Event):
 
     results: Annotated[list[Result], Field(max_length=MAX_PLAYERS)] = Field(default_factory=list)
     reason: Literal["completed", "aborted"] = "completed"
-    _result_keys: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _one_result_per_player(self) -> TerminateEvent:
-        keys = tuple(username_key(result.username) for result in self.results)
-        if len(set(keys)) != len(keys):
+        if len(set(self.result_keys)) != len(self.results):
             raise ValueError("results must name each player at most once")
         if self.reason == "completed" and not self.results:
             raise ValueError("a completed game needs at least one result")
-        self._result_keys = keys
         return self
 
     @property
     def result_usernames(self) -> list[str]:
         return [result.username for result in self.results]
 
-    @property
+    @cached_property
     def result_keys(self) -> tuple[str, ...]:
-        """`username_key` of each result's player, in order (computed once, when validated)."""
-        return self._result_keys
+        """`username_key` of each result's player, in order (computed once)."""
+        return tuple(username_key(result.username) for result in self.results)
 
 
 GameEvent = UpdateEvent | TerminateEvent
@@ -137,6 +131,7 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
 _STREAM_RANK = {"accounts": 0, EventKind.UPDATE: 1, EventKind.TERMINATE: 2}
 
 
+@lru_cache(maxsize=16_384)  # asked several times per entry while a batch is sorted and planned
 def entry_order(kind: str, entry_id: str) -> tuple[int, int, int]:
     """The order of entries merged across the event streams (SPEC §3, "Order")."""
     ms, seq = entry_id_key(entry_id)

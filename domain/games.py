@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from domain.errors import DeadLetterReason
 from domain.events import GameEvent, TerminateEvent, UpdateEvent, entry_order
@@ -91,15 +91,18 @@ class Decision:
     holds_session: bool = False
 
 
-@dataclass
+APPLIED = Decision(Outcome.APPLIED)
+DUPLICATE = Decision(Outcome.DUPLICATE)
+
+
+@dataclass(slots=True)
 class StatsDelta:
     wins: int = 0
     losses: int = 0
     earnings: int = 0
 
 
-@dataclass(frozen=True)
-class ResultRow:
+class ResultRow(NamedTuple):  # a tuple: one is made per result, on the hot path
     session_id: str
     user_id: int
     outcome: str
@@ -192,11 +195,10 @@ class Waiting:
         return keys
 
 
-@dataclass(frozen=True)
-class _Deferred:
+class _Deferred(NamedTuple):
     """An update waiting in this batch for a busy player."""
 
-    index: int
+    position: int  # in the batch, where its decision goes
     entry: PlannedEntry
     order: Order
 
@@ -247,7 +249,7 @@ class _Planner:
         event = entry.event
         if entry.event_id in self.world.processed:
             self._touch_for_duplicate(event)
-            return Decision(Outcome.DUPLICATE)
+            return DUPLICATE
         order = entry_order(entry.stream_kind, entry.entry_id)
         reason = self.held.holds_back(event, order) or self.waiting.holds_back(event, order)
         if reason is not None:
@@ -288,11 +290,11 @@ class _Planner:
                 )
                 if reason is not None:  # an older entry still waits: this one stays behind
                     self.held.hold(event, item.order)
-                    self.decisions[item.index] = Decision(
+                    self.decisions[item.position] = Decision(
                         Outcome.DEFERRED, message=reason, holds_session=True
                     )
                     continue
-                self.decisions[item.index] = self._decide_update(item)
+                self.decisions[item.position] = self._decide_update(item)
 
     def _busy_player(self, event: UpdateEvent) -> int | None:
         players, _ = self._players(event.players, event.player_keys)
@@ -374,7 +376,7 @@ class _Planner:
         session.updated_at = self.now
         self.changes.sessions[session.session_id] = session
         self.changes.touched_sessions.add(session.session_id)
-        return Decision(Outcome.APPLIED)
+        return APPLIED
 
     def _terminate(self, event: TerminateEvent) -> Decision:
         session = self.world.sessions.get(event.session_id)
@@ -425,7 +427,7 @@ class _Planner:
         session.updated_at = self.now
         self.changes.sessions[session.session_id] = session
         self.changes.touched_sessions.add(session.session_id)
-        return Decision(Outcome.APPLIED)
+        return APPLIED
 
     def _set_membership(self, user_id: int, session_id: str | None) -> None:
         if session_id is None:

@@ -29,12 +29,16 @@ class Services:
         self.engine.dispose()
 
 
-def bootstrap(settings: Settings) -> Services:
-    """Build the clients (lazily connected: nothing is contacted yet)."""
+def bootstrap(settings: Settings, background_checkpoints: bool = False) -> Services:
+    """Build the clients (lazily connected: nothing is contacted yet).
+
+    `background_checkpoints`: SQLite's WAL is checkpointed by the caller's own thread
+    (the worker's), never by a commit (`persistence.db.make_engine`).
+    """
     return Services(
         settings=settings,
         redis=make_redis(settings.redis_url),
-        engine=make_engine(settings.database_url),
+        engine=make_engine(settings.database_url, background_checkpoints=background_checkpoints),
         keys=Keys(settings.key_prefix),
     )
 

@@ -14,7 +14,7 @@ import orjson
 import structlog
 from redis.exceptions import RedisError
 
-from persistence.db import current_revision
+from persistence.db import checkpoint_wal, current_revision, is_sqlite
 from persistence.keys import AUTH_GROUP, EVENTS_GROUP
 from workers.auth_server import AuthServer
 from workers.bootstrap import Services
@@ -31,6 +31,7 @@ log = structlog.get_logger("usermgmt.worker")
 HEARTBEAT_EVERY_S = 5
 HEARTBEAT_TTL_S = 15
 PRUNE_EVERY_S = 60.0
+WAL_CHECKPOINT_EVERY_S = 0.5  # SQLite: see `checkpoint_wal`
 
 
 class NotMigrated(Exception):
@@ -109,6 +110,8 @@ class Worker:
         event consumer); both stop with the worker and are not waited for in the drain."""
         settings = self.services.settings
         started = []
+        if is_sqlite(self.services.engine):
+            started.append(self._thread("wal-checkpoint", self._checkpoint_wal, daemon=True))
         if self.relay is not None:
             started.append(self._thread("relay", self.relay.run, daemon=True))
         if self.only in (None, "events") and not self.burst and settings.trim_interval_s > 0:
@@ -117,6 +120,14 @@ class Worker:
             )
             started.append(self._thread("trim", trimmer.run, daemon=True))
         return started
+
+    def _checkpoint_wal(self) -> None:
+        """Checkpoint SQLite's WAL off the consumers' threads (see `checkpoint_wal`)."""
+        while not self.stop.wait(WAL_CHECKPOINT_EVERY_S):
+            try:
+                checkpoint_wal(self.services.engine)
+            except DATABASE_ERRORS as exc:
+                self.log.warning("WAL checkpoint failed; trying again", error=repr(exc))
 
     def wait_for_schema(self) -> None:
         """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""

@@ -80,7 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         metrics = serve_metrics(args.metrics_port) if args.metrics_port else NO_METRICS
     except MetricsUnavailable as exc:
         raise CommandFailed(str(exc)) from None
-    services = bootstrap(settings)
+    services = bootstrap(settings, background_checkpoints=True)  # Worker runs them
     try:
         worker = Worker(
             services,
