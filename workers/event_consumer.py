@@ -129,8 +129,10 @@ class EventConsumer:
         self.last_rank_refresh = time.monotonic()
         self.last_claim = 0.0
         self.backoff = Backoff()
-        # The last batch's dead letters, cache writes and acks, sent but with their
-        # replies not read yet: they are read while the next batch's SQL runs.
+        # A committed batch's dead letters, cache writes and acks: held until the next
+        # read has gone out (`next_entries`), then sent, and their replies read after
+        # the next batch's commit, so Redis works on them while Python works on that.
+        self.unsent: cache.CommandBatch | None = None
         self.in_flight: cache.InFlight | None = None
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=consumer)
@@ -156,7 +158,9 @@ class EventConsumer:
             except Interrupted:
                 break
             except REDIS_ERRORS as exc:
-                self.in_flight = None  # its connection is gone; unacked entries come back
+                # Writes not confirmed are dropped: their entries, committed but not
+                # acked, come back and are acked as duplicates (caches refreshed).
+                self.unsent, self.in_flight = None, None
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
                 self.wait_backoff(database_unreachable(self.settings.database_url, exc))
@@ -176,6 +180,7 @@ class EventConsumer:
 
     def setup(self) -> None:
         """Create the groups, then finish this consumer's own pending entries first."""
+        self.flush()
         self.settle()
         for stream in self.streams:
             ensure_group(self.redis, stream, EVENTS_GROUP)
@@ -216,6 +221,7 @@ class EventConsumer:
 
     def on_idle(self) -> bool:
         """Make ranks exact while nothing arrives; in burst mode, say whether we are done."""
+        self.flush()
         self.settle()
         if self.ranks_dirty:
             self.refresh_ranks()
@@ -225,9 +231,18 @@ class EventConsumer:
     # -- reading -------------------------------------------------------------------
 
     def next_entries(self) -> list[Entry]:
-        """Due retries, abandoned entries of dead consumers, then new entries in id order."""
+        """Due retries, abandoned entries of dead consumers, then new entries in id order.
+
+        With the last batch's writes still unsent, new entries are read first (without
+        blocking): Redis answers at once, then works on those writes while this batch is
+        parsed, planned and written. A read only blocks once nothing is left unsent.
+        """
         entries = self.due_retries() + self.claim_abandoned()
-        entries += self.read_new(None if entries or self.buffer else self.block_ms())
+        if entries or self.unsent is not None:
+            entries += self.read_new(None)
+            self.flush()
+        if not entries:
+            entries = self.read_new(None if self.buffer else self.block_ms())
         entries.sort(key=self.order)
         return entries
 
@@ -368,7 +383,7 @@ class EventConsumer:
                 self.stats.duplicates += 1
             else:
                 self.stats.applied += 1
-        self.in_flight = self.publish(world, changes, dead, acks)
+        self.unsent = self.publish(world, changes, dead, acks)
         self.stats.batches += 1
         outcomes = ((p.entry.stream, d.outcome) for p, d in zip(parsed, decisions, strict=True))
         seconds = time.perf_counter() - started
@@ -509,8 +524,8 @@ class EventConsumer:
         changes: Changes | None,
         dead: list[tuple[Entry, str, str]],
         acks: list[Entry],
-    ) -> cache.InFlight:
-        """Send a committed batch's dead letters, caches and acks in one write (acks last)."""
+    ) -> cache.CommandBatch:
+        """A committed batch's dead letters, caches and acks (acks last), packed to send."""
         batch = cache.CommandBatch()
         for entry, reason, message in dead:
             letter = dead_letter_payload(entry, reason, message)
@@ -528,7 +543,14 @@ class EventConsumer:
             ids = [entry.entry_id for entry in acks if entry.stream == stream]
             if ids:
                 batch.add("XACK", stream, EVENTS_GROUP, *ids)
-        return batch.send(self.redis)
+        return batch
+
+    def flush(self) -> None:
+        """Send the held writes in one write (after reading the replies of the last ones)."""
+        unsent, self.unsent = self.unsent, None
+        if unsent is not None:
+            self.settle()
+            self.in_flight = unsent.send(self.redis)
 
     def settle(self) -> None:
         """Read the replies of the batch sent last; an error reply is raised here."""
@@ -538,6 +560,7 @@ class EventConsumer:
 
     def settle_on_exit(self) -> None:
         try:
+            self.flush()
             self.settle()
         except (*REDIS_ERRORS, ResponseError) as exc:
             # Committed but maybe not acked: redelivered later and acked as a duplicate.

@@ -461,27 +461,47 @@ def test_waiting_for_a_retry_does_not_spin(backend: Backend, monkeypatch) -> Non
         assert reads < 20
 
 
-def test_a_batch_is_acked_at_once_and_its_replies_read_with_the_next(backend: Backend) -> None:
-    """Replies are read while the next batch's SQL runs; the writes do not wait for that."""
+def test_a_batchs_writes_go_out_after_the_next_read_and_replies_come_later(
+    backend: Backend,
+) -> None:
+    """Redis works on a batch's writes while the worker works on the next batch."""
+    keys = backend.keys
     with services_for(backend) as services:
         add_players(services, "alice", "bob")
         worker = EventConsumer(services, "c1", threading.Event())
         worker.setup()
-        publish(backend.redis, backend.keys, "update", session_id="s1", players=["alice"])
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
         worker.handle(worker.next_entries())
-        assert worker.in_flight is not None  # replies not read yet ...
-        # ... but the cache writes and the ack are already done in Redis.
-        assert backend.redis.hget(backend.keys.user("alice"), "session") == b"s1"
-        assert backend.redis.xpending(backend.keys.update_stream, GROUP)["pending"] == 0
+        # Committed, but neither acked nor cached yet: held until the next read is out.
+        assert worker.unsent is not None
+        assert backend.redis.xpending(keys.update_stream, GROUP)["pending"] == 1
+        assert not backend.redis.exists(keys.user("alice"))
 
-        # An error reply (here: a foreign value where a user hash goes) is raised when the
-        # replies are read: with the next batch, after that batch's commit.
-        backend.redis.set(backend.keys.user("bob"), "not a hash")
-        publish(backend.redis, backend.keys, "update", session_id="s2", players=["bob"])
+        publish(backend.redis, keys, "update", session_id="s2", players=["bob"])
+        assert [e.entry_id for e in worker.next_entries()] == [
+            entry_id.decode() for entry_id, _ in [backend.redis.xrange(keys.update_stream)[-1]]
+        ]
+        # Sent once the read was: acked and cached, with the replies still unread.
+        assert worker.unsent is None and worker.in_flight is not None
+        assert backend.redis.hget(keys.user("alice"), "session") == b"s1"
+        assert backend.redis.xpending(keys.update_stream, GROUP)["pending"] == 1  # s2 only
+        worker.settle()
+        assert worker.in_flight is None
+
+
+def test_an_error_reply_is_raised_after_the_next_commit(backend: Backend) -> None:
+    keys = backend.keys
+    with services_for(backend) as services:
+        add_players(services, "bob")
+        worker = EventConsumer(services, "c1", threading.Event())
+        worker.setup()
+        backend.redis.set(keys.user("bob"), "not a hash")  # foreign data where a hash goes
+        publish(backend.redis, keys, "update", session_id="s2", players=["bob"])
         worker.handle(worker.next_entries())
+        assert worker.next_entries() == []  # nothing new; the writes went out
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             worker.settle()
         assert worker.in_flight is None
         status = "SELECT status FROM game_sessions WHERE session_id = 's2'"
         assert rows(services, status) == [("in_progress",)]  # committed all the same
-        assert backend.redis.delete(backend.keys.user("bob")) == 1
+        assert backend.redis.delete(keys.user("bob")) == 1
