@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from domain.accounts import username_key
@@ -138,12 +138,15 @@ def load_user(
 
 def find_login(engine: Engine, username: str) -> tuple[str, UserView] | None:
     """The password hash and public record of an account, in one query, or None."""
-    query = _VIEW_QUERY.add_columns(User.password_hash).where(
-        User.username_key == username_key(username)
-    )
     with engine.connect() as conn:
-        row = conn.execute(query).first()
+        row = conn.execute(_LOGIN_QUERY, {"key": username_key(username)}).first()
     return (row.password_hash, _to_view(row)) if row else None
+
+
+# Built once: a login is frequent, and building the statement cost more than running it.
+_LOGIN_QUERY = _VIEW_QUERY.add_columns(User.password_hash).where(
+    User.username_key == bindparam("key")
+)
 
 
 def _to_view(row: Any) -> UserView:

@@ -7,6 +7,7 @@ import secrets
 import time
 
 from redis import Redis
+from redis.client import Pipeline
 
 from domain.accounts import (
     LOCKOUT_DURATION_S,
@@ -23,13 +24,14 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def start_session(client: Redis, keys: Keys, username: str, user_id: int) -> str:
-    """After a good password: forget the failed logins and issue a token, in one round trip."""
+def queue_session(pipe: Pipeline, keys: Keys, username: str, user_id: int) -> str:
+    """After a good password: forget the failed logins and issue a token (two commands).
+
+    Only the token's digest is stored; the token itself goes back to the caller.
+    """
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    pipe = client.pipeline(transaction=False)
     pipe.delete(keys.login_failures(username))
     pipe.set(keys.token(token_digest(token)), user_id, ex=TOKEN_TTL_S)
-    pipe.execute()
     return token
 
 
@@ -39,9 +41,10 @@ def resolve_token(client: Redis, keys: Keys, token: str) -> int | None:
     return int(value) if value is not None else None
 
 
-def is_locked(client: Redis, keys: Keys, username: str) -> bool:
-    """Whether logins for `username` are locked after repeated failures."""
-    return bool(client.exists(keys.login_lock(username)))
+def queue_is_locked(pipe: Pipeline, keys: Keys, username: str) -> None:
+    """Whether logins for `username` are locked after repeated failures: the reply to
+    this command is truthy when they are."""
+    pipe.exists(keys.login_lock(username))
 
 
 def record_failure(client: Redis, keys: Keys, username: str) -> bool:

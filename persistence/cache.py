@@ -89,6 +89,32 @@ def live_rank(client: Redis, keys: Keys, username: str) -> int | None:
     return int(higher) + 1
 
 
+def queue_live_rank(pipe: Pipeline, keys: Keys, username: str, earnings: int) -> None:
+    """`live_rank` in the same round trip as other commands, guessing the score.
+
+    The member's score is the player's earnings as the database has them (the
+    worker keeps the two equal); `live_rank_reply` checks the guess.
+    """
+    pipe.zscore(keys.leaderboard, username)
+    pipe.zcount(keys.leaderboard, f"({earnings}", "+inf")
+
+
+def live_rank_reply(
+    client: Redis, keys: Keys, username: str, earnings: int, replies: list[Any]
+) -> int | None:
+    """The rank from the two replies `queue_live_rank` queued (last in `replies`).
+
+    When the sorted set holds another score than the database (a batch committed in
+    between), the rank is asked again with that score.
+    """
+    score, higher = replies[-2:]
+    if score is None:
+        return None
+    if score != earnings:
+        return live_rank(client, keys, username)
+    return int(higher) + 1
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 

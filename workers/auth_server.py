@@ -12,6 +12,7 @@ from typing import Any
 import bcrypt
 import orjson
 import structlog
+from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
 from domain.auth import (
@@ -44,12 +45,12 @@ from workers.relay import Relay
 from workers.streams import (
     Backoff,
     Entry,
+    RedisClock,
     claim_idle,
     dead_letter,
     ensure_group,
     is_missing_group,
     read_history,
-    redis_time_ms,
     to_entries,
 )
 
@@ -92,6 +93,7 @@ class AuthServer:
             initargs=(services.settings.auth_nice,),
         )
         self.backoff = Backoff()
+        self.clock = RedisClock(self.redis)  # request ages, as Redis stamps entry ids
         self.rounds = services.settings.bcrypt_rounds
         # Unknown users are checked against this hash so both failures cost one bcrypt.
         self.dummy_hash = bcrypt.hashpw(b"usermgmt-timing-equaliser", bcrypt.gensalt(self.rounds))
@@ -187,7 +189,7 @@ class AuthServer:
         """
         unused = len(entries) if slots_taken else 0
         try:
-            now_ms = redis_time_ms(self.redis) if entries else 0
+            now_ms = self.clock.now_ms() if entries else 0
             for entry in entries:
                 if slots_taken:
                     unused -= 1
@@ -266,8 +268,11 @@ class AuthServer:
                 duration_ms=_ms(started),
             )
             return
-        reply = self.answer(request)
-        self.finish(entry, reply=(request.request_id, reply))
+        # Commands a handler queues here run just before the reply is pushed, in the
+        # same round trip (a login's token exists before its reply can be read).
+        pipe = self.redis.pipeline(transaction=False)
+        reply = self.answer(request, pipe)
+        self.finish(entry, reply=(request.request_id, reply), pipe=pipe)
         outcome = "ok" if reply["ok"] else reply["error"]["code"]
         self.metrics.observe_auth(request.op, outcome, time.perf_counter() - started)
         self.log.info(
@@ -279,14 +284,14 @@ class AuthServer:
             duration_ms=_ms(started),
         )
 
-    def answer(self, request: AuthRequest) -> dict[str, Any]:
+    def answer(self, request: AuthRequest, pipe: Pipeline) -> dict[str, Any]:
         """The reply to a valid request; database trouble becomes an `internal` error."""
         try:
             match request:
                 case RegisterRequest():
                     return self.register(request)
                 case LoginRequest():
-                    return self.login(request)
+                    return self.login(request, pipe)
                 case GetUserRequest():
                     return self.get_user(request)
                 case VerifyTokenRequest():
@@ -332,14 +337,21 @@ class AuthServer:
             f"the username {request.username!r} is taken",
         )
 
-    def login(self, request: LoginRequest) -> dict[str, Any]:
-        if auth_store.is_locked(self.redis, self.keys, request.username):
+    def login(self, request: LoginRequest, pipe: Pipeline) -> dict[str, Any]:
+        """Two Redis round trips besides bcrypt: the lock and the live rank before it,
+        the token with the reply after it (`pipe`)."""
+        found = accounts.find_login(self.services.engine, request.username)
+        check = self.redis.pipeline(transaction=False)
+        auth_store.queue_is_locked(check, self.keys, request.username)
+        if found is not None:
+            cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
+        checked = check.execute()
+        if checked[0]:
             return error_reply(
                 request.request_id,
                 ErrorCode.LOCKED,
                 "too many failed logins; try again in 15 minutes",
             )
-        found = accounts.find_login(self.services.engine, request.username)
         stored = found[0].encode() if found else self.dummy_hash
         matches = bcrypt.checkpw(request.password.encode(), stored)
         if found is None or not matches:
@@ -350,8 +362,10 @@ class AuthServer:
                 "unknown username or wrong password",
             )
         user = found[1]
-        token = auth_store.start_session(self.redis, self.keys, request.username, user.id)
-        return ok_reply(request.request_id, self.with_live_rank(user), token=token)
+        token = auth_store.queue_session(pipe, self.keys, request.username, user.id)
+        rank = cache.live_rank_reply(self.redis, self.keys, user.username, user.earnings, checked)
+        ranked = user if rank is None else user.model_copy(update={"rank": rank})
+        return ok_reply(request.request_id, ranked, token=token)
 
     def get_user(self, request: GetUserRequest) -> dict[str, Any]:
         user = cache.read_user(self.redis, self.keys, request.username)
@@ -387,9 +401,14 @@ class AuthServer:
         entry: Entry,
         reply: tuple[Any, dict[str, Any]] | None,
         dead: tuple[str, str] | None = None,
+        pipe: Pipeline | None = None,
     ) -> None:
-        """Reply (or dead-letter), then ack and delete the entry, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Reply (or dead-letter), then ack and delete the entry, in one round trip.
+
+        `pipe` may already hold commands that must run before the reply is pushed.
+        """
+        if pipe is None:
+            pipe = self.redis.pipeline(transaction=False)
         if reply is not None:
             request_id, body = reply
             key = self.keys.reply(request_id)

@@ -337,7 +337,7 @@ def test_two_racing_registrations_of_one_name_have_exactly_one_winner(
                 }
             )
         )
-        replies.append(server.answer(request))
+        replies.append(server.answer(request, server.redis.pipeline(transaction=False)))
 
     threads = [
         threading.Thread(target=register, args=(names[0], "Password-one")),

@@ -63,7 +63,10 @@ def auth_server(services: Services) -> Iterator[AuthServer]:
 
 def ask(server: AuthServer, op: str, **fields: Any) -> dict[str, Any]:
     request = parse_request(orjson.dumps({"request_id": str(uuid.uuid4()), "op": op, **fields}))
-    return server.answer(request)
+    pipe = server.redis.pipeline(transaction=False)  # what the server sends with the reply
+    reply = server.answer(request, pipe)
+    pipe.execute()
+    return reply
 
 
 def test_ranks_are_exact_once_the_worker_is_idle(services: Services, backend: Backend) -> None:
@@ -168,3 +171,20 @@ def test_the_leaderboard_cache_is_rebuilt_when_redis_lost_it(
     with auth_server(services) as server:
         assert ask(server, "get_user", username="cid")["user"]["rank"] == 2
         assert ask(server, "get_user", username="ben")["user"]["rank"] == 3
+
+
+def test_the_login_rank_guess_is_checked_against_the_sorted_set(backend: Backend) -> None:
+    """A login asks for the rank with the database's earnings as the score, one round trip."""
+    redis, keys = backend.redis, backend.keys
+    redis.zadd(keys.leaderboard, {"alice": 100, "bob": 50, "carol": 50, "dave": 10})
+
+    def rank(name: str, earnings: int) -> int | None:
+        pipe = redis.pipeline(transaction=False)
+        cache.queue_live_rank(pipe, keys, name, earnings)
+        return cache.live_rank_reply(redis, keys, name, earnings, pipe.execute())
+
+    assert rank("alice", 100) == 1
+    assert rank("carol", 50) == 2  # ties share a rank
+    assert rank("dave", 10) == 4
+    assert rank("dave", 5) == 4  # the set is ahead of the database: its score counts
+    assert rank("erin", 0) is None  # not in the set
