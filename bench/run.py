@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -548,13 +549,18 @@ def login_flood(
     answered = 0
     finished = started
     for request_id in ids:
-        wait_s = max(1, int(deadline - time.perf_counter())) if stale_ok else 60
-        try:
-            popped = redis.blpop([keys.reply(request_id)], timeout=wait_s)
-        except RedisTimeoutError:
-            popped = None  # the client gave up at the same moment: no reply in time
-        except RedisError as exc:
-            raise BenchFailure(f"waiting for the reply to login {request_id}: {exc!r}") from None
+        while True:
+            wait_s = max(1, math.ceil(deadline - time.perf_counter())) if stale_ok else 60
+            try:
+                popped = redis.blpop([keys.reply(request_id)], timeout=wait_s)
+            except RedisTimeoutError:
+                popped = None  # the client gave up at the same moment: no reply in time
+            except RedisError as exc:
+                raise BenchFailure(
+                    f"waiting for the reply to login {request_id}: {exc!r}"
+                ) from None
+            if popped is not None or not stale_ok or time.perf_counter() >= deadline:
+                break
         if popped is None:
             if stale_ok and time.perf_counter() >= deadline:
                 continue  # dropped as stale, as the protocol says
