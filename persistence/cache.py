@@ -146,10 +146,6 @@ class CommandBatch:
         self.parts.append(commands)
         self.count += count
 
-    def execute(self, client: Redis) -> list[Any]:
-        """Send every queued command in one round trip; returns the replies in order."""
-        return self.send(client).wait()
-
     def send(self, client: Redis) -> InFlight:
         """Write every queued command now; read the replies later with `InFlight.wait`.
 
