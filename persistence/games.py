@@ -46,9 +46,9 @@ class _Driver:
     def sql(self, statement: str) -> str:
         return statement if self.qmark else statement.replace("?", "%s")
 
-    def rows(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+    def rows(self, statement: str, params: Sequence[Any] = ()) -> Sequence[Any]:
         self._call(False, statement, tuple(params))
-        return list(self.cursor.fetchall())
+        return self.cursor.fetchall()
 
     def run(self, statement: str, params: Sequence[Any] = ()) -> None:
         self._call(False, statement, tuple(params))

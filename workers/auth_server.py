@@ -364,8 +364,7 @@ class AuthServer:
         user = found[1]
         token = auth_store.queue_session(pipe, self.keys, request.username, user.id)
         rank = cache.live_rank_reply(self.redis, self.keys, user.username, user.earnings, checked)
-        ranked = user if rank is None else user.model_copy(update={"rank": rank})
-        return ok_reply(request.request_id, ranked, token=token)
+        return ok_reply(request.request_id, _with_rank(user, rank), token=token)
 
     def get_user(self, request: GetUserRequest) -> dict[str, Any]:
         user = cache.read_user(self.redis, self.keys, request.username)
@@ -391,8 +390,7 @@ class AuthServer:
 
     def with_live_rank(self, user: UserView) -> UserView:
         """The user with the rank the leaderboard sorted set gives right now."""
-        rank = cache.live_rank(self.redis, self.keys, user.username)
-        return user if rank is None else user.model_copy(update={"rank": rank})
+        return _with_rank(user, cache.live_rank(self.redis, self.keys, user.username))
 
     # -- acknowledging ---------------------------------------------------------------
 
@@ -442,6 +440,11 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except OSError:
         log.warning("could not lower the priority of an auth thread", nice=nice)
+
+
+def _with_rank(user: UserView, rank: int | None) -> UserView:
+    """`user` with the leaderboard's live rank (the database's when the set lacks it)."""
+    return user if rank is None else user.model_copy(update={"rank": rank})
 
 
 def _redacted_text(payload: bytes | None) -> str:

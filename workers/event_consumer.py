@@ -220,8 +220,11 @@ class EventConsumer:
         self.stop.wait(delay)
 
     def on_idle(self) -> bool:
-        """Make ranks exact while nothing arrives; in burst mode, say whether we are done."""
-        self.flush()
+        """Make ranks exact while nothing arrives; in burst mode, say whether we are done.
+
+        `next_entries` sent the last batch's writes before its read blocked; their
+        replies are read here, so an idle worker has nothing in flight.
+        """
         self.settle()
         if self.ranks_dirty:
             self.refresh_ranks()
