@@ -31,6 +31,7 @@ class Player:
     loss_count: int
     earnings: int
     rank: int = 1
+    board_id: int = 0  # the leaderboard row's id, as loaded (0: not loaded from SQL)
 
 
 @dataclass
@@ -54,18 +55,25 @@ class Session:
 
 @dataclass
 class World:
-    """The slice of the database one batch can touch."""
+    """The slice of the database one batch can touch (or, kept between batches, has)."""
 
     players: dict[str, Player]  # by username key
     sessions: dict[str, Session]  # by session id
     live_session_of: dict[int, str]  # user id -> session id, live sessions only
     processed: set[str]  # event ids already applied
+    by_id: dict[int, Player] = field(default_factory=dict)  # the same players, by user id
+
+    def __post_init__(self) -> None:
+        if not self.by_id:
+            self.by_id = {player.id: player for player in self.players.values()}
+
+    def add_player(self, key: str, player: Player) -> None:
+        """Know `player` under its username key (and its id)."""
+        self.players[key] = player
+        self.by_id[player.id] = player
 
     def player_by_id(self, user_id: int) -> Player | None:
-        for player in self.players.values():
-            if player.id == user_id:
-                return player
-        return None
+        return self.by_id.get(user_id)
 
 
 class Outcome(StrEnum):

@@ -97,7 +97,7 @@ def _marks(count: int) -> str:
 
 _PLAYER_COLUMNS = (
     "SELECT u.id, u.username, u.username_key, u.wallet, s.id, s.win_count, s.loss_count, "
-    "s.earnings, l.rank FROM users u JOIN stats s ON s.user_id = u.id "
+    "s.earnings, l.rank, l.id FROM users u JOIN stats s ON s.user_id = u.id "
     "JOIN leaderboard l ON l.stats_id = s.id WHERE "
 )
 _SESSION_COLUMNS = (
@@ -106,16 +106,29 @@ _SESSION_COLUMNS = (
 )
 
 
+def new_world() -> World:
+    """A world that knows nothing yet."""
+    return World(players={}, sessions={}, live_session_of={}, processed=set())
+
+
 def load_world(
     conn: Connection,
     event_ids: Iterable[str],
     username_keys: Iterable[str],
     session_ids: Iterable[str],
     lock: bool,
+    world: World | None = None,
 ) -> World:
-    """Read everything a batch may touch; with `lock`, rows are locked (PostgreSQL)."""
+    """Read everything a batch may touch; with `lock`, rows are locked (PostgreSQL).
+
+    `world`: rows this connection already knows exactly (`WorldCache`); only the
+    players and sessions it lacks are read, with their memberships. Which event ids
+    were processed is always asked.
+    """
     db = _Driver(conn)
-    world = World(players={}, sessions={}, live_session_of={}, processed=set())
+    if world is None:
+        world = new_world()
+    world.processed = set()
     for chunk in _chunks(sorted(set(event_ids))):
         rows = db.rows(
             f"SELECT event_id FROM processed_events WHERE event_id IN ({_marks(len(chunk))})",  # noqa: S608
@@ -123,55 +136,70 @@ def load_world(
         )
         world.processed.update(row[0] for row in rows)
 
-    _load_players(db, world, "u.username_key", sorted(set(username_keys)), lock)
-    _load_sessions(db, world, "session_id", sorted(set(session_ids)), lock)
+    new_keys = sorted({key for key in username_keys if key not in world.players})
+    new_ids = [player.id for player in _load_players(db, world, "u.username_key", new_keys, lock)]
+    wanted = sorted({sid for sid in session_ids if sid not in world.sessions})
+    new_sessions = {_pk(s): s for s in _load_sessions(db, world, "session_id", wanted, lock)}
 
-    # Live sessions of the batch's players (a busy player waits), and rosters of the
-    # loaded sessions (a replaced roster frees the players it drops).
-    player_ids = sorted(player.id for player in world.players.values())
-    session_pks = {s.pk: s for s in world.sessions.values() if s.pk is not None}
-    memberships: list[tuple[int, int]] = []
-    for column, values in (("user_id", player_ids), ("session_pk", sorted(session_pks))):
+    # Live sessions of the batch's new players (a busy player waits), and whole rosters
+    # of the new sessions (a replaced roster frees the players it drops). A session the
+    # world already knows has its whole roster; a player it knows, their membership.
+    memberships: list[tuple[int, int, str]] = []
+    for column, values in (("user_id", sorted(new_ids)), ("session_pk", sorted(new_sessions))):
         for chunk in _chunks(values):
             memberships += db.rows(
-                f"SELECT user_id, session_pk FROM session_players "  # noqa: S608
-                f"WHERE {column} IN ({_marks(len(chunk))})",
+                "SELECT p.user_id, p.session_pk, g.session_id FROM session_players p "  # noqa: S608
+                f"JOIN game_sessions g ON g.id = p.session_pk "
+                f"WHERE p.{column} IN ({_marks(len(chunk))})",
                 chunk,
             )
-    other_pks = sorted({pk for _, pk in memberships} - set(session_pks))
-    _load_sessions(db, world, "id", other_pks, lock)
-    session_by_pk = {s.pk: s for s in world.sessions.values()}
+    others = sorted({pk for _, pk, sid in memberships if sid not in world.sessions})
+    new_sessions.update((_pk(s), s) for s in _load_sessions(db, world, "id", others, lock))
     missing_users: set[int] = set()
-    known_ids = set(player_ids)
-    for user_id, pk in set(memberships):
-        session = session_by_pk[pk]
-        world.live_session_of[user_id] = session.session_id
-        if user_id not in session.roster:
-            session.roster.append(user_id)
-        if user_id not in known_ids:
+    for user_id, pk, session_id in set(memberships):
+        world.live_session_of[user_id] = session_id
+        if pk in new_sessions:
+            roster = new_sessions[pk].roster
+            if user_id not in roster:
+                roster.append(user_id)
+        if user_id not in world.by_id:
             missing_users.add(user_id)
     _load_players(db, world, "u.id", sorted(missing_users), lock)
-    for session in world.sessions.values():
+    for session in new_sessions.values():
         session.roster.sort()
     return world
 
 
-def _load_players(db: _Driver, world: World, column: str, values: list[Any], lock: bool) -> None:
+def _pk(session: Session) -> int:
+    assert session.pk is not None  # a loaded session has its row
+    return session.pk
+
+
+def _load_players(
+    db: _Driver, world: World, column: str, values: list[Any], lock: bool
+) -> list[Player]:
+    loaded: list[Player] = []
     for chunk in _chunks(values):
         query = f"{_PLAYER_COLUMNS}{column} IN ({_marks(len(chunk))}) ORDER BY u.id"
         if lock:
             query += " FOR UPDATE"
-        for uid, name, key, wallet, sid, wins, losses, earnings, rank in db.rows(query, chunk):
-            world.players[key] = Player(uid, name, sid, wallet, wins, losses, earnings, rank)
+        for uid, name, key, wallet, sid, wins, losses, earned, rank, board in db.rows(query, chunk):
+            player = Player(uid, name, sid, wallet, wins, losses, earned, rank, board)
+            world.add_player(key, player)
+            loaded.append(player)
+    return loaded
 
 
-def _load_sessions(db: _Driver, world: World, column: str, values: list[Any], lock: bool) -> None:
+def _load_sessions(
+    db: _Driver, world: World, column: str, values: list[Any], lock: bool
+) -> list[Session]:
+    loaded: list[Session] = []
     for chunk in _chunks(values):
         query = f"{_SESSION_COLUMNS}{column} IN ({_marks(len(chunk))}) ORDER BY id"
         if lock:
             query += " FOR UPDATE"
         for pk, session_id, status, meta, reason, created, updated, ended in db.rows(query, chunk):
-            world.sessions[session_id] = Session(
+            session = world.sessions[session_id] = Session(
                 session_id=session_id,
                 status=status,
                 roster=[],
@@ -182,6 +210,8 @@ def _load_sessions(db: _Driver, world: World, column: str, values: list[Any], lo
                 end_reason=reason,
                 ended_at=_utc(db.from_db(ended)) if ended is not None else None,
             )
+            loaded.append(session)
+    return loaded
 
 
 def write_changes(conn: Connection, world: World, changes: Changes, now: datetime) -> None:
@@ -263,20 +293,20 @@ def _write_stats(db: _Driver, world: World, changes: Changes) -> None:
     """A batch's results aggregated per player: one row update per player and table."""
     if not changes.stats:
         return
-    stats_ids = {p.id: p.stats_id for p in world.players.values()}
+    players = world.by_id
     deltas = sorted(changes.stats.items())
     db.many(
         "UPDATE stats SET win_count = win_count + ?, loss_count = loss_count + ?, "
         "earnings = earnings + ? WHERE id = ?",
-        [(d.wins, d.losses, d.earnings, stats_ids[uid]) for uid, d in deltas],
+        [(d.wins, d.losses, d.earnings, players[uid].stats_id) for uid, d in deltas],
     )
     db.many(
         "UPDATE users SET wallet = wallet + ? WHERE id = ?",
         [(d.earnings, uid) for uid, d in deltas],
     )
     db.many(
-        "UPDATE leaderboard SET earnings = earnings + ? WHERE stats_id = ?",
-        [(d.earnings, stats_ids[uid]) for uid, d in deltas],
+        "UPDATE leaderboard SET earnings = earnings + ? WHERE id = ?",
+        [(d.earnings, players[uid].board_id) for uid, d in deltas],
     )
 
 

@@ -14,11 +14,14 @@ import gc
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 from redis.exceptions import ResponseError
+from sqlalchemy import Connection
 
 from domain.errors import DeadLetterReason, InvalidPayload
 from domain.events import EventKind, GameEvent, entry_order, parse_event
@@ -37,6 +40,7 @@ from persistence.db import IMMEDIATE, is_sqlite
 from persistence.games import load_world, save_checkpoints, session_is_live, write_changes
 from persistence.keys import EVENTS_GROUP
 from persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
+from persistence.world_cache import WorldCache
 from workers.bootstrap import Services
 from workers.connections import (
     DATABASE_ERRORS,
@@ -134,6 +138,8 @@ class EventConsumer:
         # the next batch's commit, so Redis works on them while Python works on that.
         self.unsent: cache.CommandBatch | None = None
         self.in_flight: cache.InFlight | None = None
+        self.db: Connection | None = None  # held across batches (`transaction`)
+        self.known = WorldCache()
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=consumer)
 
@@ -163,6 +169,7 @@ class EventConsumer:
                 self.unsent, self.in_flight = None, None
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
+                self.close_db()
                 self.wait_backoff(database_unreachable(self.settings.database_url, exc))
             except ResponseError as exc:
                 if not is_missing_group(exc):
@@ -170,6 +177,7 @@ class EventConsumer:
                 self.log.warning("consumer group missing (Redis restarted?); recreating it")
                 self.needs_setup = True
         self.settle_on_exit()
+        self.close_db()
         gc.enable()
         self.log.info(
             "event consumer stopped",
@@ -387,6 +395,8 @@ class EventConsumer:
             else:
                 self.stats.applied += 1
         self.unsent = self.publish(world, changes, dead, acks)
+        if changes is not None:
+            self.known.release_ended(changes)
         self.stats.batches += 1
         outcomes = ((p.entry.stream, d.outcome) for p, d in zip(parsed, decisions, strict=True))
         seconds = time.perf_counter() - started
@@ -462,13 +472,14 @@ class EventConsumer:
         events = [p.event for p in planned]
         now = datetime.now(UTC)
         sqlite = is_sqlite(self.engine)
-        with self.engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
+        with self.transaction() as conn:
             world = load_world(
                 conn,
                 event_ids=[p.event_id for p in planned],
                 username_keys=event_usernames(events),
                 session_ids=[event.session_id for event in events],
                 lock=not sqlite,
+                world=self.known.world_for(conn),
             )
             if waiting is None:
                 waiting = self.waiting()
@@ -480,6 +491,49 @@ class EventConsumer:
                     checkpoints[item.entry.stream] = item.entry.entry_id
             save_checkpoints(conn, checkpoints, now)
         return decisions, world, changes
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction on the consumer's own connection.
+
+        On any failure what the world cache knows is forgotten (the batch changed it in
+        memory), and a connection the database dropped is closed, to be opened again.
+        """
+        conn = self.connection()
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException as exc:
+            self.known.forget()
+            if conn.invalidated or isinstance(exc, DATABASE_ERRORS):
+                self.close_db()
+            raise
+
+    def connection(self) -> Connection:
+        """The consumer's connection, opened on first use and held across batches.
+
+        Its transactions begin IMMEDIATE (SQLite), so a batch that reads then writes
+        never deadlocks against another writer. SQLite's foreign-key checks are off on
+        it: every id a batch writes was read under the same write lock or is known
+        exactly (`WorldCache`), and the checks cost a quarter of each result insert.
+        """
+        if self.db is None:
+            conn = self.engine.connect().execution_options(**{IMMEDIATE: True})
+            if is_sqlite(self.engine):
+                conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+            self.db = conn
+        return self.db
+
+    def close_db(self) -> None:
+        """Let the connection go; it is never handed to anyone else (foreign keys off)."""
+        conn, self.db = self.db, None
+        self.known.forget()
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception as exc:  # already broken: nothing left to give back
+                self.log.debug("closing the database connection failed", error=repr(exc))
 
     def apply_one_by_one(
         self, parsed: list[_Parsed]
@@ -507,7 +561,8 @@ class EventConsumer:
             if merged_world is None:
                 merged_world = world
             else:
-                merged_world.players.update(world.players)
+                for key, player in world.players.items():
+                    merged_world.add_player(key, player)
                 merged_world.sessions.update(world.sessions)
                 merged_world.live_session_of.update(world.live_session_of)
                 # A player freed by this entry stays freed (update() cannot remove keys).
@@ -572,7 +627,7 @@ class EventConsumer:
     def write_caches(self, batch: cache.CommandBatch, world: World, changes: Changes) -> None:
         """Session hashes, players' user hashes and leaderboard scores, each key once."""
         ttl = self.settings.user_cache_ttl
-        names = {p.id: p.username for p in world.players.values()}
+        players = world.by_id
         for session_id in changes.touched_sessions:
             session = world.sessions.get(session_id)
             if session is None:
@@ -582,7 +637,7 @@ class EventConsumer:
                     batch,
                     self.keys,
                     session_id,
-                    players=[names[uid] for uid in session.roster if uid in names],
+                    players=[players[uid].username for uid in session.roster if uid in players],
                     status=session.status,
                     meta=_json(session.meta),
                     created_at=session.created_at.isoformat(),
@@ -590,7 +645,6 @@ class EventConsumer:
                 )
             else:
                 batch.add("DEL", self.keys.session(session_id))
-        players = {p.id: p for p in world.players.values()}
         scores: dict[str, int] = {}
         for user_id in changes.touched_users:
             player = players.get(user_id)
@@ -603,8 +657,9 @@ class EventConsumer:
 
     def refresh_ranks(self) -> None:
         started = time.perf_counter()
-        with self.engine.begin() as conn:
+        with self.transaction() as conn:
             changed = refresh_ranks(conn)
+        self.known.forget()  # cached players hold the ranks of before
         self.ranks_dirty = False
         self.last_rank_refresh = time.monotonic()
         self.log.info(

@@ -1,0 +1,144 @@
+"""The event consumer's world cache: rows known between batches, never stale."""
+
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+
+from persistence.db import make_engine, upgrade
+from persistence.games import new_world
+from persistence.world_cache import WorldCache
+from tests.conftest import Backend
+from tests.integration.helpers import add_players, publish, rows, services_for
+from tests.integration.replay_helpers import results
+from workers.event_consumer import EventConsumer
+
+
+def cached_user(backend: Backend, name: str) -> dict[str, str]:
+    raw = backend.redis.hgetall(backend.keys.user(name))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def play(backend: Backend, session_id: str, *outcomes: tuple[str, str, int]) -> None:
+    """One game: its update, then its terminate."""
+    redis, keys = backend.redis, backend.keys
+    names = [name for name, _, _ in outcomes]
+    publish(redis, keys, "update", session_id=session_id, players=names)
+    publish(redis, keys, "terminate", session_id=session_id, results=results(*outcomes))
+
+
+def apply_available(worker: EventConsumer) -> None:
+    """Apply what the streams hold, keeping the consumer's connection and world (no idle
+    step: its rank refresh would make the worker forget its world anyway)."""
+    if worker.needs_setup:
+        worker.setup()
+    while entries := worker.next_entries():
+        worker.handle(entries)
+    worker.flush()
+    worker.settle()
+
+
+def test_a_change_committed_by_another_connection_is_seen_by_the_next_batch(
+    backend: Backend,
+) -> None:
+    with services_for(backend) as services:
+        add_players(services, "alice", "bob")
+        worker = EventConsumer(services, "c1", threading.Event(), burst=True)
+        play(backend, "g1", ("alice", "win", 100), ("bob", "loss", 0))
+        apply_available(worker)
+        assert worker.known.world is not None or not backend.database_url.startswith("sqlite")
+        # Someone else changes alice's wallet and registers carol meanwhile.
+        with services.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE users SET wallet = wallet + 1000 WHERE id = 1"))
+        add_players(services, "carol")
+        play(backend, "g2", ("alice", "win", 5), ("carol", "loss", 1))
+        apply_available(worker)  # the same consumer and connection
+        worker.close_db()
+
+        ((wallet,),) = rows(services, "SELECT wallet FROM users WHERE username = 'alice'")
+        assert wallet == 1105
+        assert cached_user(backend, "alice")["wallet"] == "1105"
+        assert cached_user(backend, "alice")["earnings"] == "105"
+        assert cached_user(backend, "carol")["earnings"] == "1"
+
+
+def test_ranks_refreshed_between_batches_reach_the_user_hashes(backend: Backend) -> None:
+    with services_for(backend) as services:
+        add_players(services, "alice", "bob", "carol")
+        worker = EventConsumer(services, "c1", threading.Event(), burst=True)
+        play(backend, "g1", ("alice", "win", 100), ("bob", "loss", 0))
+        apply_available(worker)  # bob known, at rank 1 as loaded
+        worker.refresh_ranks()  # as when idle: alice 1, bob and carol 2
+        publish(backend.redis, backend.keys, "update", session_id="g2", players=["bob"])
+        apply_available(worker)
+        worker.close_db()
+
+        ranks = dict(
+            rows(
+                services,
+                "SELECT u.username, l.rank FROM users u JOIN stats s ON s.user_id = u.id "
+                "JOIN leaderboard l ON l.stats_id = s.id",
+            )
+        )
+        assert ranks == {"alice": 1, "bob": 2, "carol": 2}
+        assert cached_user(backend, "bob")["rank"] == "2"
+        assert cached_user(backend, "bob")["session"] == "g2"
+
+
+def test_the_world_is_kept_only_while_nobody_else_commits(sqlite_url: str) -> None:
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    other = make_engine(sqlite_url)
+    cache = WorldCache()
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                first = cache.world_for(conn)
+            with conn.begin():
+                assert cache.world_for(conn) is first
+                conn.execute(sa.text("DELETE FROM stream_checkpoints"))  # our own commit
+            with conn.begin():
+                assert cache.world_for(conn) is first
+            with other.begin() as elsewhere:
+                elsewhere.execute(sa.text("DELETE FROM stream_checkpoints"))
+            with conn.begin():
+                second = cache.world_for(conn)
+                assert second is not first
+            cache.forget()
+            with conn.begin():
+                assert cache.world_for(conn) is not second
+    finally:
+        engine.dispose()
+        other.dispose()
+
+
+def test_a_full_world_starts_again(sqlite_url: str) -> None:
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    cache = WorldCache(max_players=1)
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                world = cache.world_for(conn)
+            template = new_world()
+            assert world == template
+            world.players.update({"a": None, "b": None})  # type: ignore[dict-item]
+            with conn.begin():
+                assert cache.world_for(conn) is not world
+    finally:
+        engine.dispose()
+
+
+def test_postgresql_reads_the_world_every_batch(postgres_url: str) -> None:
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    cache = WorldCache()
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                first = cache.world_for(conn)
+            with conn.begin():
+                assert cache.world_for(conn) is not first
+    finally:
+        engine.dispose()
