@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from enum import StrEnum
-from functools import cached_property, lru_cache
-from typing import Annotated, Literal
+from functools import lru_cache
+from typing import Annotated, Any, Generic, Literal, TypeVar, overload
 
 from pydantic import (
     BaseModel,
@@ -28,6 +29,33 @@ MAX_META_FIELDS = 16
 MAX_EARNINGS = 1_000_000_000
 
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+
+_T = TypeVar("_T")
+
+
+class computed_once(Generic[_T]):  # noqa: N801 - used like `functools.cached_property`
+    """`functools.cached_property` without Python 3.11's per-instance lock (as in 3.12).
+
+    Each event's username keys are asked for several times on the worker's hot path.
+    """
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> computed_once[_T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> _T: ...
+    def __get__(self, instance: object | None, owner: type) -> computed_once[_T] | _T:
+        if instance is None:
+            return self
+        value = self.compute(instance)
+        instance.__dict__[self.name] = value  # found before this descriptor from now on
+        return value
+
+
 MetaValue = StrictBool | StrictInt | float | Annotated[str, Field(max_length=256)]
 
 
@@ -39,7 +67,7 @@ class EventKind(StrEnum):
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", ignored_types=(computed_once,))
 
     event_id: uuid.UUID
     session_id: SessionId
@@ -60,7 +88,7 @@ class UpdateEvent(_Event):
             raise ValueError("players must be distinct (compared case-insensitively)")
         return self
 
-    @cached_property
+    @computed_once
     def player_keys(self) -> tuple[str, ...]:
         """`username_key` of each player, in roster order (computed once)."""
         return tuple(username_key(name) for name in self.players)
@@ -94,7 +122,7 @@ class TerminateEvent(_Event):
     def result_usernames(self) -> list[str]:
         return [result.username for result in self.results]
 
-    @cached_property
+    @computed_once
     def result_keys(self) -> tuple[str, ...]:
         """`username_key` of each result's player, in order (computed once)."""
         return tuple(username_key(result.username) for result in self.results)

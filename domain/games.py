@@ -101,6 +101,7 @@ class Decision:
 
 APPLIED = Decision(Outcome.APPLIED)
 DUPLICATE = Decision(Outcome.DUPLICATE)
+_UNDECIDED = Decision(Outcome.DEFERRED)  # an entry's place while it is being decided
 
 
 @dataclass(slots=True)
@@ -134,17 +135,22 @@ class Changes:
         return not (self.sessions or self.membership or self.stats or self.processed)
 
 
-@dataclass(frozen=True)
+Order = tuple[int, int, int]  # `entry_order`: the merged order of the event streams
+
+
+@dataclass(slots=True)
 class PlannedEntry:
-    """An event to decide, with where it came from."""
+    """An event to decide, with where it came from (one is made per entry: no frills)."""
 
     event: GameEvent
     stream_kind: str
     entry_id: str
     event_id: str = field(init=False)  # the event's UUID as text, the processed-events key
+    order: Order = field(init=False)  # where the entry goes in the merged order
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "event_id", str(self.event.event_id))
+        self.event_id = str(self.event.event_id)
+        self.order = entry_order(self.stream_kind, self.entry_id)
 
 
 def event_usernames(events: Iterable[GameEvent]) -> set[str]:
@@ -153,9 +159,6 @@ def event_usernames(events: Iterable[GameEvent]) -> set[str]:
     for event in events:
         keys.update(event.player_keys if isinstance(event, UpdateEvent) else event.result_keys)
     return keys
-
-
-Order = tuple[int, int, int]  # `entry_order`: the merged order of the event streams
 
 
 @dataclass
@@ -249,16 +252,17 @@ class _Planner:
 
     def decide(self, entry: PlannedEntry) -> None:
         index = len(self.decisions)
-        self.decisions.append(Decision(Outcome.DEFERRED))
+        self.decisions.append(_UNDECIDED)
         self.decisions[index] = self._decide(entry, index)
-        self._wake_waiting_updates()
+        if self.freed:
+            self._wake_waiting_updates()
 
     def _decide(self, entry: PlannedEntry, index: int) -> Decision:
         event = entry.event
         if entry.event_id in self.world.processed:
             self._touch_for_duplicate(event)
             return DUPLICATE
-        order = entry_order(entry.stream_kind, entry.entry_id)
+        order = entry.order
         reason = self.held.holds_back(event, order) or self.waiting.holds_back(event, order)
         if reason is not None:
             # Keep the order: nothing overtakes an earlier entry that waits.
@@ -289,6 +293,8 @@ class _Planner:
 
     def _wake_waiting_updates(self) -> None:
         """Decide again the updates that waited for a player the batch has just freed."""
+        if not self.waiting_for:  # the common case: nobody waits
+            self.freed.clear()
         while self.freed:
             for item in self.waiting_for.pop(self.freed.pop(0), []):
                 event = item.entry.event
@@ -305,8 +311,7 @@ class _Planner:
                 self.decisions[item.position] = self._decide_update(item)
 
     def _busy_player(self, event: UpdateEvent) -> int | None:
-        players, _ = self._players(event.players, event.player_keys)
-        for player in players:
+        for player in self._players(event.player_keys) or ():
             current = self.world.live_session_of.get(player.id)
             if current is not None and current != event.session_id:
                 return player.id
@@ -328,26 +333,26 @@ class _Planner:
             self._record(entry)
         self.decisions[index] = decision
 
-    def _players(self, names: Sequence[str], keys: Sequence[str]) -> tuple[list[Player], list[str]]:
-        """The players `keys` name (their `username_key`s), and the `names` of unknown ones."""
+    def _players(self, keys: Sequence[str]) -> list[Player] | None:
+        """The players `keys` name (their `username_key`s); None when one is unknown."""
+        known = self.world.players.get
+        found = [known(key) for key in keys]
+        return found if all(found) else None  # type: ignore[return-value]
+
+    def _unknown(self, names: Sequence[str], keys: Sequence[str]) -> Decision:
+        """The dead letter for an entry naming players nobody registered."""
         known = self.world.players
-        found, unknown = [], []
-        for name, key in zip(names, keys, strict=True):
-            player = known.get(key)
-            if player is None:
-                unknown.append(name)
-            else:
-                found.append(player)
-        return found, unknown
+        unknown = [name for name, key in zip(names, keys, strict=True) if key not in known]
+        return Decision(
+            Outcome.DEAD,
+            DeadLetterReason.UNKNOWN_USER,
+            f"unknown players: {', '.join(unknown)}",
+        )
 
     def _update(self, event: UpdateEvent) -> Decision:
-        players, unknown = self._players(event.players, event.player_keys)
-        if unknown:
-            return Decision(
-                Outcome.DEAD,
-                DeadLetterReason.UNKNOWN_USER,
-                f"unknown players: {', '.join(unknown)}",
-            )
+        players = self._players(event.player_keys)
+        if players is None:
+            return self._unknown(event.players, event.player_keys)
         session = self.world.sessions.get(event.session_id)
         if session is not None and session.ended:
             return Decision(
@@ -363,25 +368,26 @@ class _Planner:
                     message=f"player {player.username} is in live session {current}",
                     holds_session=True,
                 )
+        new_roster = [player.id for player in players]
         if session is None:
             session = Session(
                 event.session_id,
                 event.status,
-                [],
+                new_roster,
                 dict(event.meta),
                 created_at=self.now,
                 updated_at=self.now,
             )
             self.world.sessions[event.session_id] = session
-        new_roster = [player.id for player in players]
-        for user_id in set(session.roster) - set(new_roster):
-            self._set_membership(user_id, None)
+        else:
+            for user_id in set(session.roster).difference(new_roster):
+                self._set_membership(user_id, None)
+            session.roster = new_roster
+            session.status = event.status
+            session.meta = dict(event.meta)
+            session.updated_at = self.now
         for user_id in new_roster:
             self._set_membership(user_id, event.session_id)
-        session.roster = new_roster
-        session.status = event.status
-        session.meta = dict(event.meta)
-        session.updated_at = self.now
         self.changes.sessions[session.session_id] = session
         self.changes.touched_sessions.add(session.session_id)
         return APPLIED
@@ -398,35 +404,38 @@ class _Planner:
                 DeadLetterReason.SESSION_ENDED,
                 f"session {event.session_id} has already ended",
             )
-        players, unknown = self._players(event.result_usernames, event.result_keys)
-        if unknown:
-            return Decision(
-                Outcome.DEAD,
-                DeadLetterReason.UNKNOWN_USER,
-                f"unknown players: {', '.join(unknown)}",
-            )
-        outsiders = [p.username for p in players if p.id not in session.roster]
+        players = self._players(event.result_keys)
+        if players is None:
+            return self._unknown(event.result_usernames, event.result_keys)
+        roster = session.roster
+        outsiders = [p.username for p in players if p.id not in roster]
         if outsiders:
             return Decision(
                 Outcome.DEAD,
                 DeadLetterReason.NOT_IN_ROSTER,
                 f"not in the roster of {event.session_id}: {', '.join(outsiders)}",
             )
+        stats, results, touched = (
+            self.changes.stats,
+            self.changes.results,
+            self.changes.touched_users,
+        )
         for player, result in zip(players, event.results, strict=True):
-            delta = self.changes.stats.setdefault(player.id, StatsDelta())
+            uid, earned = player.id, result.earnings
+            delta = stats.get(uid)
+            if delta is None:
+                delta = stats[uid] = StatsDelta()
             if result.outcome == "win":
                 delta.wins += 1
                 player.win_count += 1
             else:
                 delta.losses += 1
                 player.loss_count += 1
-            delta.earnings += result.earnings
-            player.earnings += result.earnings
-            player.wallet += result.earnings
-            self.changes.results.append(
-                ResultRow(session.session_id, player.id, result.outcome, result.earnings)
-            )
-            self.changes.touched_users.add(player.id)
+            delta.earnings += earned
+            player.earnings += earned
+            player.wallet += earned
+            results.append(ResultRow(session.session_id, uid, result.outcome, earned))
+            touched.add(uid)
         for user_id in session.roster:
             self._set_membership(user_id, None)
         session.status = ENDED
@@ -452,8 +461,6 @@ class _Planner:
         session = self.world.sessions.get(event.session_id)
         if session is not None:
             self.changes.touched_users.update(session.roster)
-        if isinstance(event, UpdateEvent):
-            players, _ = self._players(event.players, event.player_keys)
-        else:
-            players, _ = self._players(event.result_usernames, event.result_keys)
-        self.changes.touched_users.update(player.id for player in players)
+        keys = event.player_keys if isinstance(event, UpdateEvent) else event.result_keys
+        known = self.world.players
+        self.changes.touched_users.update(known[key].id for key in keys if key in known)

@@ -224,49 +224,72 @@ def _read_one(conn: Any) -> Any:
         return exc
 
 
-_HSET_KEY = b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n"
-_PLAYER_VALUES = b"".join(  # the public fields, each value left as `$<length>\r\n<value>`
-    b"$%d\r\n%b\r\n$%%d\r\n%%b\r\n" % (len(name), name.encode()) for name in _USER_FIELDS
-)
-_SESSION_VALUE = b"$7\r\nsession\r\n$%d\r\n%b\r\n"
-_HDEL_SESSION = b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$7\r\nsession\r\n"
-_EXPIRE = b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%b\r\n$%d\r\n%d\r\n"
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(arg) for arg in args)
+
+
+# The fields a player's numbers fill, each value left as `$<length>\r\n<value>`.
+_NUMBERS = b"".join(_bulk(name.encode()) + b"$%d\r\n%b\r\n" for name in _USER_FIELDS[2:])
 _HSET_ARGS = 2 + 2 * len(_USER_FIELDS)  # HSET, key, then name and value per field
 
 
-def queue_player(
-    batch: CommandBatch, keys: Keys, player: Player, session: str | None, ttl: int
-) -> None:
-    """`write_user` of a player, packed from templates: most of the worker's cache writes.
+class PlayerHashes:
+    """`write_user` of players, packed as RESP: most of the event worker's cache writes.
 
-    HSET of every public field (and `session` when the player is in a live one), HDEL
-    of `session` otherwise, and the TTL; each command is one `%` format.
+    What never changes for a player (key, id, name, the HDEL and EXPIRE commands) is
+    packed once and kept, up to `limit` players; each write then formats only the
+    five numbers: HSET of every public field (and `session` when the player is in a
+    live one), HDEL of `session` otherwise, and the TTL.
     """
-    key = keys.user(player.username).encode()
-    name = player.username.encode()
-    uid, wallet, wins, losses, earnings, rank = (
-        b"%d" % value
-        for value in (
-            player.id,
-            player.wallet,
-            player.win_count,
-            player.loss_count,
-            player.earnings,
-            player.rank,
+
+    def __init__(self, keys: Keys, ttl: int, limit: int = 200_000) -> None:
+        self.keys, self.ttl, self.limit = keys, ttl, limit
+        self.fixed: dict[int, tuple[str, bytes, bytes, bytes, bytes]] = {}
+
+    def _fixed(self, player: Player) -> tuple[str, bytes, bytes, bytes, bytes]:
+        fixed = self.fixed.get(player.id)
+        if fixed is None or fixed[0] != player.username:
+            if len(self.fixed) >= self.limit:
+                self.fixed.clear()
+            key = self.keys.user(player.username).encode()
+            identity = _bulk(b"id") + _bulk(b"%d" % player.id)
+            identity += _bulk(b"username") + _bulk(player.username.encode())
+            head = _bulk(b"HSET") + _bulk(key) + identity
+            expire = _command(b"EXPIRE", key, b"%d" % self.ttl)
+            fixed = self.fixed[player.id] = (
+                player.username,
+                b"*%d\r\n" % _HSET_ARGS + head,
+                b"*%d\r\n" % (_HSET_ARGS + 2) + head,
+                _command(b"HDEL", key, b"session") + expire,
+                expire,
+            )
+        return fixed
+
+    def queue(self, batch: CommandBatch, player: Player, session: str | None) -> None:
+        """Queue the writes of one player's hash: 3 commands, or 2 in a live session."""
+        _, head, head_live, free_tail, live_tail = self._fixed(player)
+        wallet, wins, losses, earnings, rank = (
+            b"%d" % player.wallet,
+            b"%d" % player.win_count,
+            b"%d" % player.loss_count,
+            b"%d" % player.earnings,
+            b"%d" % player.rank,
         )
-    )
-    values = _PLAYER_VALUES % (
-        len(uid), uid, len(name), name, len(wallet), wallet, len(wins), wins,
-        len(losses), losses, len(earnings), earnings, len(rank), rank,
-    )  # fmt: skip
-    expiry = _EXPIRE % (len(key), key, len(str(ttl)), ttl)
-    if session is None:
-        hset = _HSET_KEY % (_HSET_ARGS, len(key), key) + values
-        batch.add_packed(hset + _HDEL_SESSION % (len(key), key) + expiry, 3)
-    else:
-        live = session.encode()
-        hset = _HSET_KEY % (_HSET_ARGS + 2, len(key), key) + values
-        batch.add_packed(hset + _SESSION_VALUE % (len(live), live) + expiry, 2)
+        numbers = _NUMBERS % (
+            len(wallet), wallet, len(wins), wins, len(losses), losses,
+            len(earnings), earnings, len(rank), rank,
+        )  # fmt: skip
+        if session is None:
+            batch.add_packed(head + numbers + free_tail, 3)
+        else:
+            live = session.encode()
+            batch.add_packed(
+                head_live + numbers + b"$7\r\nsession\r\n" + _bulk(live) + live_tail, 2
+            )
 
 
 def queue_session(

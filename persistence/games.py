@@ -42,6 +42,7 @@ class _Driver:
         self.qmark = conn.dialect.paramstyle == "qmark"
         self.cursor = conn.connection.cursor()
         self.to_db, self.from_db = _datetime_processors(conn.dialect)
+        self.last_time: tuple[datetime | None, Any] = (None, None)
 
     def sql(self, statement: str) -> str:
         return statement if self.qmark else statement.replace("?", "%s")
@@ -76,7 +77,14 @@ class _Driver:
             ) from exc
 
     def time(self, value: datetime | None) -> Any:
-        return None if value is None else self.to_db(value)
+        """A timestamp as the dialect stores it; nearly all of a batch's are its `now`."""
+        if value is None:
+            return None
+        last, converted = self.last_time
+        if value is not last:
+            converted = self.to_db(value)
+            self.last_time = (value, converted)
+        return converted
 
 
 def _same(value: Any) -> Any:

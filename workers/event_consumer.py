@@ -57,8 +57,8 @@ from workers.streams import (
     dead_letter_payload,
     ensure_group,
     is_missing_group,
+    read_group,
     read_history,
-    to_entries,
 )
 
 log = structlog.get_logger("usermgmt.events")
@@ -140,6 +140,7 @@ class EventConsumer:
         self.in_flight: cache.InFlight | None = None
         self.db: Connection | None = None  # held across batches (`transaction`)
         self.known = WorldCache()
+        self.player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=consumer)
 
@@ -265,17 +266,10 @@ class EventConsumer:
         last id seen are kept in `buffer` until the full stream catches up.
         """
         size = self.settings.batch_size
-        buffered = Counter(entry.stream for entry in self.buffer)
-        wanted = {s: ">" for s in self.streams if buffered[s] < size}
+        buffered = Counter(entry.stream for entry in self.buffer) if self.buffer else Counter()
+        wanted = [s for s in self.streams if buffered[s] < size]
         if wanted:
-            response = self.redis.xreadgroup(
-                EVENTS_GROUP,
-                self.consumer,
-                wanted,  # type: ignore[arg-type]
-                count=size,
-                block=block_ms,
-            )
-            fresh = to_entries(response)
+            fresh = read_group(self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms)
             for stream in wanted:
                 mine = [entry for entry in fresh if entry.stream == stream]
                 self.horizon[stream] = mine[-1].entry_id if len(mine) >= size else None
@@ -363,14 +357,16 @@ class EventConsumer:
             except InvalidPayload as exc:
                 dead.append((entry, exc.reason, exc.message))
                 continue
-            parsed.append(_Parsed(entry, PlannedEntry(event, str(kind), entry.entry_id)))
+            parsed.append(_Parsed(entry, PlannedEntry(event, kind.value, entry.entry_id)))
 
         decisions, world, changes = self.apply(parsed)
         self.settle()  # the previous batch's replies, read while this one's SQL ran
         acks: list[Entry] = [entry for entry, _, _ in dead]
+        applied = deferred = 0
         for item, decision in zip(parsed, decisions, strict=True):
             entry = item.entry
             if decision.outcome is Outcome.DEFERRED:
+                deferred += 1
                 if entry.deliveries >= self.settings.max_deliveries:
                     dead.append(
                         (
@@ -393,7 +389,8 @@ class EventConsumer:
             elif decision.outcome is Outcome.DUPLICATE:
                 self.stats.duplicates += 1
             else:
-                self.stats.applied += 1
+                applied += 1
+        self.stats.applied += applied
         self.unsent = self.publish(world, changes, dead, acks)
         if changes is not None:
             self.known.release_ended(changes)
@@ -413,9 +410,9 @@ class EventConsumer:
         self.log.info(
             "batch done",
             entries=len(entries),
-            applied=sum(d.outcome is Outcome.APPLIED for d in decisions),
+            applied=applied,
             dead_lettered=len(dead),
-            deferred=sum(d.outcome is Outcome.DEFERRED for d in decisions),
+            deferred=deferred,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
@@ -626,7 +623,6 @@ class EventConsumer:
 
     def write_caches(self, batch: cache.CommandBatch, world: World, changes: Changes) -> None:
         """Session hashes, players' user hashes and leaderboard scores, each key once."""
-        ttl = self.settings.user_cache_ttl
         players = world.by_id
         for session_id in changes.touched_sessions:
             session = world.sessions.get(session_id)
@@ -651,7 +647,7 @@ class EventConsumer:
             if player is None:
                 continue
             live = world.live_session_of.get(player.id)
-            cache.queue_player(batch, self.keys, player, live, ttl)
+            self.player_hashes.queue(batch, player, live)
             scores[player.username] = player.earnings
         cache.queue_leaderboard_scores(batch, self.keys, scores)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +27,6 @@ class Entry:
     entry_id: str
     payload: bytes | None
     deliveries: int = 1
-    fields: dict[bytes, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -72,9 +71,57 @@ def to_entries(response: Any, deliveries: int = 1) -> list[Entry]:
                     entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
                     payload=fields.get(PAYLOAD),
                     deliveries=deliveries,
-                    fields=fields,
                 )
             )
+    return entries
+
+
+def read_group(
+    client: Redis,
+    group: str,
+    consumer: str,
+    streams: Sequence[str],
+    count: int,
+    block_ms: int | None,
+) -> list[Entry]:
+    """XREADGROUP of new entries (`>`) of `streams`, read straight off a connection.
+
+    redis-py's reply callback builds a dict per entry, which cost as much as the read
+    itself on the event path; the raw reply (nested lists, parsed by hiredis) is
+    turned into entries here instead.
+    """
+    args: list[str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", block_ms]
+    args += ["STREAMS", *streams, *(">" for _ in streams)]
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command(*args)  # type: ignore[no-untyped-call]
+        reply = conn.read_response(disable_decoding=True)
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(conn)
+    return _entries_of(reply)
+
+
+def _entries_of(reply: Any) -> list[Entry]:
+    """Entries of a raw XREADGROUP reply: `[[stream, [[id, [field, value, ...]], ...]], ...]`."""
+    entries: list[Entry] = []
+    if not reply:
+        return entries
+    for stream, messages in reply.items() if isinstance(reply, dict) else reply:
+        name = stream.decode()
+        for entry_id, pairs in messages:
+            payload = None
+            if pairs:  # None or empty: deleted while pending
+                if pairs[0] == PAYLOAD:
+                    payload = pairs[1]
+                else:
+                    payload = dict(zip(pairs[::2], pairs[1::2], strict=True)).get(PAYLOAD)
+            entries.append(Entry(name, entry_id.decode(), payload))
     return entries
 
 
