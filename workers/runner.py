@@ -31,7 +31,7 @@ log = structlog.get_logger("usermgmt.worker")
 HEARTBEAT_EVERY_S = 5
 HEARTBEAT_TTL_S = 15
 PRUNE_EVERY_S = 60.0
-WAL_CHECKPOINT_EVERY_S = 0.5  # SQLite: see `checkpoint_wal`
+WAL_CHECKPOINT_EVERY_S = 0.1  # SQLite: see `checkpoint_wal`
 
 
 class NotMigrated(Exception):
