@@ -124,6 +124,8 @@ class Changes:
 
     sessions: dict[str, Session] = field(default_factory=dict)  # created or changed
     membership: dict[int, str | None] = field(default_factory=dict)  # user id -> live session
+    # The live session each of those users was in when the batch began (None: none).
+    membership_before: dict[int, str | None] = field(default_factory=dict)
     stats: dict[int, StatsDelta] = field(default_factory=dict)  # by user id
     results: list[ResultRow] = field(default_factory=list)
     processed: list[tuple[str, str, str]] = field(default_factory=list)  # event, stream, entry
@@ -447,11 +449,15 @@ class _Planner:
         return APPLIED
 
     def _set_membership(self, user_id: int, session_id: str | None) -> None:
+        live = self.world.live_session_of
+        before = self.changes.membership_before
+        if user_id not in before:
+            before[user_id] = live.get(user_id)
         if session_id is None:
-            if self.world.live_session_of.pop(user_id, None) is not None:
+            if live.pop(user_id, None) is not None:
                 self.freed.append(user_id)
         else:
-            self.world.live_session_of[user_id] = session_id
+            live[user_id] = session_id
         self.changes.membership[user_id] = session_id
         self.changes.touched_users.add(user_id)
 

@@ -282,17 +282,22 @@ def _write_sessions(db: _Driver, changes: Changes) -> None:
 
 
 def _write_membership(db: _Driver, world: World, changes: Changes) -> None:
-    if not changes.membership:
-        return
-    user_ids = sorted(changes.membership)
-    for chunk in _chunks(user_ids):
+    """Rosters of live sessions: only the rows that changed (a replaced roster mostly
+    names the same players again, and a new one names players who were free)."""
+    before = changes.membership_before
+    moved = sorted(
+        uid for uid, session_id in changes.membership.items() if before.get(uid) != session_id
+    )
+    gone = [uid for uid in moved if before.get(uid) is not None]
+    for chunk in _chunks(gone):
         db.run(f"DELETE FROM session_players WHERE user_id IN ({_marks(len(chunk))})", chunk)  # noqa: S608
+    membership = changes.membership
     db.many(
         "INSERT INTO session_players (user_id, session_pk) VALUES (?, ?)",
         [
-            (user_id, world.sessions[session_id].pk)
-            for user_id, session_id in sorted(changes.membership.items())
-            if session_id is not None
+            (uid, world.sessions[session_id].pk)
+            for uid in moved
+            if (session_id := membership[uid]) is not None
         ],
     )
 
