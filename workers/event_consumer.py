@@ -14,14 +14,11 @@ import gc
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 from redis.exceptions import ResponseError
-from sqlalchemy import Connection
 
 from domain.errors import DeadLetterReason, InvalidPayload
 from domain.events import EventKind, GameEvent, entry_order, parse_event
@@ -32,15 +29,11 @@ from domain.games import (
     PlannedEntry,
     Waiting,
     World,
-    event_usernames,
-    plan_batch,
 )
 from persistence import cache
-from persistence.db import IMMEDIATE, is_sqlite
-from persistence.games import load_world, save_checkpoints, session_is_live, write_changes
+from persistence.games import session_is_live
 from persistence.keys import EVENTS_GROUP
 from persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
-from persistence.world_cache import WorldCache
 from workers.bootstrap import Services
 from workers.connections import (
     DATABASE_ERRORS,
@@ -48,6 +41,7 @@ from workers.connections import (
     database_unreachable,
     redis_unreachable,
 )
+from workers.event_store import Applied, EventStore
 from workers.metrics import NO_METRICS, Metrics
 from workers.streams import (
     Backoff,
@@ -138,8 +132,7 @@ class EventConsumer:
         # the next batch's commit, so Redis works on them while Python works on that.
         self.unsent: cache.CommandBatch | None = None
         self.in_flight: cache.InFlight | None = None
-        self.db: Connection | None = None  # held across batches (`transaction`)
-        self.known = WorldCache()
+        self.store = EventStore(self.engine)
         self.player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=consumer)
@@ -170,7 +163,7 @@ class EventConsumer:
                 self.unsent, self.in_flight = None, None
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
-                self.close_db()
+                self.store.close()
                 self.wait_backoff(database_unreachable(self.settings.database_url, exc))
             except ResponseError as exc:
                 if not is_missing_group(exc):
@@ -178,7 +171,7 @@ class EventConsumer:
                 self.log.warning("consumer group missing (Redis restarted?); recreating it")
                 self.needs_setup = True
         self.settle_on_exit()
-        self.close_db()
+        self.store.close()
         gc.enable()
         self.log.info(
             "event consumer stopped",
@@ -359,8 +352,10 @@ class EventConsumer:
                 continue
             parsed.append(_Parsed(entry, PlannedEntry(event, kind.value, entry.entry_id)))
 
-        decisions, world, changes = self.apply(parsed)
+        result = self.apply(parsed)
         self.settle()  # the previous batch's replies, read while this one's SQL ran
+        batch = self.pack_caches(result)
+        decisions, _, changes = result
         acks: list[Entry] = [entry for entry, _, _ in dead]
         applied = deferred = 0
         for item, decision in zip(parsed, decisions, strict=True):
@@ -391,9 +386,9 @@ class EventConsumer:
             else:
                 applied += 1
         self.stats.applied += applied
-        self.unsent = self.publish(world, changes, dead, acks)
+        self.unsent = self.publish(batch, dead, acks)
         if changes is not None:
-            self.known.release_ended(changes)
+            self.store.known.release_ended(changes)
         self.stats.batches += 1
         outcomes = ((p.entry.stream, d.outcome) for p, d in zip(parsed, decisions, strict=True))
         seconds = time.perf_counter() - started
@@ -439,10 +434,10 @@ class EventConsumer:
                 waiting.hold(retry.held, self.kind_order(stream, entry_id))
         return waiting
 
-    def apply(self, parsed: list[_Parsed]) -> tuple[list[Decision], World | None, Changes | None]:
+    def apply(self, parsed: list[_Parsed]) -> Applied:
         """Commit the batch; the database being away pauses here until it is back."""
         if not parsed:
-            return [], None, None
+            return Applied([], None, None)
         backoff = Backoff()
         while True:
             try:
@@ -461,80 +456,16 @@ class EventConsumer:
                 self.log.warning("batch failed; applying entries one by one", error=repr(exc))
                 return self.apply_one_by_one(parsed)
 
-    def apply_once(
-        self, parsed: list[_Parsed], waiting: Waiting | None = None
-    ) -> tuple[list[Decision], World, Changes]:
+    def apply_once(self, parsed: list[_Parsed], waiting: Waiting | None = None) -> Applied:
         """Load, decide and write one batch in a single transaction."""
-        planned = [item.planned for item in parsed]
-        events = [p.event for p in planned]
-        now = datetime.now(UTC)
-        sqlite = is_sqlite(self.engine)
-        with self.transaction() as conn:
-            world = load_world(
-                conn,
-                event_ids=[p.event_id for p in planned],
-                username_keys=event_usernames(events),
-                session_ids=[event.session_id for event in events],
-                lock=not sqlite,
-                world=self.known.world_for(conn),
-            )
-            if waiting is None:
-                waiting = self.waiting()
-            decisions, changes = plan_batch(world, planned, now, waiting)
-            write_changes(conn, world, changes, now)
-            checkpoints: dict[str, str] = {}
-            for item, decision in zip(parsed, decisions, strict=True):
-                if decision.outcome is not Outcome.DEFERRED:
-                    checkpoints[item.entry.stream] = item.entry.entry_id
-            save_checkpoints(conn, checkpoints, now)
-        return decisions, world, changes
+        return self.store.apply(
+            [item.planned for item in parsed],
+            [item.entry.stream for item in parsed],
+            datetime.now(UTC),
+            self.waiting() if waiting is None else waiting,
+        )
 
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """One write transaction on the consumer's own connection.
-
-        On any failure what the world cache knows is forgotten (the batch changed it in
-        memory), and a connection the database dropped is closed, to be opened again.
-        """
-        conn = self.connection()
-        try:
-            with conn.begin():
-                yield conn
-        except BaseException as exc:
-            self.known.forget()
-            if conn.invalidated or isinstance(exc, DATABASE_ERRORS):
-                self.close_db()
-            raise
-
-    def connection(self) -> Connection:
-        """The consumer's connection, opened on first use and held across batches.
-
-        Its transactions begin IMMEDIATE (SQLite), so a batch that reads then writes
-        never deadlocks against another writer. SQLite's foreign-key checks are off on
-        it: every id a batch writes was read under the same write lock or is known
-        exactly (`WorldCache`), and the checks cost a quarter of each result insert.
-        """
-        if self.db is None:
-            conn = self.engine.connect().execution_options(**{IMMEDIATE: True})
-            if is_sqlite(self.engine):
-                conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
-            self.db = conn
-        return self.db
-
-    def close_db(self) -> None:
-        """Let the connection go; it is never handed to anyone else (foreign keys off)."""
-        conn, self.db = self.db, None
-        self.known.forget()
-        if conn is not None:
-            try:
-                conn.invalidate()
-                conn.close()
-            except Exception as exc:  # already broken: nothing left to give back
-                self.log.debug("closing the database connection failed", error=repr(exc))
-
-    def apply_one_by_one(
-        self, parsed: list[_Parsed]
-    ) -> tuple[list[Decision], World | None, Changes | None]:
+    def apply_one_by_one(self, parsed: list[_Parsed]) -> Applied:
         decisions: list[Decision] = []
         merged_world: World | None = None
         merged = Changes()
@@ -569,19 +500,21 @@ class EventConsumer:
             merged.touched_users |= changes.touched_users
             merged.touched_sessions |= changes.touched_sessions
             merged.stats.update(changes.stats)
-        return decisions, merged_world, merged
+        return Applied(decisions, merged_world, merged)
 
     # -- after the commit ------------------------------------------------------------
 
-    def publish(
-        self,
-        world: World | None,
-        changes: Changes | None,
-        dead: list[tuple[Entry, str, str]],
-        acks: list[Entry],
-    ) -> cache.CommandBatch:
-        """A committed batch's dead letters, caches and acks (acks last), packed to send."""
+    def pack_caches(self, applied: Applied) -> cache.CommandBatch:
+        """A batch's cache writes, packed (sent only once it is committed)."""
         batch = cache.CommandBatch()
+        if applied.world is not None and applied.changes is not None:
+            self.write_caches(batch, applied.world, applied.changes)
+        return batch
+
+    def publish(
+        self, batch: cache.CommandBatch, dead: list[tuple[Entry, str, str]], acks: list[Entry]
+    ) -> cache.CommandBatch:
+        """A committed batch's caches, then its dead letters and acks (acks last)."""
         for entry, reason, message in dead:
             letter = dead_letter_payload(entry, reason, message)
             batch.add("XADD", self.keys.dlq, "*", "payload", letter)
@@ -592,8 +525,6 @@ class EventConsumer:
                 reason=str(reason),
                 error=message,
             )
-        if world is not None and changes is not None:
-            self.write_caches(batch, world, changes)
         for stream in self.streams:
             ids = [entry.entry_id for entry in acks if entry.stream == stream]
             if ids:
@@ -653,9 +584,9 @@ class EventConsumer:
 
     def refresh_ranks(self) -> None:
         started = time.perf_counter()
-        with self.transaction() as conn:
+        with self.store.transaction() as conn:
             changed = refresh_ranks(conn)
-        self.known.forget()  # cached players hold the ranks of before
+        self.store.known.forget()  # cached players hold the ranks of before
         self.ranks_dirty = False
         self.last_rank_refresh = time.monotonic()
         self.log.info(

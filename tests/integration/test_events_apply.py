@@ -304,16 +304,16 @@ def test_an_entry_that_fails_to_write_is_isolated_and_retried(
 ) -> None:
     """A batch whose write raises is applied entry by entry: the others commit, the
     failing one is retried until the delivery limit, and caches match the end state."""
-    from workers import event_consumer
+    from workers import event_store
 
-    real_write = event_consumer.write_changes
+    real_write = event_store.write_changes
 
     def write_changes(conn, world, changes, now):  # type: ignore[no-untyped-def]
         if "poison" in changes.sessions:
             raise RuntimeError("cannot write this one (test)")
         real_write(conn, world, changes, now)
 
-    monkeypatch.setattr(event_consumer, "write_changes", write_changes)
+    monkeypatch.setattr(event_store, "write_changes", write_changes)
     with services_for(backend, max_deliveries=2) as services:
         add_players(services, "alice", "bob")
         keys = backend.keys

@@ -47,14 +47,14 @@ def test_a_change_committed_by_another_connection_is_seen_by_the_next_batch(
         worker = EventConsumer(services, "c1", threading.Event(), burst=True)
         play(backend, "g1", ("alice", "win", 100), ("bob", "loss", 0))
         apply_available(worker)
-        assert worker.known.world is not None or not backend.database_url.startswith("sqlite")
+        assert worker.store.known.world is not None or not backend.database_url.startswith("sqlite")
         # Someone else changes alice's wallet and registers carol meanwhile.
         with services.engine.begin() as conn:
             conn.execute(sa.text("UPDATE users SET wallet = wallet + 1000 WHERE id = 1"))
         add_players(services, "carol")
         play(backend, "g2", ("alice", "win", 5), ("carol", "loss", 1))
         apply_available(worker)  # the same consumer and connection
-        worker.close_db()
+        worker.store.close()
 
         ((wallet,),) = rows(services, "SELECT wallet FROM users WHERE username = 'alice'")
         assert wallet == 1105
@@ -72,7 +72,7 @@ def test_ranks_refreshed_between_batches_reach_the_user_hashes(backend: Backend)
         worker.refresh_ranks()  # as when idle: alice 1, bob and carol 2
         publish(backend.redis, backend.keys, "update", session_id="g2", players=["bob"])
         apply_available(worker)
-        worker.close_db()
+        worker.store.close()
 
         ranks = dict(
             rows(
