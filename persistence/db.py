@@ -83,6 +83,32 @@ CATCH_UP_ROUNDS = 6
 CAUGHT_UP_S = 0.003  # a round this short left the WAL nearly all copied
 
 
+PAGE_CACHE_MIN_KIB = 16 * 1024
+PAGE_CACHE_MAX_KIB = 64 * 1024
+# users, stats and leaderboard rows and their indexes come to ~200 bytes a player: room
+# for twice that keeps the event worker's hot set cached as the population grows.
+HOT_BYTES_PER_PLAYER = 400
+
+
+def fit_page_cache(dbapi_connection: Any) -> int:
+    """Size a SQLite connection's page cache to the players (16-64 MiB); returns KiB.
+
+    The event worker's hot set is the player tables: a cache much bigger than them
+    only fills with pages of append-only tables (results, processed ids) that are
+    written once, and its memory grows with every event until it is full.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        players = cursor.execute("SELECT coalesce(max(id), 0) FROM users").fetchone()[0]
+        kib = min(
+            PAGE_CACHE_MAX_KIB, max(PAGE_CACHE_MIN_KIB, players * HOT_BYTES_PER_PLAYER // 1024)
+        )
+        cursor.execute(f"PRAGMA cache_size=-{kib:d}")
+    finally:
+        cursor.close()
+    return int(kib)
+
+
 def checkpoint_wal(engine: Engine, restart_pages: int = RESTART_PAGES) -> tuple[int, int] | None:
     """Copy committed WAL pages into a SQLite database file; None for other databases.
 

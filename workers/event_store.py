@@ -6,6 +6,7 @@
 - SQLite's foreign-key checks are off on it: every id a batch writes was read under
   the same write lock or is known exactly (`WorldCache`), and the checks cost a
   quarter of each result insert. It is never handed to anyone else.
+- Its page cache is sized to the player tables (`fit_page_cache`).
 - Any failure forgets what the world cache knows (the batch changed it in memory);
   a connection the database dropped is closed, to be opened again.
 """
@@ -30,7 +31,7 @@ from domain.games import (
     event_usernames,
     plan_batch,
 )
-from persistence.db import IMMEDIATE, is_sqlite
+from persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
 from persistence.games import load_world, save_checkpoints, write_changes
 from persistence.world_cache import WorldCache
 from workers.connections import DATABASE_ERRORS
@@ -101,7 +102,9 @@ class EventStore:
         if self.db is None:
             conn = self.engine.connect().execution_options(**{IMMEDIATE: True})
             if self.sqlite:
-                conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+                driver = conn.connection.driver_connection
+                driver.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+                fit_page_cache(driver)
             self.db = conn
         return self.db
 

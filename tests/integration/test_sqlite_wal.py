@@ -9,7 +9,15 @@ from pathlib import Path
 import fakeredis
 import sqlalchemy as sa
 
-from persistence.db import checkpoint_wal, make_engine, upgrade
+from persistence.db import (
+    HOT_BYTES_PER_PLAYER,
+    PAGE_CACHE_MAX_KIB,
+    PAGE_CACHE_MIN_KIB,
+    checkpoint_wal,
+    fit_page_cache,
+    make_engine,
+    upgrade,
+)
 from persistence.keys import Keys
 from workers.bootstrap import Services
 from workers.runner import Worker
@@ -92,3 +100,24 @@ def test_the_worker_checkpoints_the_wal(sqlite_url: str, prefix: str) -> None:
         thread.join(30)
         services.close()
     assert not thread.is_alive()
+
+
+def test_the_page_cache_is_sized_to_the_players(sqlite_url: str) -> None:
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            assert fit_page_cache(driver) == PAGE_CACHE_MIN_KIB  # nobody registered yet
+            assert driver.execute("PRAGMA cache_size").fetchone()[0] == -PAGE_CACHE_MIN_KIB
+            # Ids are what counts (the biggest), not rows: one row stands for 100k players.
+            conn.exec_driver_sql(
+                "INSERT INTO users (id, username, username_key, password_hash, wallet, created_at)"
+                " VALUES (100000, 'p', 'p', 'x', 0, '2024-01-01 00:00:00')"
+            )
+            assert fit_page_cache(driver) == 100_000 * HOT_BYTES_PER_PLAYER // 1024
+            conn.exec_driver_sql("UPDATE users SET id = 10000000")
+            assert fit_page_cache(driver) == PAGE_CACHE_MAX_KIB
+            conn.rollback()
+    finally:
+        engine.dispose()
