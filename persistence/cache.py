@@ -228,13 +228,12 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
-def _command(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(arg) for arg in args)
-
-
 # The fields a player's numbers fill, each value left as `$<length>\r\n<value>`.
 _NUMBERS = b"".join(_bulk(name.encode()) + b"$%d\r\n%b\r\n" for name in _USER_FIELDS[2:])
 _HSET_ARGS = 2 + 2 * len(_USER_FIELDS)  # HSET, key, then name and value per field
+_HEAD = b"$4\r\nHSET\r\n$%d\r\n%b\r\n$2\r\nid\r\n$%d\r\n%b\r\n$8\r\nusername\r\n$%d\r\n%b\r\n"
+_EXPIRE = b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+_HDEL_SESSION = b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$7\r\nsession\r\n"
 
 
 class PlayerHashes:
@@ -247,7 +246,8 @@ class PlayerHashes:
     """
 
     def __init__(self, keys: Keys, ttl: int, limit: int = 200_000) -> None:
-        self.keys, self.ttl, self.limit = keys, ttl, limit
+        self.keys, self.limit = keys, limit
+        self.ttl_text = b"%d" % ttl
         self.fixed: dict[int, tuple[str, bytes, bytes, bytes, bytes]] = {}
 
     def _fixed(self, player: Player) -> tuple[str, bytes, bytes, bytes, bytes]:
@@ -255,19 +255,23 @@ class PlayerHashes:
         if fixed is None or fixed[0] != player.username:
             if len(self.fixed) >= self.limit:
                 self.fixed.clear()
-            key = self.keys.user(player.username).encode()
-            identity = _bulk(b"id") + _bulk(b"%d" % player.id)
-            identity += _bulk(b"username") + _bulk(player.username.encode())
-            head = _bulk(b"HSET") + _bulk(key) + identity
-            expire = _command(b"EXPIRE", key, b"%d" % self.ttl)
-            fixed = self.fixed[player.id] = (
-                player.username,
-                b"*%d\r\n" % _HSET_ARGS + head,
-                b"*%d\r\n" % (_HSET_ARGS + 2) + head,
-                _command(b"HDEL", key, b"session") + expire,
-                expire,
-            )
+            fixed = self.fixed[player.id] = self._pack_fixed(player)
         return fixed
+
+    def _pack_fixed(self, player: Player) -> tuple[str, bytes, bytes, bytes, bytes]:
+        """A player's first write: one format per part (players met once are common)."""
+        key = self.keys.user(player.username).encode()
+        name = player.username.encode()
+        uid = b"%d" % player.id
+        head = _HEAD % (len(key), key, len(uid), uid, len(name), name)
+        expire = _EXPIRE % (len(key), key, len(self.ttl_text), self.ttl_text)
+        return (
+            player.username,
+            b"*%d\r\n" % _HSET_ARGS + head,
+            b"*%d\r\n" % (_HSET_ARGS + 2) + head,
+            _HDEL_SESSION % (len(key), key) + expire,
+            expire,
+        )
 
     def queue(self, batch: CommandBatch, player: Player, session: str | None) -> None:
         """Queue the writes of one player's hash: 3 commands, or 2 in a live session."""
