@@ -849,7 +849,8 @@ NOTES = """Notes:
 - Latency is XADD (the entry id's millisecond) to the ack being seen by a 1 ms poller; the
   worker acks after the commit, in the same round trip as (and after) the cache writes.
   Only entries published at the steady rate count, not the burst that ends live games.
-- Worker RSS grows while SQLite's page cache (64 MiB per connection) fills; it is bounded.
+- The worker's SQLite page cache is sized to the player tables (16 MiB at 10k players,
+  at most 64 MiB), so its memory stops growing once that is full.
 """
 
 
