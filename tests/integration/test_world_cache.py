@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 
@@ -86,59 +88,57 @@ def test_ranks_refreshed_between_batches_reach_the_user_hashes(backend: Backend)
         assert cached_user(backend, "bob")["session"] == "g2"
 
 
-def test_the_world_is_kept_only_while_nobody_else_commits(sqlite_url: str) -> None:
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    other = make_engine(sqlite_url)
-    cache = WorldCache()
+@contextmanager
+def migrated(url: str) -> Iterator[sa.Engine]:
+    """An engine on a freshly migrated database, disposed of afterwards."""
+    upgrade(url)
+    engine = make_engine(url)
     try:
-        with engine.connect() as conn:
-            with conn.begin():
-                first = cache.world_for(conn)
-            with conn.begin():
-                assert cache.world_for(conn) is first
-                conn.execute(sa.text("DELETE FROM stream_checkpoints"))  # our own commit
-            with conn.begin():
-                assert cache.world_for(conn) is first
-            with other.begin() as elsewhere:
-                elsewhere.execute(sa.text("DELETE FROM stream_checkpoints"))
-            with conn.begin():
-                second = cache.world_for(conn)
-                assert second is not first
-            cache.forget()
-            with conn.begin():
-                assert cache.world_for(conn) is not second
+        yield engine
     finally:
         engine.dispose()
-        other.dispose()
+
+
+def test_the_world_is_kept_only_while_nobody_else_commits(sqlite_url: str) -> None:
+    cache = WorldCache()
+    with (
+        migrated(sqlite_url) as engine,
+        migrated(sqlite_url) as other,  # the same database, another writer
+        engine.connect() as conn,
+    ):
+        with conn.begin():
+            first = cache.world_for(conn)
+        with conn.begin():
+            assert cache.world_for(conn) is first
+            conn.execute(sa.text("DELETE FROM stream_checkpoints"))  # our own commit
+        with conn.begin():
+            assert cache.world_for(conn) is first
+        with other.begin() as elsewhere:
+            elsewhere.execute(sa.text("DELETE FROM stream_checkpoints"))
+        with conn.begin():
+            second = cache.world_for(conn)
+            assert second is not first
+        cache.forget()
+        with conn.begin():
+            assert cache.world_for(conn) is not second
 
 
 def test_a_full_world_starts_again(sqlite_url: str) -> None:
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
     cache = WorldCache(max_players=1)
-    try:
-        with engine.connect() as conn:
-            with conn.begin():
-                world = cache.world_for(conn)
-            template = new_world()
-            assert world == template
-            world.players.update({"a": None, "b": None})  # type: ignore[dict-item]
-            with conn.begin():
-                assert cache.world_for(conn) is not world
-    finally:
-        engine.dispose()
+    with migrated(sqlite_url) as engine, engine.connect() as conn:
+        with conn.begin():
+            world = cache.world_for(conn)
+        template = new_world()
+        assert world == template
+        world.players.update({"a": None, "b": None})  # type: ignore[dict-item]
+        with conn.begin():
+            assert cache.world_for(conn) is not world
 
 
 def test_postgresql_reads_the_world_every_batch(postgres_url: str) -> None:
-    upgrade(postgres_url)
-    engine = make_engine(postgres_url)
     cache = WorldCache()
-    try:
-        with engine.connect() as conn:
-            with conn.begin():
-                first = cache.world_for(conn)
-            with conn.begin():
-                assert cache.world_for(conn) is not first
-    finally:
-        engine.dispose()
+    with migrated(postgres_url) as engine, engine.connect() as conn:
+        with conn.begin():
+            first = cache.world_for(conn)
+        with conn.begin():
+            assert cache.world_for(conn) is not first
