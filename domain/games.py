@@ -19,7 +19,7 @@ from domain.events import GameEvent, TerminateEvent, UpdateEvent, entry_order
 ENDED = "ended"
 
 
-@dataclass
+@dataclass(slots=True)
 class Player:
     """A registered player as the batch sees it (totals include this batch's results)."""
 
@@ -34,7 +34,7 @@ class Player:
     board_id: int = 0  # the leaderboard row's id, as loaded (0: not loaded from SQL)
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """A game session; `pk` is None until the batch's transaction inserts it."""
 
