@@ -721,7 +721,7 @@ def run(mode: Mode, redis_url: str) -> int:
     (RESULTS / f"latest-{mode.name}.json").write_text(json.dumps(r, indent=1, default=str))
     if failure is None:
         plot(r, RESULTS / f"bench-{mode.name}.png")
-        (RESULTS / "latest.md").write_text(report(r, mode, table))
+        (RESULTS / f"latest-{mode.name}.md").write_text(report(r, mode, table))
         log(f"results in {RESULTS} ({r['wall_s']:.0f} s)")
     return 1 if failure else 0
 
@@ -873,7 +873,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     top = max(*calm, *flood, 1.0)
     bins = [top * i / 60 for i in range(61)]
     right.hist(calm, bins=bins, alpha=0.6, label=f"half load ({len(calm)} entries)")
-    right.hist(flood, bins=bins, alpha=0.6, label=f"during 500 logins ({len(flood)})")
+    logins = r["mode"]["logins"]
+    right.hist(flood, bins=bins, alpha=0.6, label=f"during {logins} logins ({len(flood)})")
     right.set_yscale("log")
     right.set_xlabel("ms from XADD to committed + cached + acked")
     right.set_ylabel("entries")
