@@ -134,8 +134,23 @@ def test_update_replaces_roster_status_and_meta() -> None:
     assert (session.status, session.meta) == ("in_progress", {"round": 2})
     assert (session.created_at, session.updated_at) == (EARLIER, NOW)
     assert changes.membership == {1: None, 2: "s1", 3: "s1"}
+    # What each was in before the batch: only alice's and carol's rows change.
+    assert changes.membership_before == {1: "s1", 2: "s1", 3: None}
     assert world.live_session_of == {2: "s1", 3: "s1"}
     assert changes.touched_users == {1, 2, 3}
+
+
+def test_membership_before_is_the_state_at_the_start_of_the_batch() -> None:
+    world = make_world("alice", "bob")
+    add_session(world, "s1", "alice")
+    _, changes, _ = plan(
+        world,
+        terminate("s1", ("alice", "win", 5)),
+        update("s2", "alice", "bob"),
+        update("s2", "bob"),
+    )
+    assert changes.membership == {1: None, 2: "s2"}
+    assert changes.membership_before == {1: "s1", 2: None}
 
 
 def test_player_names_match_case_insensitively() -> None:
