@@ -15,7 +15,7 @@ from domain.games import Changes, World
 from persistence.db import is_sqlite
 from persistence.games import new_world
 
-MAX_PLAYERS = 100_000  # about 30 MB of player records; beyond that, start again
+MAX_PLAYERS = 100_000  # about 20 MB of player records; beyond that, start again
 MAX_SESSIONS = 100_000
 
 

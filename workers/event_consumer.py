@@ -259,7 +259,7 @@ class EventConsumer:
         last id seen are kept in `buffer` until the full stream catches up.
         """
         size = self.settings.batch_size
-        buffered = Counter(entry.stream for entry in self.buffer) if self.buffer else Counter()
+        buffered = Counter(entry.stream for entry in self.buffer)
         wanted = [s for s in self.streams if buffered[s] < size]
         if wanted:
             fresh = read_group(self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms)
@@ -483,7 +483,7 @@ class EventConsumer:
                 world, changes = None, None
             decisions.append(decision)
             if decision.holds_session:
-                waiting.hold(item.planned.event, self.order(item.entry))
+                waiting.hold(item.planned.event, item.planned.order)
             if world is None or changes is None:
                 continue
             if merged_world is None:
