@@ -26,6 +26,7 @@ class DeadLetterReason(StrEnum):
     UNKNOWN_USER = "unknown_user"
     NOT_IN_ROSTER = "not_in_roster"
     SESSION_ENDED = "session_ended"
+    WAIT_TIMEOUT = "wait_timeout"
     MAX_DELIVERIES = "max_deliveries"
 
 

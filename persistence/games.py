@@ -18,12 +18,12 @@ from domain.games import ENDED, Changes, Player, Session, World
 _CHUNK = 900
 
 
-def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+def chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
 
-class _Driver:
+class Driver:
     """The hot statements on the driver's own cursor (execute|executemany), plain tuples.
 
     SQLAlchemy Core's per-row parameter processing cost more than the statements
@@ -98,7 +98,7 @@ def _datetime_processors(dialect: Dialect) -> tuple[Callable[[Any], Any], Callab
     return column.bind_processor(dialect) or _same, column.result_processor(dialect, None) or _same
 
 
-def _marks(count: int) -> str:
+def marks(count: int) -> str:
     """`?, ?, ...`: only markers are ever formatted into these statements, never values."""
     return ", ".join("?" * count)
 
@@ -112,6 +112,18 @@ _SESSION_COLUMNS = (
     "SELECT id, session_id, status, meta, end_reason, created_at, updated_at, ended_at "
     "FROM game_sessions WHERE "
 )
+
+
+# Event transactions on PostgreSQL take this lock first: decisions are made one batch
+# at a time, in order, whichever worker makes them (a batch's decisions depend on
+# every earlier one, and on the waiting entries other workers recorded).
+_DECISIONS_LOCK = 0x756D_6576_656E_7473  # "umevents"
+
+
+def lock_decisions(conn: Connection) -> None:
+    """Serialize event decisions across workers (PostgreSQL; SQLite's write lock does it)."""
+    if conn.dialect.name == "postgresql":
+        Driver(conn).run("SELECT pg_advisory_xact_lock(?)", (_DECISIONS_LOCK,))
 
 
 def new_world() -> World:
@@ -133,13 +145,13 @@ def load_world(
     players and sessions it lacks are read, with their memberships. Which event ids
     were processed is always asked.
     """
-    db = _Driver(conn)
+    db = Driver(conn)
     if world is None:
         world = new_world()
     world.processed = set()
-    for chunk in _chunks(sorted(set(event_ids))):
+    for chunk in chunks(sorted(set(event_ids))):
         rows = db.rows(
-            f"SELECT event_id FROM processed_events WHERE event_id IN ({_marks(len(chunk))})",  # noqa: S608
+            f"SELECT event_id FROM processed_events WHERE event_id IN ({marks(len(chunk))})",  # noqa: S608
             chunk,
         )
         world.processed.update(row[0] for row in rows)
@@ -154,11 +166,11 @@ def load_world(
     # world already knows has its whole roster; a player it knows, their membership.
     memberships: list[tuple[int, int, str]] = []
     for column, values in (("user_id", sorted(new_ids)), ("session_pk", sorted(new_sessions))):
-        for chunk in _chunks(values):
+        for chunk in chunks(values):
             memberships += db.rows(
                 "SELECT p.user_id, p.session_pk, g.session_id FROM session_players p "  # noqa: S608
                 f"JOIN game_sessions g ON g.id = p.session_pk "
-                f"WHERE p.{column} IN ({_marks(len(chunk))})",
+                f"WHERE p.{column} IN ({marks(len(chunk))})",
                 chunk,
             )
     others = sorted({pk for _, pk, sid in memberships if sid not in world.sessions})
@@ -184,11 +196,11 @@ def _pk(session: Session) -> int:
 
 
 def _load_players(
-    db: _Driver, world: World, column: str, values: list[Any], lock: bool
+    db: Driver, world: World, column: str, values: list[Any], lock: bool
 ) -> list[Player]:
     loaded: list[Player] = []
-    for chunk in _chunks(values):
-        query = f"{_PLAYER_COLUMNS}{column} IN ({_marks(len(chunk))}) ORDER BY u.id"
+    for chunk in chunks(values):
+        query = f"{_PLAYER_COLUMNS}{column} IN ({marks(len(chunk))}) ORDER BY u.id"
         if lock:
             query += " FOR UPDATE"
         for uid, name, key, wallet, sid, wins, losses, earned, rank, board in db.rows(query, chunk):
@@ -199,11 +211,11 @@ def _load_players(
 
 
 def _load_sessions(
-    db: _Driver, world: World, column: str, values: list[Any], lock: bool
+    db: Driver, world: World, column: str, values: list[Any], lock: bool
 ) -> list[Session]:
     loaded: list[Session] = []
-    for chunk in _chunks(values):
-        query = f"{_SESSION_COLUMNS}{column} IN ({_marks(len(chunk))}) ORDER BY id"
+    for chunk in chunks(values):
+        query = f"{_SESSION_COLUMNS}{column} IN ({marks(len(chunk))}) ORDER BY id"
         if lock:
             query += " FOR UPDATE"
         for pk, session_id, status, meta, reason, created, updated, ended in db.rows(query, chunk):
@@ -224,7 +236,7 @@ def _load_sessions(
 
 def write_changes(conn: Connection, world: World, changes: Changes, now: datetime) -> None:
     """Write a planned batch: sessions, rosters, stats, wallets, results, processed ids."""
-    db = _Driver(conn)
+    db = Driver(conn)
     _write_sessions(db, changes)
     _write_membership(db, world, changes)
     _write_stats(db, world, changes)
@@ -246,11 +258,11 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
 _SESSION_ROW = 7  # columns of one inserted session
 
 
-def _write_sessions(db: _Driver, changes: Changes) -> None:
+def _write_sessions(db: Driver, changes: Changes) -> None:
     new = [s for s in changes.sessions.values() if s.pk is None]
     old = [s for s in changes.sessions.values() if s.pk is not None]
     # One multi-row INSERT ... RETURNING per chunk: the new primary keys in one trip.
-    for chunk in _chunks(new, _CHUNK // _SESSION_ROW):
+    for chunk in chunks(new, _CHUNK // _SESSION_ROW):
         values: list[Any] = []
         for s in chunk:
             values += (
@@ -262,7 +274,7 @@ def _write_sessions(db: _Driver, changes: Changes) -> None:
                 db.time(s.updated_at),
                 db.time(s.ended_at),
             )
-        row_marks = f"({_marks(_SESSION_ROW)})"
+        row_marks = f"({marks(_SESSION_ROW)})"
         rows = db.rows(
             "INSERT INTO game_sessions (session_id, status, meta, end_reason, created_at, "  # noqa: S608
             f"updated_at, ended_at) VALUES {', '.join([row_marks] * len(chunk))} "
@@ -281,7 +293,7 @@ def _write_sessions(db: _Driver, changes: Changes) -> None:
     )
 
 
-def _write_membership(db: _Driver, world: World, changes: Changes) -> None:
+def _write_membership(db: Driver, world: World, changes: Changes) -> None:
     """Rosters of live sessions: only the rows that changed (a replaced roster mostly
     names the same players again, and a new one names players who were free)."""
     before = changes.membership_before
@@ -289,8 +301,8 @@ def _write_membership(db: _Driver, world: World, changes: Changes) -> None:
         uid for uid, session_id in changes.membership.items() if before.get(uid) != session_id
     )
     gone = [uid for uid in moved if before.get(uid) is not None]
-    for chunk in _chunks(gone):
-        db.run(f"DELETE FROM session_players WHERE user_id IN ({_marks(len(chunk))})", chunk)  # noqa: S608
+    for chunk in chunks(gone):
+        db.run(f"DELETE FROM session_players WHERE user_id IN ({marks(len(chunk))})", chunk)  # noqa: S608
     membership = changes.membership
     db.many(
         "INSERT INTO session_players (user_id, session_pk) VALUES (?, ?)",
@@ -302,7 +314,7 @@ def _write_membership(db: _Driver, world: World, changes: Changes) -> None:
     )
 
 
-def _write_stats(db: _Driver, world: World, changes: Changes) -> None:
+def _write_stats(db: Driver, world: World, changes: Changes) -> None:
     """A batch's results aggregated per player: one row update per player and table."""
     if not changes.stats:
         return
@@ -342,12 +354,12 @@ def save_checkpoints(conn: Connection, checkpoints: dict[str, str], now: datetim
     """Advance, per stream, the last entry id whose effect this transaction commits."""
     if not checkpoints:
         return
-    db = _Driver(conn)
+    db = Driver(conn)
     streams = sorted(checkpoints)
     current = dict(
         db.rows(
             "SELECT stream, last_entry_id FROM stream_checkpoints "  # noqa: S608
-            f"WHERE stream IN ({_marks(len(streams))})",
+            f"WHERE stream IN ({marks(len(streams))})",
             streams,
         )
     )

@@ -133,6 +133,24 @@ class StreamCheckpoint(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class WaitingEvent(Base):
+    """A game event decided to wait for what it depends on; pending in Redis meanwhile.
+
+    Any worker (or a replay) decides it again once that has been applied; `since` is
+    its entry-id time, from which `USERMGMT_MAX_WAIT_S` counts.
+    """
+
+    __tablename__ = "waiting_events"
+
+    stream: Mapped[str] = mapped_column(String(16), primary_key=True)  # update | terminate
+    entry_id: Mapped[str] = mapped_column(String(41), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36))
+    session_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    waits_for: Mapped[str] = mapped_column(Text)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class OutboxEvent(Base):
     """An event committed with its effect, waiting for the relay to XADD it (then marked).
 

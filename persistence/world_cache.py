@@ -12,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import Connection
 
 from domain.games import Changes, World
+from domain.waiting import Waiters
 from persistence.db import is_sqlite
 from persistence.games import new_world
 
@@ -25,6 +26,7 @@ class WorldCache:
     def __init__(self, max_players: int = MAX_PLAYERS) -> None:
         self.max_players = max_players
         self.world: World | None = None
+        self.waiters: Waiters | None = None  # the waiting entries, known with the world
         self.version: int | None = None
 
     def world_for(self, conn: Connection) -> World:
@@ -34,6 +36,7 @@ class WorldCache:
         what is known now stays true until the commit.
         """
         if not is_sqlite(conn.engine):
+            self.waiters = None
             return new_world()  # no cheap way to tell another writer's commit
         cursor = conn.connection.cursor()
         cursor.execute("PRAGMA data_version")
@@ -47,6 +50,7 @@ class WorldCache:
             or len(world.sessions) > MAX_SESSIONS
         ):
             world = self.world = new_world()
+            self.waiters = None
         self.version = version
         return world
 
@@ -63,3 +67,4 @@ class WorldCache:
     def forget(self) -> None:
         """Read everything again next time (a rollback, a rank refresh, a reconnect)."""
         self.world = None
+        self.waiters = None

@@ -181,7 +181,7 @@ def restore(
             services.keys,
             services.engine,
             batch_size=services.settings.batch_size,
-            retry_delay_ms=services.settings.retry_delay_ms,
+            limits=services.settings.limits(),
             progress=progress(report.starts) if progress is not None else None,
         ).run(report.starts)
     clear_backup_marks(services.engine)

@@ -1,10 +1,18 @@
-"""The game-event consumer: update and terminate streams, applied in entry-id order.
+"""The game-event consumer: update and terminate streams, each entry applied once what it
+depends on has been (`domain.planner`).
 
-Delivery semantics (SPEC §3), all decided here:
+Delivery semantics (docs/protocol.md, "Delivery"), all decided here:
+- entries are decided in their merged order, and only once every earlier entry is
+  known: the read's server clock, a stream cut short by COUNT, and entries pending
+  on other consumers bound what may be decided (`take_ready`);
 - an entry is acked only after its effect (and its event id) is committed;
 - permanent failures are dead-lettered at once and acked;
-- transient ones stay pending and are retried, counted by Redis, until
-  `max_deliveries`, then dead-lettered with `max_deliveries`;
+- an entry that waits stays pending, recorded in `waiting_events`, and is kept fresh
+  (XCLAIM JUSTID) so no other consumer reclaims it and no delivery is counted; it is
+  decided again as soon as what it waits for is applied, by whichever worker applies
+  that, or dead-lettered as `wait_timeout`;
+- a delivery that ends without a decision (a crash, an entry that fails to apply)
+  counts, and `max_deliveries` of them dead-letter the entry;
 - the database being away pauses the batch in hand (nothing is dead-lettered for it).
 """
 
@@ -21,19 +29,13 @@ import structlog
 from redis.exceptions import ResponseError
 
 from domain.errors import DeadLetterReason, InvalidPayload
-from domain.events import EventKind, GameEvent, entry_order, parse_event
-from domain.games import (
-    Changes,
-    Decision,
-    Outcome,
-    PlannedEntry,
-    Waiting,
-    World,
-)
+from domain.events import EventKind, entry_order, parse_event
+from domain.games import Changes, Order, Outcome, PlannedEntry, World
 from persistence import cache
 from persistence.games import session_is_live
 from persistence.keys import EVENTS_GROUP
 from persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
+from persistence.waiting import waiting_keys
 from workers.bootstrap import Services
 from workers.connections import (
     DATABASE_ERRORS,
@@ -46,19 +48,27 @@ from workers.metrics import NO_METRICS, Metrics
 from workers.streams import (
     Backoff,
     Entry,
+    GroupRead,
     claim_idle,
     claim_own,
     dead_letter_payload,
     ensure_group,
+    entries_of,
     is_missing_group,
+    keep_fresh,
+    own_pending,
+    pending_elsewhere,
     read_group,
-    read_history,
 )
 
 log = structlog.get_logger("usermgmt.events")
 
 BLOCK_MS = 1_000
 FULL_COLLECTION_EVERY = 50  # batches
+CLOCK_PAUSE_S = 0.001  # an entry of the server's current millisecond waits for the next
+ELSEWHERE_PAUSE_MS = 20  # how often to look again while another consumer's entry goes first
+LONG_WAIT_MS = 10_000  # a waiting entry older than this is logged, once
+Key = tuple[str, str]  # (stream kind, entry id)
 
 
 class Interrupted(Exception):
@@ -71,22 +81,10 @@ class ConsumerStats:
 
     applied: int = 0
     duplicates: int = 0
-    deferred: int = 0
+    waiting: int = 0  # entries of this consumer's that wait now
+    expired_sessions: int = 0
     batches: int = 0
     dead: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass
-class _Retry:
-    stream: str
-    due: float
-    held: GameEvent | None = None  # set when later entries must wait behind it (`Waiting`)
-
-
-@dataclass
-class _Parsed:
-    entry: Entry
-    planned: PlannedEntry
 
 
 class EventConsumer:
@@ -114,11 +112,16 @@ class EventConsumer:
             self.keys.update_stream: EventKind.UPDATE,
             self.keys.terminate_stream: EventKind.TERMINATE,
         }
-        self.buffer: list[Entry] = []  # delivered, waiting for the other stream to catch up
+        self.stream_of = {str(kind): stream for stream, kind in self.kinds.items()}
+        self.buffer: list[Entry] = []  # delivered, not decidable yet (`take_ready`)
         self.horizon: dict[str, str | None] = dict.fromkeys(self.streams)
-        # By (stream, entry id): the same id can exist in both streams.
-        self.retries: dict[tuple[str, str], _Retry] = {}
+        self.held: dict[Key, Entry] = {}  # this consumer's entries that wait
+        self.failures: Counter[Key] = Counter()  # deliveries that ended without a decision
         self.needs_setup = True
+        self.pause_ms: int | None = None  # the next read's block when nothing could be decided
+        self.clock_ms = 0  # the server's clock at the last read
+        self.horizon_ms = 0  # every entry of an earlier millisecond is decided or in hand
+        self.logged_waits: set[Order] = set()
         # Dirty at start-up: a previous worker may have stopped before its refresh.
         # The clock starts now, so a backlog met at start-up is not held up by a
         # full re-rank before its first batch; the first idle moment (or
@@ -126,13 +129,15 @@ class EventConsumer:
         self.ranks_dirty = True
         self.last_rank_refresh = time.monotonic()
         self.last_claim = 0.0
+        self.last_fresh = time.monotonic()
         self.backoff = Backoff()
         # A committed batch's dead letters, cache writes and acks: held until the next
         # read has gone out (`next_entries`), then sent, and their replies read after
         # the next batch's commit, so Redis works on them while Python works on that.
         self.unsent: cache.CommandBatch | None = None
         self.in_flight: cache.InFlight | None = None
-        self.store = EventStore(self.engine)
+        self.limits = self.settings.limits()
+        self.store = EventStore(self.engine, self.stream_of, self.limits)
         self.player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=consumer)
@@ -148,7 +153,7 @@ class EventConsumer:
                 if self.needs_setup:
                     self.setup()
                 entries = self.next_entries()
-                if entries:
+                if entries or self.expiry_due():
                     self.handle(entries)
                     del entries
                     self.collect_garbage()
@@ -178,29 +183,46 @@ class EventConsumer:
             applied=self.stats.applied,
             duplicates=self.stats.duplicates,
             dead_lettered=sum(self.stats.dead.values()),
+            waiting=len(self.held),
         )
 
     def setup(self) -> None:
-        """Create the groups, then finish this consumer's own pending entries first."""
+        """Create the groups, then take this consumer's own pending entries in hand first."""
         self.flush()
         self.settle()
         for stream in self.streams:
             ensure_group(self.redis, stream, EVENTS_GROUP)
         self.ensure_leaderboard_cache()
         self.buffer.clear()
-        self.retries.clear()
+        self.held.clear()
         self.horizon = dict.fromkeys(self.streams)
-        self.needs_setup = False
-        pending = read_history(self.redis, self.streams, EVENTS_GROUP, self.consumer)
-        if pending:
+        # Entries recorded as waiting stay waiting (taking them back counts nothing);
+        # the rest were delivered and never decided: taking them again is a delivery.
+        waiting: set[Key] | None = None
+        for stream in self.streams:
+            ids = own_pending(self.redis, stream, EVENTS_GROUP, self.consumer)
+            if not ids:
+                continue
+            if waiting is None:
+                waiting = self.waiting_keys()
+            kind = str(self.kinds[stream])
+            undecided = [i for i in ids if (kind, i) not in waiting]
+            for entry in claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, undecided):
+                self.buffer.append(entry)
+            held = [i for i in ids if (kind, i) in waiting]
+            for entry in entries_of(self.redis, stream, held):
+                self.held[(kind, entry.entry_id)] = entry
+            self.log.info(
+                "recovering own pending entries",
+                stream=stream,
+                undecided=len(undecided),
+                waiting=len(held),
+            )
             # Through the buffer, not applied at once: a crash can leave an entry of one
             # stream pending while older entries of the other were never read, and those
-            # must still go first. Each stream's horizon is its last pending entry.
-            self.log.info("recovering own pending entries", count=len(pending))
-            self.buffer = pending
-            for stream in self.streams:
-                mine = [entry.entry_id for entry in pending if entry.stream == stream]
-                self.horizon[stream] = mine[-1] if mine else None
+            # must still go first.
+            self.horizon[stream] = undecided[-1] if undecided else None
+        self.needs_setup = False
 
     def ensure_leaderboard_cache(self) -> None:
         """Rebuild `um:leaderboard` from SQL when Redis lost it (a restart, a fresh server).
@@ -228,79 +250,118 @@ class EventConsumer:
         replies are read here, so an idle worker has nothing in flight.
         """
         self.settle()
+        if self.buffer:
+            if self.pause_ms is None:
+                time.sleep(CLOCK_PAUSE_S)  # the clock has to leave the buffer's millisecond
+            return False
         if self.ranks_dirty:
             self.refresh_ranks()
         gc.collect()  # also the auth threads' garbage: automatic collection is off
-        return self.burst and not self.buffer and not self.retries
+        return self.burst  # drained: what still waits stays recorded, and pending
 
     # -- reading -------------------------------------------------------------------
 
     def next_entries(self) -> list[Entry]:
-        """Due retries, abandoned entries of dead consumers, then new entries in id order.
+        """Entries that can be decided now: every earlier entry is known (`take_ready`).
 
         With the last batch's writes still unsent, new entries are read first (without
         blocking): Redis answers at once, then works on those writes while this batch is
         parsed, planned and written. A read only blocks once nothing is left unsent.
         """
-        entries = self.due_retries() + self.claim_abandoned()
-        if entries or self.unsent is not None:
-            entries += self.read_new(None)
-            self.flush()
-        if not entries:
-            entries = self.read_new(None if self.buffer else self.block_ms())
-        entries.sort(key=self.order)
-        return entries
+        self.buffer += self.claim_abandoned()
+        if self.unsent is not None:
+            block_ms = None
+        elif self.buffer:
+            block_ms = self.pause_ms
+        else:
+            block_ms = None if self.burst else BLOCK_MS
+        read = self.read_new(block_ms)
+        self.flush()
+        self.keep_fresh()
+        return self.take_ready(read)
 
-    def read_new(self, block_ms: int | None) -> list[Entry]:
-        """New entries of both streams, cut where one stream might still hide older ones.
-
-        One XREADGROUP returns up to COUNT entries per stream. When a stream came back
-        full, its later entries are unseen, so entries of the other stream beyond the
-        last id seen are kept in `buffer` until the full stream catches up.
-        """
+    def read_new(self, block_ms: int | None) -> GroupRead | None:
+        """New entries of the streams whose buffered entries are fewer than a batch."""
         size = self.settings.batch_size
         buffered = Counter(entry.stream for entry in self.buffer)
         wanted = [s for s in self.streams if buffered[s] < size]
-        if wanted:
-            fresh = read_group(self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms)
-            for stream in wanted:
-                mine = [entry for entry in fresh if entry.stream == stream]
-                self.horizon[stream] = mine[-1].entry_id if len(mine) >= size else None
-            self.buffer += fresh
-        self.buffer.sort(key=self.order)
-        limits = [self.kind_order(s, h) for s, h in self.horizon.items() if h is not None]
-        if not limits:
-            ready, self.buffer = self.buffer, []
-            return ready
+        if not wanted:
+            return None
+        read = read_group(self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms)
+        for stream in wanted:
+            mine = [entry for entry in read.entries if entry.stream == stream]
+            # A stream that came back full may hide later entries: nothing past its
+            # last entry can be decided before it has been read further.
+            self.horizon[stream] = mine[-1].entry_id if len(mine) >= size else None
+        self.buffer += read.entries
+        self.clock_ms = read.clock_ms
+        return read
+
+    def take_ready(self, read: GroupRead | None) -> list[Entry]:
+        """The buffered entries before the first one that might still be unknown.
+
+        Known are: entries of a millisecond before the read's server clock (an entry id
+        takes that clock), unless a stream came back full, and unless an earlier entry
+        is pending undecided on another consumer (it goes first: a later one may
+        depend on it).
+        """
+        limits: list[Order] = [(self.clock_ms, -1, 0)]
+        for stream, last in self.horizon.items():
+            if last is not None:
+                ms, rank, seq = self.kind_order(stream, last)
+                limits.append((ms, rank, seq + 1))
+        elsewhere = self.undecided_elsewhere(read)
+        if elsewhere is not None:
+            limits.append(elsewhere)
         cutoff = min(limits)
-        ready = [entry for entry in self.buffer if self.order(entry) <= cutoff]
-        self.buffer = self.buffer[len(ready) :]
+        self.buffer.sort(key=self.order)
+        count = 0
+        for entry in self.buffer:
+            if self.order(entry) >= cutoff:
+                break
+            count += 1
+        ready, self.buffer = self.buffer[:count], self.buffer[count:]
+        self.horizon_ms = cutoff[0]
+        if self.buffer and not ready:
+            self.pause_ms = ELSEWHERE_PAUSE_MS if elsewhere == cutoff else None
+        else:
+            self.pause_ms = None
         return ready
 
-    def kind_order(self, stream: str, entry_id: str) -> tuple[int, int, int]:
+    def undecided_elsewhere(self, read: GroupRead | None) -> Order | None:
+        """The first entry pending on another consumer and not recorded as waiting."""
+        if read is None or not any(read.others.values()):
+            return None
+        waiting = self.waiting_keys()
+        mine = {self.key(entry) for entry in self.buffer}
+        first: Order | None = None
+        for stream, count in read.others.items():
+            if not count:
+                continue
+            kind = str(self.kinds[stream])
+            for entry_id in pending_elsewhere(self.redis, stream, EVENTS_GROUP, self.consumer):
+                if (kind, entry_id) in waiting or (kind, entry_id) in mine:
+                    continue
+                order = entry_order(kind, entry_id)
+                if first is None or order < first:
+                    first = order
+                break  # ids come oldest first: the rest of this stream are later
+        return first
+
+    def waiting_keys(self) -> set[Key]:
+        """Every entry recorded as waiting, whichever consumer holds it."""
+        with self.engine.connect() as conn:
+            return waiting_keys(conn)
+
+    def kind_order(self, stream: str, entry_id: str) -> Order:
         """Where an entry of `stream` goes in the merged order (`entry_order`)."""
         return entry_order(self.kinds[stream], entry_id)
 
-    def order(self, entry: Entry) -> tuple[int, int, int]:
+    def order(self, entry: Entry) -> Order:
         return entry_order(self.kinds[entry.stream], entry.entry_id)
 
-    def due_retries(self) -> list[Entry]:
-        now = time.monotonic()
-        due = [key for key, r in self.retries.items() if r.due <= now]
-        entries: list[Entry] = []
-        for stream in self.streams:
-            ids = [entry_id for due_stream, entry_id in due if due_stream == stream]
-            for entry_id in ids:
-                del self.retries[(stream, entry_id)]
-            entries += claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, ids)
-        return entries
-
-    def block_ms(self) -> int | None:
-        """How long a read may block: until the next retry is due, at most `BLOCK_MS`."""
-        if not self.retries:
-            return None if self.burst else BLOCK_MS
-        wait_s = min(r.due for r in self.retries.values()) - time.monotonic()
-        return None if wait_s <= 0 else min(BLOCK_MS, int(wait_s * 1000) + 1)
+    def key(self, entry: Entry) -> Key:
+        return str(self.kinds[entry.stream]), entry.entry_id
 
     def claim_abandoned(self) -> list[Entry]:
         """XAUTOCLAIM entries idle for `claim_idle_ms` on consumers that went away."""
@@ -309,12 +370,13 @@ class EventConsumer:
             return []
         self.last_claim = now
         entries: list[Entry] = []
+        waiting: set[Key] | None = None
         # Entries already in hand are idle too; taking them back must not count as a
         # delivery (that would bring them closer to max_deliveries) nor apply them twice.
         for stream in self.streams:
-            in_hand = {i for s, i in self.retries if s == stream}
+            in_hand = {entry_id for kind, entry_id in self.held if self.stream_of[kind] == stream}
             in_hand.update(entry.entry_id for entry in self.buffer if entry.stream == stream)
-            entries += claim_idle(
+            claimed = claim_idle(
                 self.redis,
                 stream,
                 EVENTS_GROUP,
@@ -323,80 +385,105 @@ class EventConsumer:
                 self.settings.batch_size,
                 keep=in_hand,
             )
+            if claimed and waiting is None:
+                waiting = self.waiting_keys()
+            for entry in claimed:
+                key = self.key(entry)
+                if waiting is not None and key in waiting:
+                    self.held[key] = entry  # a dead consumer's waiting entry: still waits
+                else:
+                    entries.append(entry)
         if entries:
             self.log.info("claimed abandoned entries", count=len(entries))
         return entries
 
+    def keep_fresh(self) -> None:
+        """Keep the entries in hand from looking abandoned, without counting a delivery."""
+        now = time.monotonic()
+        if now - self.last_fresh < self.settings.claim_idle_ms / 1000 / 3:
+            return
+        self.last_fresh = now
+        held: dict[str, list[str]] = {stream: [] for stream in self.streams}
+        for entry in [*self.held.values(), *self.buffer]:
+            held[entry.stream].append(entry.entry_id)
+        gone = keep_fresh(self.redis, EVENTS_GROUP, self.consumer, held)
+        if gone:  # decided and acked by another worker (or trimmed)
+            self.held = {k: e for k, e in self.held.items() if e.entry_id not in gone}
+            self.buffer = [e for e in self.buffer if e.entry_id not in gone]
+
+    def expiry_due(self) -> bool:
+        """Whether a waiting entry has outlived `max_wait_s` (or nobody knows yet)."""
+        waiters = self.store.known.waiters
+        if waiters is None:
+            return bool(self.held)
+        oldest = waiters.oldest()
+        limit = self.horizon_ms if self.horizon_ms else self.clock_ms
+        return oldest is not None and oldest.entry.ms + self.limits.max_wait_ms < limit
+
     # -- one batch -----------------------------------------------------------------
 
     def handle(self, entries: list[Entry]) -> None:
-        """Validate, apply in one transaction, then write caches, dead letters and acks."""
+        """Validate, decide in one transaction, then write caches, dead letters and acks."""
         started = time.perf_counter()
-        parsed: list[_Parsed] = []
+        parsed: dict[Key, Entry] = {}
+        planned: list[PlannedEntry] = []
         dead: list[tuple[Entry, str, str]] = []
         for entry in entries:
-            if entry.deliveries > self.settings.max_deliveries:
-                dead.append(
-                    (
-                        entry,
-                        DeadLetterReason.MAX_DELIVERIES,
-                        f"delivered {entry.deliveries} times without being applied",
-                    )
-                )
+            key = self.key(entry)
+            if entry.deliveries + self.failures[key] > self.settings.max_deliveries:
+                entry.deliveries += self.failures[key]
+                message = f"delivered {entry.deliveries} times without being decided"
+                dead.append((entry, DeadLetterReason.MAX_DELIVERIES, message))
                 continue
-            kind = self.kinds[entry.stream]
             try:
-                event = parse_event(kind, entry.payload)
+                event = parse_event(self.kinds[entry.stream], entry.payload)
             except InvalidPayload as exc:
                 dead.append((entry, exc.reason, exc.message))
                 continue
-            parsed.append(_Parsed(entry, PlannedEntry(event, kind.value, entry.entry_id)))
+            parsed[key] = entry
+            planned.append(PlannedEntry(event, key[0], entry.entry_id, entry.payload))
 
-        result = self.apply(parsed)
+        results = self.apply(planned, parsed, dead)
         self.settle()  # the previous batch's replies, read while this one's SQL ran
-        batch = self.pack_caches(result)
-        decisions, _, changes = result
+        batch = cache.CommandBatch()
         acks: list[Entry] = [entry for entry, _, _ in dead]
-        applied = deferred = 0
-        for item, decision in zip(parsed, decisions, strict=True):
-            entry = item.entry
-            if decision.outcome is Outcome.DEFERRED:
-                deferred += 1
-                if entry.deliveries >= self.settings.max_deliveries:
-                    dead.append(
-                        (
-                            entry,
-                            DeadLetterReason.MAX_DELIVERIES,
-                            f"still not applicable after {entry.deliveries} deliveries: "
-                            f"{decision.message}",
-                        )
-                    )
-                    acks.append(entry)
+        outcomes: list[tuple[str, str]] = []
+        applied = 0
+        for result in results:
+            self.write_caches(batch, result.world, result.plan.changes)
+            self.stats.expired_sessions += len(result.plan.expired_sessions)
+            for item, decision in result.plan.decided:
+                key = (item.stream_kind, item.entry_id)
+                if key in parsed:
+                    entry = parsed.pop(key)
+                elif key in self.held:
+                    entry = self.held.pop(key)
                 else:
-                    held = item.planned.event if decision.holds_session else None
-                    self.schedule_retry(entry, held)
-                    self.stats.deferred += 1
-                continue
-            acks.append(entry)
-            if decision.outcome is Outcome.DEAD:
-                assert decision.reason is not None
-                dead.append((entry, decision.reason, decision.message))
-            elif decision.outcome is Outcome.DUPLICATE:
-                self.stats.duplicates += 1
-            else:
-                applied += 1
+                    entry = self.stranger(item)
+                self.failures.pop(key, 0)
+                acks.append(entry)
+                outcomes.append((entry.stream, decision.outcome))
+                if decision.outcome is Outcome.DEAD:
+                    assert decision.reason is not None
+                    dead.append((entry, decision.reason, decision.message))
+                elif decision.outcome is Outcome.DUPLICATE:
+                    self.stats.duplicates += 1
+                else:
+                    applied += 1
+            if result.plan.changes.stats:
+                self.ranks_dirty = True
+        self.held.update(parsed)  # what was not decided waits
         self.stats.applied += applied
+        self.stats.waiting = len(self.held)
         self.unsent = self.publish(batch, dead, acks)
-        if changes is not None:
-            self.store.known.release_ended(changes)
+        for result in results:
+            self.store.known.release_ended(result.plan.changes)
         self.stats.batches += 1
-        outcomes = ((p.entry.stream, d.outcome) for p, d in zip(parsed, decisions, strict=True))
         seconds = time.perf_counter() - started
         self.metrics.observe_event_batch(len(entries), seconds, outcomes, dead)
+        self.observe_waiting()
         for _, reason, _ in dead:
             self.stats.dead[str(reason)] += 1
-        if changes is not None and changes.stats:
-            self.ranks_dirty = True
         if (
             self.ranks_dirty
             and time.monotonic() - self.last_rank_refresh >= self.settings.rank_refresh_s
@@ -407,9 +494,38 @@ class EventConsumer:
             entries=len(entries),
             applied=applied,
             dead_lettered=len(dead),
-            deferred=deferred,
+            waiting=len(self.held),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+    def stranger(self, item: PlannedEntry) -> Entry:
+        """A waiting entry another consumer holds, decided here (acked by id, like any)."""
+        return Entry(self.stream_of[item.stream_kind], item.entry_id, item.payload)
+
+    def observe_waiting(self) -> None:
+        """Waiting entries for the metrics, and a log line for each that waited long."""
+        waiters = self.store.known.waiters
+        if waiters is None:
+            return
+        oldest = waiters.oldest()
+        age_s = max(0.0, (self.clock_ms - oldest.entry.ms) / 1000) if oldest else 0.0
+        self.metrics.observe_waiting(len(waiters), age_s)
+        if oldest is None or self.clock_ms - oldest.entry.ms < LONG_WAIT_MS:
+            return
+        for waiter in waiters:
+            order = waiter.entry.order
+            if self.clock_ms - waiter.entry.ms < LONG_WAIT_MS:
+                break
+            if order not in self.logged_waits:
+                self.logged_waits.add(order)
+                self.log.warning(
+                    "entry waiting",
+                    stream=self.stream_of[waiter.entry.stream_kind],
+                    entry_id=waiter.entry.entry_id,
+                    waited_s=round((self.clock_ms - waiter.entry.ms) / 1000, 1),
+                    waits_for=waiter.waits_for,
+                )
+        self.logged_waits &= set(waiters.by_order)
 
     def collect_garbage(self) -> None:
         """Collect between batches, once the batch's objects are gone.
@@ -421,27 +537,17 @@ class EventConsumer:
         else:
             gc.collect(0)
 
-    def schedule_retry(self, entry: Entry, held: GameEvent | None = None) -> None:
-        delay = self.settings.retry_delay_ms / 1000 * min(2 ** (entry.deliveries - 1), 30)
-        due = time.monotonic() + delay
-        self.retries[(entry.stream, entry.entry_id)] = _Retry(entry.stream, due, held)
-
-    def waiting(self) -> Waiting:
-        """The entries held for a retry, which later entries must not overtake."""
-        waiting = Waiting()
-        for (stream, entry_id), retry in self.retries.items():
-            if retry.held is not None:
-                waiting.hold(retry.held, self.kind_order(stream, entry_id))
-        return waiting
-
-    def apply(self, parsed: list[_Parsed]) -> Applied:
+    def apply(
+        self,
+        planned: list[PlannedEntry],
+        parsed: dict[Key, Entry],
+        dead: list[tuple[Entry, str, str]],
+    ) -> list[Applied]:
         """Commit the batch; the database being away pauses here until it is back."""
-        if not parsed:
-            return Applied([], None, None)
         backoff = Backoff()
         while True:
             try:
-                return self.apply_once(parsed)
+                return [self.store.apply(planned, self.horizon_ms, datetime.now(UTC))]
             except DATABASE_ERRORS as exc:
                 delay = backoff.next_delay()
                 self.log.error(
@@ -451,65 +557,46 @@ class EventConsumer:
                 if self.stop.wait(delay):
                     raise Interrupted from None
             except Exception as exc:
-                # A concurrent worker won a race (IntegrityError) or one entry is poison:
-                # isolate it so the others still apply.
+                # One entry is poison: isolate it so the others still apply.
                 self.log.warning("batch failed; applying entries one by one", error=repr(exc))
-                return self.apply_one_by_one(parsed)
+                return self.apply_one_by_one(planned, parsed, dead)
 
-    def apply_once(self, parsed: list[_Parsed], waiting: Waiting | None = None) -> Applied:
-        """Load, decide and write one batch in a single transaction."""
-        return self.store.apply(
-            [item.planned for item in parsed],
-            [item.entry.stream for item in parsed],
-            datetime.now(UTC),
-            self.waiting() if waiting is None else waiting,
-        )
+    def apply_one_by_one(
+        self,
+        planned: list[PlannedEntry],
+        parsed: dict[Key, Entry],
+        dead: list[tuple[Entry, str, str]],
+    ) -> list[Applied]:
+        """Each entry in its own transaction; one that fails again is not decided.
 
-    def apply_one_by_one(self, parsed: list[_Parsed]) -> Applied:
-        decisions: list[Decision] = []
-        merged_world: World | None = None
-        merged = Changes()
-        waiting = self.waiting()
-        for item in parsed:
+        It stays pending (and is read again after a pause); its failures count as
+        deliveries, so a poison entry ends as `max_deliveries`.
+        """
+        results: list[Applied] = []
+        failed = False
+        for item in planned:
+            key = (item.stream_kind, item.entry_id)
             try:
-                (decision,), world, changes = self.apply_once([item], waiting)
+                results.append(self.store.apply([item], self.horizon_ms, datetime.now(UTC)))
             except DATABASE_ERRORS:
                 raise
             except Exception as exc:
-                self.log.exception("entry failed", entry_id=item.entry.entry_id, error=repr(exc))
-                decision = Decision(
-                    Outcome.DEFERRED, message=f"failed to apply: {exc!r}", holds_session=True
-                )
-                world, changes = None, None
-            decisions.append(decision)
-            if decision.holds_session:
-                waiting.hold(item.planned.event, item.planned.order)
-            if world is None or changes is None:
-                continue
-            if merged_world is None:
-                merged_world = world
-            else:
-                for key, player in world.players.items():
-                    merged_world.add_player(key, player)
-                merged_world.sessions.update(world.sessions)
-                merged_world.live_session_of.update(world.live_session_of)
-                # A player freed by this entry stays freed (update() cannot remove keys).
-                for user_id, session_id in changes.membership.items():
-                    if session_id is None:
-                        merged_world.live_session_of.pop(user_id, None)
-            merged.touched_users |= changes.touched_users
-            merged.touched_sessions |= changes.touched_sessions
-            merged.stats.update(changes.stats)
-        return Applied(decisions, merged_world, merged)
+                self.log.exception("entry failed", entry_id=item.entry_id, error=repr(exc))
+                entry = parsed.pop(key)
+                self.failures[key] += 1
+                attempts = entry.deliveries + self.failures[key] - 1
+                if attempts >= self.settings.max_deliveries:
+                    entry.deliveries = attempts
+                    message = f"failed to apply {attempts} times: {exc!r}"
+                    dead.append((entry, DeadLetterReason.MAX_DELIVERIES, message))
+                else:
+                    self.buffer.append(entry)
+                    failed = True
+        if failed:
+            self.stop.wait(self.settings.retry_delay_ms / 1000)
+        return results
 
     # -- after the commit ------------------------------------------------------------
-
-    def pack_caches(self, applied: Applied) -> cache.CommandBatch:
-        """A batch's cache writes, packed (sent only once it is committed)."""
-        batch = cache.CommandBatch()
-        if applied.world is not None and applied.changes is not None:
-            self.write_caches(batch, applied.world, applied.changes)
-        return batch
 
     def publish(
         self, batch: cache.CommandBatch, dead: list[tuple[Entry, str, str]], acks: list[Entry]

@@ -21,18 +21,13 @@ from typing import NamedTuple
 import structlog
 from sqlalchemy import Connection, Engine, RootTransaction
 
-from domain.games import (
-    Changes,
-    Decision,
-    Outcome,
-    PlannedEntry,
-    Waiting,
-    World,
-    event_usernames,
-    plan_batch,
-)
+from domain.events import EventKind, entry_order, parse_event
+from domain.games import PlannedEntry, World, event_usernames
+from domain.planner import Plan, plan_batch
+from domain.waiting import Limits, Waiters
 from persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
-from persistence.games import load_world, save_checkpoints, write_changes
+from persistence.games import load_world, lock_decisions, save_checkpoints, write_changes
+from persistence.waiting import StoredWaiter, load_waiting, save_waiting
 from persistence.world_cache import WorldCache
 from workers.connections import DATABASE_ERRORS
 
@@ -40,50 +35,64 @@ log = structlog.get_logger("usermgmt.events")
 
 
 class Applied(NamedTuple):
-    """A committed batch: what was decided, and the world and changes to cache."""
+    """A committed batch: what was decided, and the world its caches are written from."""
 
-    decisions: list[Decision]
-    world: World | None
-    changes: Changes | None
+    plan: Plan
+    world: World
 
 
 class EventStore:
-    """The event consumer's database connection and world cache."""
+    """The event consumer's database connection, world cache and waiting entries.
 
-    def __init__(self, engine: Engine) -> None:
+    `streams`: each event stream's key by its kind (`update`, `terminate`), for the
+    per-stream checkpoints.
+    """
+
+    def __init__(self, engine: Engine, streams: dict[str, str], limits: Limits) -> None:
         self.engine = engine
+        self.streams = streams
+        self.limits = limits
         self.sqlite = is_sqlite(engine)
         self.db: Connection | None = None
         self.known = WorldCache()
 
-    def apply(
-        self, planned: list[PlannedEntry], streams: list[str], now: datetime, waiting: Waiting
-    ) -> Applied:
-        """Load, decide, write and commit one batch (`streams`: each entry's stream)."""
-        events = [p.event for p in planned]
+    def apply(self, planned: list[PlannedEntry], horizon_ms: int | None, now: datetime) -> Applied:
+        """Load, decide (with the waiting entries), write and commit one batch."""
         conn = self.connection()
         transaction = conn.begin()
         try:
+            lock_decisions(conn)
+            world = self.known.world_for(conn)
+            waiters = self.known.waiters
+            restored: list[tuple[PlannedEntry, str]] = []
+            if waiters is None:
+                waiters = Waiters()
+                restored = [_restore(row) for row in load_waiting(conn)]
+            everything = planned + [entry for entry, _ in restored]
+            events = [p.event for p in everything]
             world = load_world(
                 conn,
-                event_ids=[p.event_id for p in planned],
+                event_ids=[p.event_id for p in everything],
                 username_keys=event_usernames(events),
                 session_ids=[event.session_id for event in events],
                 lock=not self.sqlite,
-                world=self.known.world_for(conn),
+                world=world,
             )
-            decisions, changes = plan_batch(world, planned, now, waiting)
-            write_changes(conn, world, changes, now)
+            plan = plan_batch(world, planned, waiters, self.limits, horizon_ms, restored)
+            write_changes(conn, world, plan.changes, now)
+            save_waiting(conn, plan.waits_added, plan.waits_removed)
             checkpoints: dict[str, str] = {}
-            for entry, stream, decision in zip(planned, streams, decisions, strict=True):
-                if decision.outcome is not Outcome.DEFERRED:
+            for entry, _ in plan.decided:
+                stream = self.streams[entry.stream_kind]
+                if stream not in checkpoints or entry.order > _order(entry, checkpoints[stream]):
                     checkpoints[stream] = entry.entry_id
             save_checkpoints(conn, checkpoints, now)
             transaction.commit()
         except BaseException as exc:
             self._failed(conn, transaction, exc)
             raise
-        return Applied(decisions, world, changes)
+        self.known.waiters = waiters
+        return Applied(plan, world)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -128,3 +137,13 @@ class EventStore:
             transaction.rollback()
         except Exception:
             self.close()
+
+
+def _restore(row: StoredWaiter) -> tuple[PlannedEntry, str]:
+    """A recorded waiting entry, to decide again (it was valid when it was recorded)."""
+    event = parse_event(EventKind(row.stream), row.payload)
+    return PlannedEntry(event, row.stream, row.entry_id, row.payload), row.waits_for
+
+
+def _order(entry: PlannedEntry, entry_id: str) -> tuple[int, int, int]:
+    return entry_order(entry.stream_kind, entry_id)

@@ -40,6 +40,9 @@ class Metrics:
     ) -> None:
         """One handled batch: `outcomes` are (stream, outcome), `dead` (entry, reason, message)."""
 
+    def observe_waiting(self, count: int, oldest_age_s: float) -> None:
+        """The entries waiting for what they depend on, and how long the oldest has."""
+
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         """One auth request answered (or dropped / dead-lettered)."""
 
@@ -85,6 +88,16 @@ class PrometheusMetrics(Metrics):
             "usermgmt_event_batch_duration_seconds",
             "Time to validate, apply, publish and ack one event batch",
             buckets=BATCH_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "usermgmt_events_waiting",
+            "Game events waiting for what they depend on (pending, not counted as deliveries)",
+            registry=r,
+        )
+        self.waiting_age = Gauge(
+            "usermgmt_events_waiting_oldest_seconds",
+            "Entry-id age of the oldest waiting game event",
             registry=r,
         )
         self.auth_requests = Counter(
@@ -138,6 +151,10 @@ class PrometheusMetrics(Metrics):
             (entry.stream, str(reason)) for entry, reason, _ in dead
         ).items():
             self.dead.labels(stream_kind(stream), reason).inc(count)
+
+    def observe_waiting(self, count: int, oldest_age_s: float) -> None:
+        self.waiting.set(count)
+        self.waiting_age.set(oldest_age_s)
 
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         self.auth_requests.labels(op, outcome).inc()

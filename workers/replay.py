@@ -1,22 +1,23 @@
 """Replay: apply the retained entries of the accounts, update and terminate streams to a
-database, in entry-id order, idempotently.
+database, in entry-id order, idempotently, deciding each entry as the live worker did.
 
 Entries are read with XRANGE (the consumer groups are not touched), merged across
 the three streams and applied in chunks, each in one transaction: registrations
-recreate users under their ids; game events go through the live worker's planner and
-persistence code (`plan_batch`, `load_world`, `write_changes`, `save_checkpoints`).
+recreate users under their ids; game events go through the live worker's own
+store and planner (`EventStore`, `domain.planner`), waiting entries included.
 
 How replay matches what the live worker did:
-- An entry found in the dead-letter stream is skipped: the live worker refused it.
-- An entry the planner defers (a terminate before its session, a busy player) waits
-  and is retried on the live worker's schedule, counted in stream time: after
-  `retry_delay_ms`, doubling up to 30x. Chunks end where a retry falls due, so the
-  retry happens between the same entries as it did live.
-- A game event naming a player not registered yet, that the live worker did not
-  dead-letter, waits up to `ACCOUNT_GRACE_MS` of stream time for the registration:
-  live, the player existed when the event was applied (a registration commits a
-  moment before its accounts entry is added).
-- Within one millisecond, accounts entries come first.
+- The planner's decisions depend only on the entries and their order (entry-id
+  time included), so replaying the same streams makes the same decisions,
+  dead letters and waiting entries included, however the chunks fall.
+- Two decisions depend on more than the streams, and are taken from the
+  dead-letter stream: `max_deliveries` (a worker crashed on the entry) and
+  `unknown_user` (the player registered after the event was decided).
+- A registration commits a moment before its accounts entry is added, so live, a
+  game event right after a registration already saw the player: accounts entries
+  are merged `ACCOUNT_LEAD_MS` ahead of their ids.
+- At the end, entries still waiting that the live worker would have timed out by
+  now are dead-lettered as `wait_timeout`; the rest stay recorded as waiting.
 """
 
 from __future__ import annotations
@@ -32,35 +33,30 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 from redis import Redis
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from domain.errors import DeadLetterReason, InvalidPayload
 from domain.events import EventKind, entry_id_key, entry_order, parse_event
-from domain.games import (
-    Decision,
-    Outcome,
-    PlannedEntry,
-    Waiting,
-    event_usernames,
-    plan_batch,
-)
-from domain.registrations import ACCOUNTS, Registration, parse_registration
+from domain.games import Outcome, PlannedEntry
+from domain.registrations import ACCOUNTS, parse_registration
+from domain.waiting import Limits
 from persistence import cache
-from persistence.db import IMMEDIATE, is_sqlite
-from persistence.games import load_world, save_checkpoints, write_changes
+from persistence.db import IMMEDIATE
 from persistence.keys import Keys
 from persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from persistence.replay import apply_registrations, fix_sequences, live_sessions
+from workers.event_store import EventStore
 from workers.ranges import FIRST, LAST, EntryKey, xrange_pages
+from workers.streams import redis_time_ms
 
 log = structlog.get_logger("usermgmt.replay")
 
-ACCOUNT_GRACE_MS = 60_000
-TIME_SLICE_MS = 1_000  # one chunk spans at most this much stream time (its `now`)
+ACCOUNT_LEAD_MS = 60_000
 READ_PAGE = 2_000
-RETRY_CAP = 30  # the live worker's retry delay doubles up to 30 x retry_delay_ms
 ATTEMPTS = 5  # a chunk that loses a race with a live worker is tried again
+# Dead letters a replay cannot decide from the streams alone: it follows the live worker.
+LIVE_ONLY_REASONS = frozenset({DeadLetterReason.MAX_DELIVERIES, DeadLetterReason.UNKNOWN_USER})
 
 
 @dataclass(frozen=True)
@@ -74,24 +70,13 @@ class StreamEntry:
 
     @property
     def order(self) -> tuple[int, int, int]:
-        """The live merge order (`entry_order`: by ms, then accounts, updates, terminates)."""
-        return entry_order(self.kind, self.entry_id)
+        """The live merge order (`entry_order`); accounts entries `ACCOUNT_LEAD_MS` early."""
+        ms, rank, seq = entry_order(self.kind, self.entry_id)
+        return (ms - ACCOUNT_LEAD_MS if self.kind == ACCOUNTS else ms), rank, seq
 
     @property
     def ms(self) -> int:
         return entry_id_key(self.entry_id)[0]
-
-
-@dataclass(eq=False)
-class _Waiting:
-    """A game event not applicable yet, retried on the live worker's schedule."""
-
-    entry: StreamEntry
-    planned: PlannedEntry
-    holds_session: bool
-    due_ms: int = 0
-    attempts: int = 1
-    tried_at_version: int = -1
 
 
 @dataclass
@@ -101,9 +86,9 @@ class ReplaySummary:
     read: Counter[str] = field(default_factory=Counter)  # by kind
     applied: int = 0
     duplicates: int = 0
-    dead_lettered: int = 0  # skipped: the live worker dead-lettered them
-    invalid: Counter[str] = field(default_factory=Counter)  # skipped: replay refused them
-    waiting: int = 0  # never applicable before the end (most likely still pending live)
+    dead_lettered: int = 0  # dead letters the live worker wrote too (or decided alone)
+    invalid: Counter[str] = field(default_factory=Counter)  # refused here, not in the dlq
+    waiting: int = 0  # still waiting at the end (left to the worker)
     first_id: str | None = None
     last_id: str | None = None
     elapsed_s: float = 0.0
@@ -117,19 +102,6 @@ class ReplaySummary:
         return sum(self.invalid.values())
 
 
-@dataclass
-class _Chunk:
-    """What one chunk's transaction decided; merged into the summary after its commit."""
-
-    applied: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    invalid: Counter[str] = field(default_factory=Counter)
-    waiting: list[_Waiting] = field(default_factory=list)
-    resolved: set[tuple[str, str]] = field(default_factory=set)  # waiting entries settled
-    changed: bool = False
-
-
 ProgressCallback = Callable[[int, int], None]  # (entries done, last ms)
 
 
@@ -141,26 +113,24 @@ class Replayer:
         redis: Redis,
         keys: Keys,
         engine: Engine,
+        limits: Limits | None = None,
         batch_size: int = 500,
-        retry_delay_ms: int = 1_000,
         progress: ProgressCallback | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.engine = engine
         self.batch_size = batch_size
-        self.retry_delay_ms = retry_delay_ms
         self.progress = progress
         self.kinds = {
             keys.accounts_stream: ACCOUNTS,
             keys.update_stream: str(EventKind.UPDATE),
             keys.terminate_stream: str(EventKind.TERMINATE),
         }
+        game_streams = {kind: stream for stream, kind in self.kinds.items() if kind != ACCOUNTS}
+        self.store = EventStore(engine, game_streams, limits or Limits())
         self.summary = ReplaySummary()
-        self.dead_letters: set[tuple[str, str]] = set()
-        self.waiting: list[_Waiting] = []
-        self.version = 0  # bumped by every commit that changed something
-        self.due_at: int | None = None
+        self.dead_letters: dict[tuple[str, str], str] = {}
 
     # -- the run -------------------------------------------------------------------------
 
@@ -172,34 +142,37 @@ class Replayer:
         if not isinstance(starts, dict):
             starts = dict.fromkeys(self.kinds, starts)
         self.dead_letters = load_dead_letters(self.redis, self.keys.dlq)
+        clock_ms = redis_time_ms(self.redis)  # entries of later milliseconds are not replayed
         readers = [
             self.read(stream, starts.get(stream, FIRST), min(end, self.last_entry(stream)))
             for stream in self.kinds
         ]
         chunk: list[StreamEntry] = []
         done = 0
-        for entry in heapq.merge(*readers, key=lambda e: e.order):
-            if self.summary.first_id is None:
-                self.summary.first_id = entry.entry_id
-            if chunk and (
-                len(chunk) >= self.batch_size
-                or entry.ms > chunk[0].ms + TIME_SLICE_MS
-                or entry.ms >= self.next_due()
-            ):
-                self.apply(chunk)
-                done += len(chunk)
+        try:
+            for entry in heapq.merge(*readers, key=lambda e: e.order):
+                if self.summary.first_id is None:
+                    self.summary.first_id = entry.entry_id
+                if chunk and (
+                    len(chunk) >= self.batch_size
+                    or (chunk[0].kind == ACCOUNTS) != (entry.kind == ACCOUNTS)
+                ):
+                    done += self.apply(chunk)
+                    self.report(done, chunk[-1].ms)
+                    chunk = []
+                chunk.append(entry)
+                self.summary.read[entry.kind] += 1
+                self.summary.last_id = entry.entry_id
+            if chunk:
+                done += self.apply(chunk)
                 self.report(done, chunk[-1].ms)
-                chunk = []
-            self.retry_due(entry.ms)
-            chunk.append(entry)
-            self.summary.read[entry.kind] += 1
-            self.summary.last_id = entry.entry_id
-        if chunk:
-            self.apply(chunk)
-            done += len(chunk)
-            self.report(done, chunk[-1].ms)
-        self.retry_all()
-        self.finish()
+            # As the live worker would by now: waiting entries past their time are decided.
+            self.summary.waiting = self.apply_games(
+                [], horizon_ms=clock_ms if end == LAST else None
+            )
+            self.finish()
+        finally:
+            self.store.close()
         self.summary.elapsed_s = time.perf_counter() - started
         return self.summary
 
@@ -227,203 +200,68 @@ class Replayer:
 
     # -- one chunk -----------------------------------------------------------------------
 
-    def apply(self, chunk: list[StreamEntry]) -> None:
-        """Decide and write one chunk in one transaction (tried again if it loses a race)."""
-        self.merge(_attempts(lambda: self.apply_once(chunk)))
+    def apply(self, chunk: list[StreamEntry]) -> int:
+        """Decide and write one chunk (all registrations, or all game events)."""
+        if chunk[0].kind == ACCOUNTS:
+            _attempts(lambda: self.apply_registrations(chunk))
+        else:
+            planned = [p for p in map(self.parse, chunk) if p is not None]
+            self.apply_games(planned)
+        return len(chunk)
 
-    def apply_once(self, chunk: list[StreamEntry]) -> _Chunk:
-        result = _Chunk()
-        stream_ms = chunk[-1].ms
-        now = _when(stream_ms)
-        checkpoints: dict[str, str] = {}
-        runs: list[list[tuple[StreamEntry, Any]]] = []
+    def apply_registrations(self, chunk: list[StreamEntry]) -> None:
+        registrations = []
         for entry in chunk:
-            parsed = self.parse(entry, result)
-            if parsed is None:
-                checkpoints[entry.stream] = entry.entry_id
-            elif runs and (runs[-1][0][0].kind == ACCOUNTS) == (entry.kind == ACCOUNTS):
-                runs[-1].append((entry, parsed))
+            try:
+                registrations.append((parse_registration(entry.payload), entry.entry_id))
+            except InvalidPayload as exc:
+                self.count_dead(entry.stream, entry.entry_id, str(exc.reason))
+        now = _when(chunk[-1].ms)
+        with self.engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
+            decisions = apply_registrations(conn, registrations, now)
+        for decision in decisions:
+            if decision.outcome is Outcome.APPLIED:
+                self.summary.applied += 1
             else:
-                runs.append([(entry, parsed)])
-        with self.connect() as conn, conn.begin():
-            for run in runs:
-                if run[0][0].kind == ACCOUNTS:
-                    registrations = [(reg, entry.entry_id) for entry, reg in run]
-                    decisions = apply_registrations(conn, registrations, now)
-                else:
-                    held = self.holding([*self.waiting, *result.waiting])
-                    decisions = self.plan(conn, [p for _, p in run], now, held, result)
-                for (entry, parsed), decision in zip(run, decisions, strict=True):
-                    verdict = self.judge(entry, decision, result, stream_ms, final=False)
-                    if verdict == WAIT:
-                        result.waiting.append(_Waiting(entry, parsed, _holds(decision)))
-                        self.reschedule(result.waiting[-1], entry.ms)
-                    else:
-                        checkpoints[entry.stream] = entry.entry_id
-            save_checkpoints(conn, checkpoints, now)
-        return result
+                self.summary.invalid["conflict"] += 1
 
-    def parse(self, entry: StreamEntry, result: _Chunk) -> Registration | PlannedEntry | None:
-        """The entry's event, or None when it is skipped (dead-lettered live, or invalid)."""
-        if (entry.stream, entry.entry_id) in self.dead_letters:
-            result.dead_lettered += 1
+    def parse(self, entry: StreamEntry) -> PlannedEntry | None:
+        """The entry's event, or None when it is not decided here."""
+        letter = self.dead_letters.get((entry.stream, entry.entry_id))
+        if letter in LIVE_ONLY_REASONS:
+            self.summary.dead_lettered += 1
             return None
         try:
-            if entry.kind == ACCOUNTS:
-                return parse_registration(entry.payload)
             event = parse_event(EventKind(entry.kind), entry.payload)
         except InvalidPayload as exc:
-            result.invalid[str(exc.reason)] += 1
+            self.count_dead(entry.stream, entry.entry_id, str(exc.reason))
             return None
-        return PlannedEntry(event, entry.kind, entry.entry_id)
+        return PlannedEntry(event, entry.kind, entry.entry_id, entry.payload)
 
-    def plan(
-        self,
-        conn: Connection,
-        planned: list[PlannedEntry],
-        now: datetime,
-        held: Waiting,
-        result: _Chunk,
-    ) -> list[Decision]:
-        """The live worker's planner and writer, on a run of game events."""
-        events = [p.event for p in planned]
-        world = load_world(
-            conn,
-            event_ids=[p.event_id for p in planned],
-            username_keys=event_usernames(events),
-            session_ids=[event.session_id for event in events],
-            lock=not is_sqlite(self.engine),
-        )
-        decisions, changes = plan_batch(world, planned, now, waiting=held)
-        write_changes(conn, world, changes, now)
-        result.changed = result.changed or not changes.empty
-        return decisions
+    def apply_games(self, planned: list[PlannedEntry], horizon_ms: int | None = None) -> int:
+        """Decide game events with the live planner; returns how many entries wait."""
+        now = _when(planned[-1].ms) if planned else datetime.now(UTC)
+        applied = _attempts(lambda: self.store.apply(planned, horizon_ms, now))
+        for item, decision in applied.plan.decided:
+            if decision.outcome is Outcome.APPLIED:
+                self.summary.applied += 1
+            elif decision.outcome is Outcome.DUPLICATE:
+                self.summary.duplicates += 1
+            else:
+                stream = self.store.streams[item.stream_kind]
+                self.count_dead(stream, item.entry_id, str(decision.reason))
+        waiters = self.store.known.waiters
+        return len(waiters) if waiters is not None else 0
 
-    def judge(
-        self, entry: StreamEntry, decision: Decision, result: _Chunk, stream_ms: int, final: bool
-    ) -> str:
-        """Count a decision: applied, duplicate, invalid (skipped) or `WAIT`."""
-        if decision.outcome is Outcome.APPLIED:
-            result.applied += 1
-            result.changed = True
-            return "applied"
-        if decision.outcome is Outcome.DUPLICATE:
-            result.duplicates += 1
-            return "duplicate"
-        if decision.outcome is Outcome.DEFERRED:
-            return WAIT
-        unknown = decision.reason is DeadLetterReason.UNKNOWN_USER
-        if unknown and not final and stream_ms - entry.ms < ACCOUNT_GRACE_MS:
-            return WAIT
-        reason = str(decision.reason or "conflict")
-        result.invalid[reason] += 1
-        log.warning(
-            "replay skipped an entry",
-            stream=entry.stream,
-            entry_id=entry.entry_id,
-            reason=reason,
-            error=decision.message,
-        )
-        return "invalid"
-
-    def merge(self, result: _Chunk) -> None:
-        """Fold a committed transaction into the summary and the waiting list."""
-        self.summary.applied += result.applied
-        self.summary.duplicates += result.duplicates
-        self.summary.dead_lettered += result.dead_lettered
-        self.summary.invalid.update(result.invalid)
-        if result.resolved:
-            self.waiting = [w for w in self.waiting if _identity(w) not in result.resolved]
-        if result.waiting:
-            self.waiting = sorted([*self.waiting, *result.waiting], key=lambda w: w.entry.order)
-        if result.changed:
-            self.version += 1
-        self.due_at = None
-
-    def connect(self) -> Connection:
-        return self.engine.connect().execution_options(**{IMMEDIATE: True})
-
-    # -- waiting entries ---------------------------------------------------------------
-
-    @staticmethod
-    def holding(waiting: list[_Waiting]) -> Waiting:
-        """The waiting entries that later entries must not overtake."""
-        held = Waiting()
-        for item in waiting:
-            if item.holds_session:
-                held.hold(item.planned.event, item.entry.order)
-        return held
-
-    def next_due(self) -> int:
-        """When the first waiting entry falls due (stream time), cached between changes."""
-        if self.due_at is None:
-            self.due_at = min((w.due_ms for w in self.waiting), default=LAST[0])
-        return self.due_at
-
-    def retry_due(self, stream_ms: int) -> None:
-        """Retry what the live worker would have retried by `stream_ms`, in due order."""
-        while self.waiting:
-            due_ms = self.next_due()
-            if due_ms > stream_ms:
-                return
-            self.retry([w for w in self.waiting if w.due_ms <= due_ms], due_ms, final=False)
-
-    def retry_all(self) -> None:
-        """At the end: retry everything until nothing more settles."""
-        while self.waiting:
-            before = len(self.waiting)
-            self.retry(list(self.waiting), max(w.due_ms for w in self.waiting), final=True)
-            if len(self.waiting) == before:
-                break
-        self.summary.waiting = len(self.waiting)
-        for item in self.waiting:
-            log.info(
-                "replay left an entry waiting",
-                stream=item.entry.stream,
-                entry_id=item.entry.entry_id,
-            )
-
-    def retry(self, due: list[_Waiting], stream_ms: int, final: bool) -> None:
-        """Decide `due` again as one batch; what still waits is rescheduled.
-
-        An entry tried since the last change to the database would get the same
-        answer: it is only rescheduled.
-        """
-        fresh = [w for w in due if final or w.tried_at_version != self.version]
-        if fresh:
-            version = self.version
-            self.merge(_attempts(lambda: self.retry_once(fresh, stream_ms, final)))
-            for item in fresh:
-                item.tried_at_version = version  # a change in this pass makes it fresh again
-        for item in due:
-            self.reschedule(item, stream_ms)
-
-    def retry_once(self, fresh: list[_Waiting], stream_ms: int, final: bool) -> _Chunk:
-        result = _Chunk()
-        now = _when(stream_ms)
-        retried = {_identity(w) for w in fresh}
-        held = self.holding([w for w in self.waiting if _identity(w) not in retried])
-        checkpoints: dict[str, str] = {}
-        with self.connect() as conn, conn.begin():
-            decisions = self.plan(conn, [w.planned for w in fresh], now, held, result)
-            for item, decision in zip(fresh, decisions, strict=True):
-                if self.judge(item.entry, decision, result, stream_ms, final) == WAIT:
-                    item.holds_session = _holds(decision)
-                else:
-                    result.resolved.add(_identity(item))
-                    checkpoints[item.entry.stream] = item.entry.entry_id
-            save_checkpoints(conn, checkpoints, now)
-        return result
-
-    def reschedule(self, item: _Waiting, stream_ms: int) -> None:
-        """The live worker's retry delay: `retry_delay_ms` doubling up to 30 times it."""
-        delay = self.retry_delay_ms * min(2 ** (item.attempts - 1), RETRY_CAP)
-        item.attempts += 1
-        item.due_ms = stream_ms + delay
-        self.due_at = None
+    def count_dead(self, stream: str, entry_id: str, reason: str) -> None:
+        """A dead letter decided here: as live (in the dlq), or only here (`invalid`)."""
+        if (stream, entry_id) in self.dead_letters:
+            self.summary.dead_lettered += 1
+        else:
+            self.summary.invalid[reason] += 1
+            log.warning("replay refused an entry", stream=stream, entry_id=entry_id, reason=reason)
 
 
-WAIT = "wait"
 T = TypeVar("T")
 
 
@@ -440,23 +278,14 @@ def _attempts(work: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _identity(item: _Waiting) -> tuple[str, str]:
-    return item.entry.stream, item.entry.entry_id
-
-
-def _holds(decision: Decision) -> bool:
-    """Whether later entries of the session wait behind this one (as live)."""
-    return decision.holds_session or decision.reason is DeadLetterReason.UNKNOWN_USER
-
-
-def load_dead_letters(redis: Redis, dlq: str) -> set[tuple[str, str]]:
-    """(stream, entry id) of every entry in the dead-letter stream."""
-    found: set[tuple[str, str]] = set()
+def load_dead_letters(redis: Redis, dlq: str) -> dict[tuple[str, str], str]:
+    """(stream, entry id) -> reason, of every entry in the dead-letter stream."""
+    found: dict[tuple[str, str], str] = {}
     for page in xrange_pages(redis, dlq, FIRST, LAST, READ_PAGE):
         for _, fields in page:
             try:
                 letter = orjson.loads(fields.get(b"payload", b""))
-                found.add((str(letter["stream"]), str(letter["entry_id"])))
+                found[(str(letter["stream"]), str(letter["entry_id"]))] = str(letter["reason"])
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 continue
     return found

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 from sqlalchemy.exc import ArgumentError
 
+from domain.waiting import Limits
 from persistence.db import normalize_url
 from workers.connections import safe_url
 
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     user_cache_ttl: int = Field(300, ge=1)
     max_deliveries: int = Field(5, ge=1)
+    max_wait_s: float = Field(60.0, gt=0)
+    session_timeout_s: float = Field(21_600.0, ge=0)  # 0: live sessions never expire
     claim_idle_ms: int = Field(30_000, ge=100)
     starting_wallet: int = Field(0, ge=0)
     log_format: Literal["json", "console"] | None = None
@@ -47,6 +50,13 @@ class Settings(BaseSettings):
     # need them: keep more than the time between two backups.
     stream_retention_s: float = Field(7 * 24 * 3_600.0, ge=0)
     trim_interval_s: float = Field(60.0, ge=0)  # 0: the worker never trims
+
+    def limits(self) -> Limits:
+        """How long game events may wait, for the planner (in entry-id milliseconds)."""
+        return Limits(
+            max_wait_ms=round(self.max_wait_s * 1000),
+            session_timeout_ms=round(self.session_timeout_s * 1000),
+        )
 
     @field_validator("redis_url")
     @classmethod

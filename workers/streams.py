@@ -76,6 +76,21 @@ def to_entries(response: Any, deliveries: int = 1) -> list[Entry]:
     return entries
 
 
+@dataclass
+class GroupRead:
+    """One read of new entries, with what the caller needs to know what else exists.
+
+    `clock_ms`: the server's clock just before the read. Entry ids take that clock,
+    so every entry of an earlier millisecond was in its stream then and was either
+    delivered by this read, pending on some consumer, or acked.
+    `others`: per stream, how many entries are pending on other consumers.
+    """
+
+    entries: list[Entry]
+    clock_ms: int
+    others: dict[str, int]
+
+
 def read_group(
     client: Redis,
     group: str,
@@ -83,28 +98,93 @@ def read_group(
     streams: Sequence[str],
     count: int,
     block_ms: int | None,
-) -> list[Entry]:
-    """XREADGROUP of new entries (`>`) of `streams`, read straight off a connection.
+) -> GroupRead:
+    """TIME, XREADGROUP of new entries (`>`), then XPENDING of each stream: one round trip.
 
-    redis-py's reply callback builds a dict per entry, which cost as much as the read
-    itself on the event path; the raw reply (nested lists, parsed by hiredis) is
-    turned into entries here instead.
+    Read straight off a connection: redis-py's reply callback builds a dict per entry,
+    which cost as much as the read itself on the event path; the raw reply (nested
+    lists, parsed by hiredis) is turned into entries here instead.
     """
     args: list[str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
     if block_ms is not None:
         args += ["BLOCK", block_ms]
     args += ["STREAMS", *streams, *(">" for _ in streams)]
+    commands: list[tuple[Any, ...]] = [("TIME",), tuple(args)]
+    commands += [("XPENDING", stream, group) for stream in streams]
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_command(*args)  # type: ignore[no-untyped-call]
+        conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+        clock = conn.read_response(disable_decoding=True)
         reply = conn.read_response(disable_decoding=True)
+        summaries = [conn.read_response(disable_decoding=True) for _ in streams]
     except BaseException:
         conn.disconnect()  # type: ignore[no-untyped-call]
         raise
     finally:
         pool.release(conn)
-    return _entries_of(reply)
+    others = {
+        stream: _pending_elsewhere(summary, consumer)
+        for stream, summary in zip(streams, summaries, strict=True)
+    }
+    clock_ms = int(clock[0]) * 1000 + int(clock[1]) // 1000
+    return GroupRead(_entries_of(reply), clock_ms, others)
+
+
+def _pending_elsewhere(summary: Any, consumer: str) -> int:
+    """Entries pending on consumers other than `consumer`, from an XPENDING summary."""
+    if isinstance(summary, ResponseError):
+        raise summary
+    if not summary or not summary[3]:
+        return 0
+    mine = consumer.encode()
+    return sum(int(count) for name, count in summary[3] if name != mine)
+
+
+def pending_elsewhere(
+    client: Redis, stream: str, group: str, consumer: str, count: int = 10_000
+) -> list[str]:
+    """Ids of the entries of `stream` pending on other consumers, oldest first."""
+    rows = client.xpending_range(stream, group, min="-", max="+", count=count)
+    name = consumer.encode()
+    return [_text(row["message_id"]) for row in rows if _raw(row["consumer"]) != name]
+
+
+def entries_of(client: Redis, stream: str, ids: Sequence[str]) -> list[Entry]:
+    """The entries of `stream` with these ids, read without delivering them (XRANGE)."""
+    pipe = client.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xrange(stream, entry_id, entry_id)
+    entries: list[Entry] = []
+    for found in pipe.execute() if ids else []:
+        for entry_id, fields in found:
+            entries.append(Entry(stream, _text(entry_id), fields.get(PAYLOAD)))
+    return entries
+
+
+def keep_fresh(client: Redis, group: str, consumer: str, held: dict[str, list[str]]) -> set[str]:
+    """Reset the idle time of entries in hand (XCLAIM JUSTID: no delivery is counted).
+
+    `held`: entry ids by stream. Returns the ids that are no longer pending (another
+    worker decided and acked them, or they were trimmed).
+    """
+    pipe = client.pipeline(transaction=False)
+    asked = [(stream, ids) for stream, ids in held.items() if ids]
+    for stream, ids in asked:
+        pipe.xclaim(stream, group, consumer, 0, list[Any](ids), justid=True)
+    gone: set[str] = set()
+    for (_, ids), claimed in zip(asked, pipe.execute(), strict=True):
+        still = {_text(entry_id) for entry_id in claimed}
+        gone.update(entry_id for entry_id in ids if entry_id not in still)
+    return gone
+
+
+def _raw(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _entries_of(reply: Any) -> list[Entry]:
@@ -148,6 +228,21 @@ def read_history(
     fill_deliveries(client, group, entries)
     entries.sort(key=lambda entry: entry.sort_key)
     return entries
+
+
+def own_pending(client: Redis, stream: str, group: str, consumer: str) -> list[str]:
+    """Ids of this consumer's pending entries of `stream`, oldest first (nothing delivered)."""
+    ids: list[str] = []
+    start = "-"
+    while True:
+        rows = client.xpending_range(
+            stream, group, min=start, max="+", count=1000, consumername=consumer
+        )
+        ids += [_text(row["message_id"]) for row in rows]
+        if len(rows) < 1000:
+            return ids
+        ms, seq = entry_id_key(ids[-1])
+        start = f"{ms}-{seq + 1}"
 
 
 def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[str]) -> list[Entry]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,7 +36,7 @@ def event(backend: Backend, kind: str, **body: Any) -> tuple[str, str]:
 
 def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backend) -> None:
     keys = backend.keys
-    with services_for(backend, max_deliveries=3) as services:
+    with services_for(backend, max_deliveries=3, max_wait_s=0.3) as services:
         add_players(services, "alice", "bob", "carol")
         # A finished game and a live one to break the rules against.
         publish(backend.redis, keys, "update", session_id="done", players=["alice"])
@@ -118,8 +119,8 @@ def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backen
             "update",
             event(backend, "update", session_id="done", players=["alice"]),
         )
-        expect(
-            "max_deliveries",
+        expect(  # waits for its session's first update, which never comes
+            "wait_timeout",
             "terminate",
             event(
                 backend,
@@ -132,6 +133,8 @@ def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backen
         no_payload = backend.redis.xadd(keys.update_stream, {"data": b"{}"}).decode()
         expected[(keys.update_stream, no_payload)] = ("invalid_event", "")
 
+        first = drain(services)
+        time.sleep(0.4)  # past max_wait_s: the next pass times the waiting entry out
         worker = drain(services)
 
         letters = dead_letters(backend.redis, keys)
@@ -145,14 +148,15 @@ def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backen
             assert isinstance(letter["message"], str) and letter["message"]
             failed_at = datetime.fromisoformat(letter["failed_at"])
             assert started <= failed_at <= datetime.now(UTC)
-            assert letter["deliveries"] == (3 if reason == "max_deliveries" else 1)
+            assert letter["deliveries"] == 1  # waiting counted no delivery
         # Each message says what was wrong.
         by_reason = {letter["reason"]: letter["message"] for letter in letters}
         assert "nobody" in by_reason["unknown_user"] or "ghost" in by_reason["unknown_user"]
         assert "carol" in by_reason["not_in_roster"]
         assert "done" in by_reason["session_ended"]
 
-        assert sum(worker.stats.dead.values()) == len(expected)
+        dead = first.stats.dead + worker.stats.dead
+        assert sum(dead.values()) == len(expected) and dead["wait_timeout"] == 1
         assert pending_count(backend.redis, keys) == 0  # every dead letter was acked
         assert standings(services) == before  # and none of them changed anything
         # The live session is untouched by the entries that broke its rules.

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from persistence.db import IMMEDIATE, make_engine, upgrade
-from persistence.games import _Driver
+from persistence.games import Driver
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -22,7 +22,7 @@ def test_a_constraint_violation_is_sqlalchemys_integrity_error(database_url: str
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn, conn.begin():
-            db = _Driver(conn)
+            db = Driver(conn)
             insert = (
                 "INSERT INTO processed_events (event_id, stream, entry_id, processed_at) "
                 "VALUES (?, ?, ?, ?)"
@@ -47,6 +47,6 @@ def test_a_locked_sqlite_database_is_an_operational_error(sqlite_url: str) -> No
             with engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA busy_timeout=0")
                 with pytest.raises(OperationalError, match="locked"):
-                    _Driver(conn).run("DELETE FROM processed_events")
+                    Driver(conn).run("DELETE FROM processed_events")
     finally:
         engine.dispose()

@@ -153,7 +153,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 services.keys,
                 services.engine,
                 batch_size=settings.batch_size,
-                retry_delay_ms=settings.retry_delay_ms,
+                limits=settings.limits(),
                 progress=progress(services, starts, end),
             ).run(starts, end)
         caches = {}

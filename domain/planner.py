@@ -1,0 +1,364 @@
+"""The game rules: how update and terminate events change the world, and when they wait.
+
+`plan_batch` decides a batch's entries in their merged order (`entry_order`) against
+a `World`, together with the entries still waiting from earlier batches (`Waiters`).
+An entry is applied once what it depends on has been applied, and no sooner:
+
+- a session's updates go in their stream's order, and its terminate after its
+  update (a terminate that comes first waits for the session's first update);
+- an update that puts a player into its session waits until that player's previous
+  live session has ended (or dropped them), unless that session has been silent
+  for `session_timeout_ms`: then it is ended as `expired`;
+- nothing overtakes an earlier waiting entry it depends on: later entries of the
+  same session, and later updates wanting the same player, queue behind it.
+
+Whatever an applied entry makes possible is decided again at once, in order, so a
+chain of any length resolves in one pass. Time is entry-id time: a waiter whose
+entry is more than `max_wait_ms` older than the clock (the next entry decided, or
+the batch's horizon) is dead-lettered as `wait_timeout`. The same entries in the
+same order give the same decisions, however they are cut into batches: that is what
+makes a replay, or several workers, reach the live worker's tables.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from domain.errors import DeadLetterReason
+from domain.events import TerminateEvent, UpdateEvent
+from domain.games import (
+    APPLIED,
+    DUPLICATE,
+    ENDED,
+    Changes,
+    Decision,
+    Order,
+    Outcome,
+    PlannedEntry,
+    Player,
+    ResultRow,
+    Session,
+    StatsDelta,
+    World,
+)
+from domain.waiting import Limits, Waiter, Waiters, Wake
+
+EXPIRED = "expired"  # the end reason of a session ended for silence
+
+
+@dataclass
+class Plan:
+    """What a batch decided: final decisions, what it writes, and how the waiting changed."""
+
+    decided: list[tuple[PlannedEntry, Decision]] = field(default_factory=list)
+    changes: Changes = field(default_factory=Changes)
+    waits_added: list[Waiter] = field(default_factory=list)  # new, or waiting for another thing
+    waits_removed: list[PlannedEntry] = field(default_factory=list)  # waited, now decided
+    expired_sessions: list[str] = field(default_factory=list)
+
+
+def plan_batch(
+    world: World,
+    entries: Sequence[PlannedEntry],
+    waiters: Waiters,
+    limits: Limits,
+    horizon_ms: int | None = None,
+    restored: Sequence[tuple[PlannedEntry, str]] = (),
+) -> Plan:
+    """Decide `entries` (in merged order) and the `waiters` they set free; both are updated.
+
+    `horizon_ms`: every entry of an earlier millisecond is known (in `entries`, or
+    decided before): waiters older than it by more than `max_wait_ms` time out.
+    `restored`: waiting entries as recorded (with what they waited for), when `waiters`
+    does not hold them: decided again first, which puts each back where it waits.
+    """
+    planner = _Planner(world, waiters, limits)
+    planner.restore(restored)
+    for entry in entries:
+        planner.advance(entry.ms)
+        planner.decide(entry)
+        planner.drain()
+    if horizon_ms is not None:
+        planner.advance(horizon_ms)
+    return planner.finish()
+
+
+class _Planner:
+    def __init__(self, world: World, waiters: Waiters, limits: Limits) -> None:
+        self.world = world
+        self.waiters = waiters
+        self.limits = limits
+        self.before = {order: waiter.waits_for for order, waiter in waiters.by_order.items()}
+        self.plan = Plan()
+        self.changes = self.plan.changes
+        self.woken: list[Order] = []  # a heap: waiters to decide again, in order
+        self.clock_ms = 0
+        self._times: dict[int, datetime] = {}
+
+    # -- the sequence --------------------------------------------------------------------
+
+    def advance(self, clock_ms: int) -> None:
+        """Move the clock; waiters past `max_wait_ms` are dead-lettered, oldest first."""
+        self.clock_ms = max(self.clock_ms, clock_ms)
+        limit = self.limits.max_wait_ms
+        while (oldest := self.waiters.oldest()) is not None and oldest.entry.ms + limit < clock_ms:
+            self.waiters.take(oldest.entry.order)
+            message = f"waited more than {limit / 1000:g} s for {oldest.waits_for}"
+            self.resolve(
+                oldest.entry, Decision(Outcome.DEAD, DeadLetterReason.WAIT_TIMEOUT, message)
+            )
+            self.drain()
+
+    def restore(self, restored: Sequence[tuple[PlannedEntry, str]]) -> None:
+        for entry, waits_for in sorted(restored, key=lambda item: item[0].order):
+            self.before[entry.order] = waits_for
+            self.decide(entry)
+            self.drain()
+
+    def drain(self) -> None:
+        """Decide again, in order, every waiter that what was just applied set free."""
+        while self.woken:
+            waiter = self.waiters.take(heapq.heappop(self.woken))
+            if waiter is not None:
+                self.decide(waiter.entry)
+
+    def wake(self, wake: Wake) -> None:
+        for order in self.waiters.woken_by(wake):
+            heapq.heappush(self.woken, order)
+
+    def decide(self, entry: PlannedEntry) -> None:
+        event = entry.event
+        if entry.event_id in self.world.processed:
+            self._touch_for_duplicate(entry)
+            self.resolve(entry, DUPLICATE)
+        elif isinstance(event, UpdateEvent):
+            self._update(entry, event)
+        else:
+            assert isinstance(event, TerminateEvent)
+            self._terminate(entry, event)
+
+    def resolve(self, entry: PlannedEntry, decision: Decision) -> None:
+        """A final decision; entries queued behind this one are decided again."""
+        self.plan.decided.append((entry, decision))
+        if entry.order in self.before:
+            self.plan.waits_removed.append(entry)
+        if decision.outcome is Outcome.APPLIED:
+            self.world.processed.add(entry.event_id)
+            self.changes.processed.append((entry.event_id, entry.stream_kind, entry.entry_id))
+        self.wake(Wake("entry", entry.order))
+
+    def wait(self, entry: PlannedEntry, wake: Wake, waits_for: str, holds: bool = True) -> None:
+        self.waiters.add(Waiter(entry, waits_for, wake, holds))
+
+    def queue_behind(self, entry: PlannedEntry, wanted: tuple[str, ...] = ()) -> bool:
+        """Wait behind an earlier waiting entry `entry` must not overtake, if there is one."""
+        holder = self.waiters.holder_before(entry, wanted)
+        if holder is None:
+            return False
+        held = holder.entry
+        what = f"{held.stream_kind} {held.entry_id} (session {held.event.session_id})"
+        self.wait(entry, Wake("entry", held.order), what)
+        return True
+
+    def finish(self) -> Plan:
+        """The waiting entries to record and to forget, against those the batch began with."""
+        for order, waiter in self.waiters.by_order.items():
+            if self.before.get(order) != waiter.waits_for:
+                self.plan.waits_added.append(waiter)
+        return self.plan
+
+    # -- the rules -------------------------------------------------------------------
+
+    def _update(self, entry: PlannedEntry, event: UpdateEvent) -> None:
+        players = self._players(event.player_keys)
+        if players is None:
+            self.resolve(entry, self._unknown(event.players, event.player_keys))
+            return
+        session = self.world.sessions.get(event.session_id)
+        if session is not None and session.ended:
+            self.resolve(entry, _session_ended(event.session_id))
+            return
+        live = self.world.live_session_of
+        wanted = tuple(
+            key
+            for key, player in zip(event.player_keys, players, strict=True)
+            if live.get(player.id) != event.session_id
+        )
+        if self.queue_behind(entry, wanted):
+            return
+        for player in players:
+            current = live.get(player.id)
+            if current is None or current == event.session_id:
+                continue
+            if self._expire_if_silent(current, entry.ms):
+                continue
+            self.wait(
+                entry,
+                Wake("player", player.id),
+                f"player {player.username} to leave live session {current}",
+            )
+            return
+        self._apply_update(entry, event, players, session)
+        self.resolve(entry, APPLIED)
+        self.wake(Wake("session", event.session_id))
+
+    def _apply_update(
+        self,
+        entry: PlannedEntry,
+        event: UpdateEvent,
+        players: list[Player],
+        session: Session | None,
+    ) -> None:
+        at = self._time(entry.ms)
+        new_roster = [player.id for player in players]
+        if session is None:
+            session = Session(
+                event.session_id,
+                event.status,
+                new_roster,
+                dict(event.meta),
+                created_at=at,
+                updated_at=at,
+            )
+            self.world.sessions[event.session_id] = session
+        else:
+            for user_id in set(session.roster).difference(new_roster):
+                self._set_membership(user_id, None)
+            session.roster = new_roster
+            session.status = event.status
+            session.meta = dict(event.meta)
+            session.updated_at = at
+        for user_id in new_roster:
+            self._set_membership(user_id, event.session_id)
+        self.changes.sessions[session.session_id] = session
+        self.changes.touched_sessions.add(session.session_id)
+
+    def _terminate(self, entry: PlannedEntry, event: TerminateEvent) -> None:
+        session = self.world.sessions.get(event.session_id)
+        if session is not None and session.ended:
+            self.resolve(entry, _session_ended(event.session_id))
+            return
+        players = self._players(event.result_keys)
+        if players is None:
+            self.resolve(entry, self._unknown(event.result_usernames, event.result_keys))
+            return
+        if self.queue_behind(entry):
+            return
+        if session is None:
+            # Holds nothing: the update it waits for must be able to pass it.
+            self.wait(
+                entry,
+                Wake("session", event.session_id),
+                f"the first update of session {event.session_id}",
+                holds=False,
+            )
+            return
+        outsiders = [p.username for p in players if p.id not in session.roster]
+        if outsiders:
+            message = f"not in the roster of {event.session_id}: {', '.join(outsiders)}"
+            self.resolve(entry, Decision(Outcome.DEAD, DeadLetterReason.NOT_IN_ROSTER, message))
+            return
+        self._credit(session, players, event)
+        self._end(session, event.reason, entry.ms)
+        self.resolve(entry, APPLIED)
+
+    def _credit(self, session: Session, players: list[Player], event: TerminateEvent) -> None:
+        stats, results, touched = (
+            self.changes.stats,
+            self.changes.results,
+            self.changes.touched_users,
+        )
+        for player, result in zip(players, event.results, strict=True):
+            uid, earned = player.id, result.earnings
+            delta = stats.get(uid)
+            if delta is None:
+                delta = stats[uid] = StatsDelta()
+            if result.outcome == "win":
+                delta.wins += 1
+                player.win_count += 1
+            else:
+                delta.losses += 1
+                player.loss_count += 1
+            delta.earnings += earned
+            player.earnings += earned
+            player.wallet += earned
+            results.append(ResultRow(session.session_id, uid, result.outcome, earned))
+            touched.add(uid)
+
+    def _end(self, session: Session, reason: str, at_ms: int) -> None:
+        for user_id in session.roster:
+            self._set_membership(user_id, None)
+        at = self._time(at_ms)
+        session.status = ENDED
+        session.end_reason = reason
+        session.ended_at = at
+        session.updated_at = at
+        self.changes.sessions[session.session_id] = session
+        self.changes.touched_sessions.add(session.session_id)
+
+    def _expire_if_silent(self, session_id: str, at_ms: int) -> bool:
+        """End a live session silent for `session_timeout_ms` (as of `at_ms`) as expired."""
+        timeout = self.limits.session_timeout_ms
+        session = self.world.sessions.get(session_id)
+        if timeout <= 0 or session is None:
+            return False
+        last_ms = int(session.updated_at.timestamp() * 1000)
+        if last_ms + timeout >= at_ms:
+            return False
+        self._end(session, EXPIRED, at_ms)
+        self.plan.expired_sessions.append(session_id)
+        return True
+
+    def _set_membership(self, user_id: int, session_id: str | None) -> None:
+        live = self.world.live_session_of
+        before = self.changes.membership_before
+        if user_id not in before:
+            before[user_id] = live.get(user_id)
+        if session_id is None:
+            if live.pop(user_id, None) is not None:
+                self.wake(Wake("player", user_id))
+        else:
+            live[user_id] = session_id
+        self.changes.membership[user_id] = session_id
+        self.changes.touched_users.add(user_id)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _players(self, keys: Sequence[str]) -> list[Player] | None:
+        """The players `keys` name (their `username_key`s); None when one is unknown."""
+        known = self.world.players.get
+        found = [known(key) for key in keys]
+        return found if all(found) else None  # type: ignore[return-value]
+
+    def _unknown(self, names: Sequence[str], keys: Sequence[str]) -> Decision:
+        """The dead letter for an entry naming players nobody registered."""
+        known = self.world.players
+        unknown = [name for name, key in zip(names, keys, strict=True) if key not in known]
+        message = f"unknown players: {', '.join(unknown)}"
+        return Decision(Outcome.DEAD, DeadLetterReason.UNKNOWN_USER, message)
+
+    def _time(self, ms: int) -> datetime:
+        """Entry-id time as a timestamp (a session's times are its events' times)."""
+        moment = self._times.get(ms)
+        if moment is None:
+            moment = self._times[ms] = datetime.fromtimestamp(ms / 1000, UTC)
+        return moment
+
+    def _touch_for_duplicate(self, entry: PlannedEntry) -> None:
+        """A duplicate changes nothing but still refreshes the caches it would have."""
+        event = entry.event
+        self.changes.touched_sessions.add(event.session_id)
+        session = self.world.sessions.get(event.session_id)
+        if session is not None:
+            self.changes.touched_users.update(session.roster)
+        keys = event.player_keys if isinstance(event, UpdateEvent) else event.result_keys
+        known = self.world.players
+        self.changes.touched_users.update(known[key].id for key in keys if key in known)
+
+
+def _session_ended(session_id: str) -> Decision:
+    message = f"session {session_id} has already ended"
+    return Decision(Outcome.DEAD, DeadLetterReason.SESSION_ENDED, message)

@@ -1,0 +1,132 @@
+"""What waits, and for what: the dependency index of game events not applicable yet.
+
+An entry waits only for what it depends on (docs: "Order"):
+- a terminate for its session's first update (`Wake.session`);
+- an update for a player still in another live session (`Wake.player`);
+- any entry for an earlier waiting entry it must not overtake (`Wake.entry`): an
+  earlier waiting entry of its session, or (an update) an earlier waiting update that
+  wants one of the same players. Such an entry "holds" what comes after it.
+
+Each waiter is registered under the one thing that decides it again: when that
+thing happens, the planner takes the waiter out and decides it afresh, and it may
+come back waiting for something else.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
+
+from domain.games import Order, PlannedEntry
+
+_K = TypeVar("_K")
+
+
+class Wake(NamedTuple):
+    """What decides a waiter again: a session's first update, a freed player, an entry."""
+
+    kind: str  # "session" | "player" | "entry"
+    key: object  # session id | user id | the awaited entry's order
+
+
+@dataclass(slots=True)
+class Waiter:
+    """An entry waiting, with what it waits for in words (for logs and `status`)."""
+
+    entry: PlannedEntry
+    waits_for: str
+    wake: Wake
+    holds: bool  # later entries of its session / wanting its players queue behind it
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long waiting may last, in entry-id time (so a replay decides the same)."""
+
+    max_wait_ms: int = 60_000
+    session_timeout_ms: int = 21_600_000  # 0: live sessions never expire
+
+
+@dataclass
+class Waiters:
+    """The waiting entries, by order, indexed by what wakes them and what they hold."""
+
+    by_order: dict[Order, Waiter] = field(default_factory=dict)
+    _wake: dict[Wake, list[Order]] = field(default_factory=dict)
+    _sessions: dict[str, list[Order]] = field(default_factory=dict)  # holders, by session
+    _players: dict[str, list[Order]] = field(default_factory=dict)  # holders, by username key
+    _oldest: list[Order] = field(default_factory=list)  # a heap; removed orders linger
+
+    def __len__(self) -> int:
+        return len(self.by_order)
+
+    def __iter__(self) -> Iterator[Waiter]:
+        """The waiters in entry order."""
+        return iter([self.by_order[order] for order in sorted(self.by_order)])
+
+    def add(self, waiter: Waiter) -> None:
+        order = waiter.entry.order
+        self.by_order[order] = waiter
+        self._wake.setdefault(waiter.wake, []).append(order)
+        heapq.heappush(self._oldest, order)
+        if waiter.holds:
+            for index, key in self._held_keys(waiter.entry):
+                index.setdefault(key, []).append(order)
+
+    def take(self, order: Order) -> Waiter | None:
+        """Remove a waiter to decide it again (entries queued behind it stay queued)."""
+        waiter = self.by_order.pop(order, None)
+        if waiter is None:
+            return None
+        _discard(self._wake, waiter.wake, order)
+        if waiter.holds:
+            for index, key in self._held_keys(waiter.entry):
+                _discard(index, key, order)
+        return waiter
+
+    def woken_by(self, wake: Wake) -> list[Order]:
+        """The orders of the waiters `wake` decides again (they are not removed here)."""
+        return list(self._wake.get(wake, ()))
+
+    def oldest(self) -> Waiter | None:
+        """The waiter with the smallest order: its deadline comes first."""
+        heap = self._oldest
+        while heap and heap[0] not in self.by_order:
+            heapq.heappop(heap)
+        return self.by_order[heap[0]] if heap else None
+
+    def holder_before(self, entry: PlannedEntry, wanted: tuple[str, ...] = ()) -> Waiter | None:
+        """The nearest earlier waiter `entry` must not overtake, or None.
+
+        `wanted`: the username keys of players an update asks for (those not already in
+        its own session); an earlier waiting update wanting one of them goes first.
+        """
+        if not self._sessions and not self._players:  # the common case: nothing holds
+            return None
+        order = entry.order
+        best: Order | None = None
+        for held in self._sessions.get(entry.event.session_id, ()):
+            if held < order and (best is None or held > best):
+                best = held
+        for key in wanted:
+            for held in self._players.get(key, ()):
+                if held < order and (best is None or held > best):
+                    best = held
+        return None if best is None else self.by_order[best]
+
+    def _held_keys(self, entry: PlannedEntry) -> list[tuple[dict[str, list[Order]], str]]:
+        keys = [(self._sessions, entry.event.session_id)]
+        keys += [(self._players, key) for key in getattr(entry.event, "player_keys", ())]
+        return keys
+
+
+def _discard(index: dict[_K, list[Order]], key: _K, order: Order) -> None:
+    orders = index.get(key)
+    if orders is None:
+        return
+    if order in orders:
+        orders.remove(order)
+    if not orders:
+        del index[key]
