@@ -162,19 +162,14 @@ def load_world(
     new_sessions = {_pk(s): s for s in _load_sessions(db, world, "session_id", wanted, lock)}
 
     # Live sessions of the batch's new players (a busy player waits), and whole rosters
-    # of the new sessions (a replaced roster frees the players it drops). A session the
-    # world already knows has its whole roster; a player it knows, their membership.
-    memberships: list[tuple[int, int, str]] = []
-    for column, values in (("user_id", sorted(new_ids)), ("session_pk", sorted(new_sessions))):
-        for chunk in chunks(values):
-            memberships += db.rows(
-                "SELECT p.user_id, p.session_pk, g.session_id FROM session_players p "  # noqa: S608
-                f"JOIN game_sessions g ON g.id = p.session_pk "
-                f"WHERE p.{column} IN ({marks(len(chunk))})",
-                chunk,
-            )
+    # of every session loaded (a replaced roster frees the players it drops, an ended
+    # session frees them all). A session the world already knows has its whole
+    # roster; a player it knows, their membership.
+    memberships = _memberships(db, "user_id", sorted(new_ids))
+    memberships += _memberships(db, "session_pk", sorted(new_sessions))
     others = sorted({pk for _, pk, sid in memberships if sid not in world.sessions})
     new_sessions.update((_pk(s), s) for s in _load_sessions(db, world, "id", others, lock))
+    memberships += _memberships(db, "session_pk", others)
     missing_users: set[int] = set()
     for user_id, pk, session_id in set(memberships):
         world.live_session_of[user_id] = session_id
@@ -188,6 +183,19 @@ def load_world(
     for session in new_sessions.values():
         session.roster.sort()
     return world
+
+
+def _memberships(db: Driver, column: str, values: list[int]) -> list[tuple[int, int, str]]:
+    """(user id, session pk, session id) of live rosters, by user or by session."""
+    found: list[tuple[int, int, str]] = []
+    for chunk in chunks(values):
+        found += db.rows(
+            "SELECT p.user_id, p.session_pk, g.session_id FROM session_players p "  # noqa: S608
+            f"JOIN game_sessions g ON g.id = p.session_pk "
+            f"WHERE p.{column} IN ({marks(len(chunk))})",
+            chunk,
+        )
+    return found
 
 
 def _pk(session: Session) -> int:

@@ -280,14 +280,14 @@ class EventConsumer:
         self.keep_fresh()
         return self.take_ready(read)
 
-    def read_new(self, block_ms: int | None) -> GroupRead | None:
+    def read_new(self, block_ms: int | None) -> GroupRead:
         """New entries of the streams whose buffered entries are fewer than a batch."""
         size = self.settings.batch_size
         buffered = Counter(entry.stream for entry in self.buffer)
         wanted = [s for s in self.streams if buffered[s] < size]
-        if not wanted:
-            return None
-        read = read_group(self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms)
+        read = read_group(
+            self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms, self.streams
+        )
         for stream in wanted:
             mine = [entry for entry in read.entries if entry.stream == stream]
             # A stream that came back full may hide later entries: nothing past its
@@ -297,7 +297,7 @@ class EventConsumer:
         self.clock_ms = read.clock_ms
         return read
 
-    def take_ready(self, read: GroupRead | None) -> list[Entry]:
+    def take_ready(self, read: GroupRead) -> list[Entry]:
         """The buffered entries before the first one that might still be unknown.
 
         Known are: entries of a millisecond before the read's server clock (an entry id
@@ -328,9 +328,9 @@ class EventConsumer:
             self.pause_ms = None
         return ready
 
-    def undecided_elsewhere(self, read: GroupRead | None) -> Order | None:
+    def undecided_elsewhere(self, read: GroupRead) -> Order | None:
         """The first entry pending on another consumer and not recorded as waiting."""
-        if read is None or not any(read.others.values()):
+        if not any(read.others.values()):
             return None
         waiting = self.waiting_keys()
         mine = {self.key(entry) for entry in self.buffer}

@@ -1,6 +1,6 @@
 """What `usermgmt status` and `usermgmt health` read: streams, groups, dead letters, checkpoints.
 
-Everything here only reads: XINFO, XRANGE, SCAN over heartbeat keys and one SELECT.
+Everything here only reads: XINFO, XRANGE, SCAN over heartbeat keys and a few SELECTs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from persistence.keys import Keys
+from persistence.waiting import waiting_summary
 from workers.connections import database_unreachable, safe_url
 
 # Above this many undelivered entries, a lag Redis cannot report is shown as "at least".
@@ -72,6 +73,17 @@ class WorkerInfo:
 
 
 @dataclass
+class WaitingInfo:
+    """Game events waiting for what they depend on (the `waiting_events` table)."""
+
+    entries: int
+    oldest_stream: str | None = None
+    oldest_entry_id: str | None = None
+    oldest_age_s: float | None = None  # since its entry id's time
+    oldest_waits_for: str | None = None
+
+
+@dataclass
 class Status:
     """The whole picture `usermgmt status` prints."""
 
@@ -82,6 +94,7 @@ class Status:
     workers: list[WorkerInfo]
     database: str
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
+    waiting: WaitingInfo | None = None
     database_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -236,6 +249,22 @@ def read_checkpoints(engine: Engine) -> dict[str, dict[str, str]]:
     }
 
 
+def read_waiting(engine: Engine) -> WaitingInfo:
+    """How many game events wait, and the oldest one (its age in entry-id time)."""
+    with engine.connect() as conn:
+        summary = waiting_summary(conn)
+    age = None
+    if summary.oldest_since is not None:
+        age = round(max(0.0, time.time() - summary.oldest_since.timestamp()), 1)
+    return WaitingInfo(
+        entries=summary.entries,
+        oldest_stream=summary.oldest_stream,
+        oldest_entry_id=summary.oldest_entry_id,
+        oldest_age_s=age,
+        oldest_waits_for=summary.oldest_waits_for,
+    )
+
+
 def collect(client: Redis, engine: Engine, keys: Keys, database_url: str) -> Status:
     """Read everything; a database that cannot be read leaves `database_error` set."""
     streams = []
@@ -253,6 +282,7 @@ def collect(client: Redis, engine: Engine, keys: Keys, database_url: str) -> Sta
     )
     try:
         status.checkpoints = read_checkpoints(engine)
+        status.waiting = read_waiting(engine)
     except SQLAlchemyError as exc:
         status.database_error = database_unreachable(database_url, exc)
     for stream in status.streams:

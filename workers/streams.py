@@ -98,26 +98,31 @@ def read_group(
     streams: Sequence[str],
     count: int,
     block_ms: int | None,
+    watched: Sequence[str] | None = None,
 ) -> GroupRead:
-    """TIME, XREADGROUP of new entries (`>`), then XPENDING of each stream: one round trip.
+    """TIME, XREADGROUP of new entries (`>`) of `streams` (none: no read), then XPENDING
+    of each `watched` stream (default: `streams`): one round trip.
 
     Read straight off a connection: redis-py's reply callback builds a dict per entry,
     which cost as much as the read itself on the event path; the raw reply (nested
     lists, parsed by hiredis) is turned into entries here instead.
     """
-    args: list[str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
-    if block_ms is not None:
-        args += ["BLOCK", block_ms]
-    args += ["STREAMS", *streams, *(">" for _ in streams)]
-    commands: list[tuple[Any, ...]] = [("TIME",), tuple(args)]
-    commands += [("XPENDING", stream, group) for stream in streams]
+    watched = streams if watched is None else watched
+    commands: list[tuple[Any, ...]] = [("TIME",)]
+    if streams:
+        args: list[str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        args += ["STREAMS", *streams, *(">" for _ in streams)]
+        commands.append(tuple(args))
+    commands += [("XPENDING", stream, group) for stream in watched]
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
         conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
         clock = conn.read_response(disable_decoding=True)
-        reply = conn.read_response(disable_decoding=True)
-        summaries = [conn.read_response(disable_decoding=True) for _ in streams]
+        reply = conn.read_response(disable_decoding=True) if streams else None
+        summaries = [conn.read_response(disable_decoding=True) for _ in watched]
     except BaseException:
         conn.disconnect()  # type: ignore[no-untyped-call]
         raise
@@ -125,7 +130,7 @@ def read_group(
         pool.release(conn)
     others = {
         stream: _pending_elsewhere(summary, consumer)
-        for stream, summary in zip(streams, summaries, strict=True)
+        for stream, summary in zip(watched, summaries, strict=True)
     }
     clock_ms = int(clock[0]) * 1000 + int(clock[1]) // 1000
     return GroupRead(_entries_of(reply), clock_ms, others)

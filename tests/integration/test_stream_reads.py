@@ -7,7 +7,15 @@ from redis.exceptions import ResponseError
 
 from persistence.keys import EVENTS_GROUP
 from tests.conftest import Backend
-from workers.streams import ensure_group, read_group
+from workers.streams import (
+    ensure_group,
+    entries_of,
+    keep_fresh,
+    own_pending,
+    pending_elsewhere,
+    read_group,
+    redis_time_ms,
+)
 
 
 def test_new_entries_of_both_streams_come_back_in_stream_order(backend: Backend) -> None:
@@ -20,7 +28,9 @@ def test_new_entries_of_both_streams_come_back_in_stream_order(backend: Backend)
     bare = redis.xadd(keys.update_stream, {"data": b"{}"}).decode()
     ended = redis.xadd(keys.terminate_stream, {"payload": b"{}"}).decode()
 
-    entries = read_group(redis, EVENTS_GROUP, "c1", streams, 10, None)
+    before_ms = redis_time_ms(redis)
+    read = read_group(redis, EVENTS_GROUP, "c1", streams, 10, None)
+    entries = read.entries
 
     got = [(e.stream, e.entry_id, e.payload, e.deliveries) for e in entries]
     assert got == [
@@ -29,9 +39,37 @@ def test_new_entries_of_both_streams_come_back_in_stream_order(backend: Backend)
         (keys.update_stream, bare, None, 1),
         (keys.terminate_stream, ended, b"{}", 1),
     ]
-    assert read_group(redis, EVENTS_GROUP, "c1", streams, 10, None) == []  # all delivered
+    # The server's clock before the read: every entry id is of that millisecond or earlier.
+    assert before_ms <= read.clock_ms <= redis_time_ms(redis)
+    assert all(int(e.entry_id.split("-")[0]) <= read.clock_ms for e in entries)
+    assert read.others == {keys.update_stream: 0, keys.terminate_stream: 0}
+    assert read_group(redis, EVENTS_GROUP, "c1", streams, 10, None).entries == []  # delivered
     pending = redis.xpending(keys.update_stream, EVENTS_GROUP)
     assert pending["pending"] == 3
+    # Another consumer sees the entries pending on c1 (and not as its own).
+    seen = read_group(redis, EVENTS_GROUP, "c2", streams, 10, None)
+    assert seen.others == {keys.update_stream: 3, keys.terminate_stream: 1}
+    assert pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2") == [first, other, bare]
+    assert pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c1") == []
+
+
+def test_keep_fresh_counts_no_delivery_and_reports_entries_gone(backend: Backend) -> None:
+    redis, keys = backend.redis, backend.keys
+    ensure_group(redis, keys.update_stream, EVENTS_GROUP)
+    kept = redis.xadd(keys.update_stream, {"payload": b"1"}).decode()
+    acked = redis.xadd(keys.update_stream, {"payload": b"2"}).decode()
+    read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 10, None)
+    redis.xack(keys.update_stream, EVENTS_GROUP, acked)  # decided by another worker
+    gone = keep_fresh(redis, EVENTS_GROUP, "c1", {keys.update_stream: [kept, acked]})
+    assert gone == {acked}
+    (row,) = redis.xpending_range(keys.update_stream, EVENTS_GROUP, "-", "+", 10)
+    assert row["times_delivered"] == 1 and row["time_since_delivered"] < 1_000
+    assert own_pending(redis, keys.update_stream, EVENTS_GROUP, "c1") == [kept]
+    # Read without a delivery: the payload, the count unchanged.
+    (entry,) = entries_of(redis, keys.update_stream, [kept])
+    assert entry.payload == b"1"
+    (row,) = redis.xpending_range(keys.update_stream, EVENTS_GROUP, "-", "+", 10)
+    assert row["times_delivered"] == 1
 
 
 def test_count_is_per_stream_and_a_block_returns_empty(backend: Backend) -> None:
@@ -39,10 +77,14 @@ def test_count_is_per_stream_and_a_block_returns_empty(backend: Backend) -> None
     ensure_group(redis, keys.update_stream, EVENTS_GROUP)
     for n in range(5):
         redis.xadd(keys.update_stream, {"payload": b"%d" % n})
-    entries = read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 2, None)
+    entries = read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 2, None).entries
     assert [e.payload for e in entries] == [b"0", b"1"]
     read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 10, None)
-    assert read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 10, 10) == []
+    assert read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 10, 10).entries == []
+    # No stream to read: the clock and the pending view only.
+    only = read_group(redis, EVENTS_GROUP, "c1", [], 10, None, [keys.update_stream])
+    assert only.entries == [] and only.clock_ms > 0
+    assert only.others == {keys.update_stream: 0}
 
 
 def test_a_missing_group_is_redis_error(backend: Backend) -> None:

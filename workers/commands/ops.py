@@ -128,8 +128,21 @@ def print_status(console: Console, report: status.Status) -> None:
         console.print(f"workers alive: {len(report.workers)}: {alive}")
     else:
         console.print("workers alive: none")
+    if report.waiting is not None:
+        console.print(waiting_line(report.waiting))
     if report.database_error:
         console.print(f"database checkpoint: unavailable: {report.database_error}")
+
+
+def waiting_line(waiting: status.WaitingInfo) -> str:
+    """`waiting events: 2 (oldest 12.5 s: terminate 17...-0, waits for ...)`."""
+    line = f"waiting events: {waiting.entries}"
+    if waiting.oldest_entry_id is not None:
+        line += (
+            f" (oldest {waiting.oldest_age_s} s: {waiting.oldest_stream} "
+            f"{waiting.oldest_entry_id}, waits for {waiting.oldest_waits_for})"
+        )
+    return line
 
 
 def format_idle(idle_ms: int) -> str:
