@@ -61,6 +61,8 @@ class World:
     sessions: dict[str, Session]  # by session id
     live_session_of: dict[int, str]  # user id -> session id, live sessions only
     processed: set[str]  # event ids already applied
+    # Of those, the users each touched beyond the players it names (`Changes.processed`).
+    also_touched: dict[str, list[int]] = field(default_factory=dict)
     by_id: dict[int, Player] = field(default_factory=dict)  # the same players, by user id
 
     def __post_init__(self) -> None:
@@ -117,7 +119,8 @@ class Changes:
     membership_before: dict[int, str | None] = field(default_factory=dict)
     stats: dict[int, StatsDelta] = field(default_factory=dict)  # by user id
     results: list[ResultRow] = field(default_factory=list)
-    processed: list[tuple[str, str, str]] = field(default_factory=list)  # event, stream, entry
+    # event id, stream kind, entry id, users touched beyond those the event names
+    processed: list[tuple[str, str, str, str | None]] = field(default_factory=list)
     touched_sessions: set[str] = field(default_factory=set)  # caches to refresh
     touched_users: set[int] = field(default_factory=set)
 

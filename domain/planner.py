@@ -23,7 +23,7 @@ makes a replay, or several workers, reach the live worker's tables.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -134,20 +134,31 @@ class _Planner:
         if entry.event_id in self.world.processed:
             self._touch_for_duplicate(entry)
             self.resolve(entry, DUPLICATE)
+        elif (first := self.waiters.copy_before(entry)) is not None:
+            # A second copy of a waiting event is decided once the first is (a duplicate
+            # then); it holds nothing, as it adds nothing to what the first copy holds.
+            what = f"the first copy of its event, {first.entry.stream_kind} {first.entry.entry_id}"
+            self.wait(entry, Wake("entry", first.entry.order), what, holds=False)
         elif isinstance(event, UpdateEvent):
             self._update(entry, event)
         else:
             assert isinstance(event, TerminateEvent)
             self._terminate(entry, event)
 
-    def resolve(self, entry: PlannedEntry, decision: Decision) -> None:
-        """A final decision; entries queued behind this one are decided again."""
+    def resolve(self, entry: PlannedEntry, decision: Decision, others: Iterable[int] = ()) -> None:
+        """A final decision; entries queued behind this one are decided again.
+
+        `others`: users an applied entry touched beyond the players it names.
+        """
         self.plan.decided.append((entry, decision))
         if entry.order in self.before:
             self.plan.waits_removed.append(entry)
         if decision.outcome is Outcome.APPLIED:
             self.world.processed.add(entry.event_id)
-            self.changes.processed.append((entry.event_id, entry.stream_kind, entry.entry_id))
+            touched = ",".join(map(str, sorted(others))) or None
+            self.changes.processed.append(
+                (entry.event_id, entry.stream_kind, entry.entry_id, touched)
+            )
         self.wake(Wake("entry", entry.order))
 
     def wait(self, entry: PlannedEntry, wake: Wake, waits_for: str, holds: bool = True) -> None:
@@ -201,8 +212,8 @@ class _Planner:
                 f"player {player.username} to leave live session {current}",
             )
             return
-        self._apply_update(entry, event, players, session)
-        self.resolve(entry, APPLIED)
+        dropped = self._apply_update(entry, event, players, session)
+        self.resolve(entry, APPLIED, dropped)
         self.wake(Wake("session", event.session_id))
 
     def _apply_update(
@@ -211,9 +222,11 @@ class _Planner:
         event: UpdateEvent,
         players: list[Player],
         session: Session | None,
-    ) -> None:
+    ) -> list[int]:
+        """Create or replace the session; returns the players it dropped."""
         at = self._time(entry.ms)
         new_roster = [player.id for player in players]
+        dropped: list[int] = []
         if session is None:
             session = Session(
                 event.session_id,
@@ -225,7 +238,8 @@ class _Planner:
             )
             self.world.sessions[event.session_id] = session
         else:
-            for user_id in set(session.roster).difference(new_roster):
+            dropped = sorted(set(session.roster).difference(new_roster))
+            for user_id in dropped:
                 self._set_membership(user_id, None)
             session.roster = new_roster
             session.status = event.status
@@ -235,6 +249,7 @@ class _Planner:
             self._set_membership(user_id, event.session_id)
         self.changes.sessions[session.session_id] = session
         self.changes.touched_sessions.add(session.session_id)
+        return dropped
 
     def _terminate(self, entry: PlannedEntry, event: TerminateEvent) -> None:
         session = self.world.sessions.get(event.session_id)
@@ -261,9 +276,10 @@ class _Planner:
             message = f"not in the roster of {event.session_id}: {', '.join(outsiders)}"
             self.resolve(entry, Decision(Outcome.DEAD, DeadLetterReason.NOT_IN_ROSTER, message))
             return
+        unfinished = set(session.roster).difference(p.id for p in players)
         self._credit(session, players, event)
         self._end(session, event.reason, entry.ms)
-        self.resolve(entry, APPLIED)
+        self.resolve(entry, APPLIED, unfinished)
 
     def _credit(self, session: Session, players: list[Player], event: TerminateEvent) -> None:
         stats, results, touched = (
@@ -357,6 +373,7 @@ class _Planner:
         keys = event.player_keys if isinstance(event, UpdateEvent) else event.result_keys
         known = self.world.players
         self.changes.touched_users.update(known[key].id for key in keys if key in known)
+        self.changes.touched_users.update(self.world.also_touched.get(entry.event_id, ()))
 
 
 def _session_ended(session_id: str) -> Decision:

@@ -57,6 +57,7 @@ class Waiters:
     _wake: dict[Wake, list[Order]] = field(default_factory=dict)
     _sessions: dict[str, list[Order]] = field(default_factory=dict)  # holders, by session
     _players: dict[str, list[Order]] = field(default_factory=dict)  # holders, by username key
+    _events: dict[str, list[Order]] = field(default_factory=dict)  # by event id
     _oldest: list[Order] = field(default_factory=list)  # a heap; removed orders linger
 
     def __len__(self) -> int:
@@ -70,6 +71,7 @@ class Waiters:
         order = waiter.entry.order
         self.by_order[order] = waiter
         self._wake.setdefault(waiter.wake, []).append(order)
+        self._events.setdefault(waiter.entry.event_id, []).append(order)
         heapq.heappush(self._oldest, order)
         if waiter.holds:
             for index, key in self._held_keys(waiter.entry):
@@ -81,6 +83,7 @@ class Waiters:
         if waiter is None:
             return None
         _discard(self._wake, waiter.wake, order)
+        _discard(self._events, waiter.entry.event_id, order)
         if waiter.holds:
             for index, key in self._held_keys(waiter.entry):
                 _discard(index, key, order)
@@ -96,6 +99,14 @@ class Waiters:
         while heap and heap[0] not in self.by_order:
             heapq.heappop(heap)
         return self.by_order[heap[0]] if heap else None
+
+    def copy_before(self, entry: PlannedEntry) -> Waiter | None:
+        """An earlier waiting entry with the same event id (a producer published it twice)."""
+        orders = self._events.get(entry.event_id)
+        if not orders:
+            return None
+        first = min(orders)
+        return self.by_order[first] if first < entry.order else None
 
     def holder_before(self, entry: PlannedEntry, wanted: tuple[str, ...] = ()) -> Waiter | None:
         """The nearest earlier waiter `entry` must not overtake, or None.

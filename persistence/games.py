@@ -149,12 +149,17 @@ def load_world(
     if world is None:
         world = new_world()
     world.processed = set()
+    world.also_touched = {}
     for chunk in chunks(sorted(set(event_ids))):
         rows = db.rows(
-            f"SELECT event_id FROM processed_events WHERE event_id IN ({marks(len(chunk))})",  # noqa: S608
+            "SELECT event_id, touched FROM processed_events "  # noqa: S608
+            f"WHERE event_id IN ({marks(len(chunk))})",
             chunk,
         )
-        world.processed.update(row[0] for row in rows)
+        for event_id, touched in rows:
+            world.processed.add(event_id)
+            if touched:
+                world.also_touched[event_id] = [int(uid) for uid in touched.split(",")]
 
     new_keys = sorted({key for key in username_keys if key not in world.players})
     new_ids = [player.id for player in _load_players(db, world, "u.username_key", new_keys, lock)]
@@ -179,6 +184,8 @@ def load_world(
                 roster.append(user_id)
         if user_id not in world.by_id:
             missing_users.add(user_id)
+    for user_ids in world.also_touched.values():  # a duplicate refreshes their caches
+        missing_users.update(uid for uid in user_ids if uid not in world.by_id)
     _load_players(db, world, "u.id", sorted(missing_users), lock)
     for session in new_sessions.values():
         session.roster.sort()
@@ -257,9 +264,12 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
     )
     at = db.time(now)
     db.many(
-        "INSERT INTO processed_events (event_id, stream, entry_id, processed_at) "
-        "VALUES (?, ?, ?, ?)",
-        [(event_id, stream, entry_id, at) for event_id, stream, entry_id in changes.processed],
+        "INSERT INTO processed_events (event_id, stream, entry_id, processed_at, touched) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [
+            (event, stream, entry, at, touched)
+            for event, stream, entry, touched in changes.processed
+        ],
     )
 
 

@@ -121,6 +121,10 @@ class ProcessedEvent(Base):
     stream: Mapped[str] = mapped_column(String(16))
     entry_id: Mapped[str] = mapped_column(String(41))
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # User ids whose caches the event changed beyond the players it names (a terminate's
+    # players without a result, an update's dropped players), comma-separated: a
+    # redelivered duplicate refreshes them too.
+    touched: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class StreamCheckpoint(Base):

@@ -1,4 +1,5 @@
-"""waiting events: game events decided to wait for what they depend on
+"""waiting events (game events decided to wait for what they depend on), and the
+players an applied event touched beyond those it names (for a duplicate's cache refresh)
 
 Revision ID: 0003
 Revises: 0002
@@ -17,6 +18,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("processed_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("touched", sa.Text(), nullable=True))
     op.create_table(
         "waiting_events",
         sa.Column("stream", sa.String(length=16), nullable=False),
@@ -32,3 +35,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("waiting_events")
+    with op.batch_alter_table("processed_events", schema=None) as batch_op:
+        batch_op.drop_column("touched")

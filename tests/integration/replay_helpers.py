@@ -37,6 +37,7 @@ TABLES: dict[str, str] = {
         "JOIN game_sessions g ON g.id = r.session_pk"
     ),
     "processed_events": "SELECT event_id, stream, entry_id FROM processed_events",
+    "waiting_events": "SELECT stream, entry_id, waits_for FROM waiting_events",
 }
 
 

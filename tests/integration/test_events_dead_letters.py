@@ -143,7 +143,7 @@ def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backen
         }
         for letter in letters:
             assert set(letter) == DLQ_FIELDS
-            reason, payload = expected[(letter["stream"], letter["entry_id"])]
+            _, payload = expected[(letter["stream"], letter["entry_id"])]
             assert letter["payload"] == payload  # the original text
             assert isinstance(letter["message"], str) and letter["message"]
             failed_at = datetime.fromisoformat(letter["failed_at"])

@@ -47,8 +47,8 @@ def replay_into(live: Services, url: str, **kwargs: object) -> tuple[object, Ser
         live.redis,
         live.keys,
         engine,
+        limits=live.settings.limits(),
         batch_size=4,  # many chunks, so order across chunk boundaries is exercised
-        retry_delay_ms=live.settings.retry_delay_ms,
     ).run(**kwargs)  # type: ignore[arg-type]
     return summary, Services(live.settings, live.redis, engine, live.keys)
 
