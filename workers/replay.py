@@ -222,6 +222,8 @@ class Replayer:
         for decision in decisions:
             if decision.outcome is Outcome.APPLIED:
                 self.summary.applied += 1
+            elif decision.outcome is Outcome.DUPLICATE:
+                self.summary.duplicates += 1
             else:
                 self.summary.invalid["conflict"] += 1
 

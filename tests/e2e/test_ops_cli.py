@@ -157,6 +157,7 @@ def test_health_status_and_metrics_follow_a_running_worker(stack: Stack) -> None
     assert table.returncode == 0, table.stderr
     assert "usermgmt-events" in table.stdout and "e2e-worker" in table.stdout
     assert "dead letters: 0" in table.stdout
+    assert "waiting events: 0" in table.stdout
 
     assert stack.stop_worker(worker) == 0
     after = stack.cli("health")

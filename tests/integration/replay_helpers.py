@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -72,11 +73,33 @@ def results(*pairs: tuple[str, str, int]) -> list[dict[str, Any]]:
     return [{"username": u, "outcome": o, "earnings": e} for u, o, e in pairs]
 
 
+def publish_later(redis: Redis, keys: Keys, kind: str, **payload: Any) -> str:
+    """Publish in a millisecond after every event entry so far (an explicit `<ms>-*` id).
+
+    Entry ids order the two streams only to the millisecond: an entry that must come
+    after another one in the other stream (an update for a session that has ended)
+    has to be in a later millisecond, as it would be for producers that publish it
+    later. The next `*` ids continue after it.
+    """
+    import orjson
+
+    newest = 0
+    for stream in (keys.update_stream, keys.terminate_stream):
+        last = redis.xrevrange(stream, count=1)
+        if last:
+            newest = max(newest, int(last[0][0].decode().partition("-")[0]))
+    payload.setdefault("event_id", str(uuid.uuid4()))
+    raw = redis.xadd(
+        keys.event_stream(kind), {"payload": orjson.dumps(payload)}, id=f"{newest + 1}-*"
+    )
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def play_history(services: Services, relay: Relay) -> dict[str, int]:
     """A live history with every kind of entry a replay must handle; returns entry counts.
 
     Finished games, a terminate published before its update, a player busy in another
-    session (deferred, then applied), duplicates, a still-live session, entries the
+    session (waiting, then applied), duplicates, a still-live session, entries the
     worker dead-letters at once (bad JSON, unknown player, outsider, ended session), and
     a registration published after an update naming the player (the relay was late).
     """
@@ -123,7 +146,7 @@ def play_history(services: Services, relay: Relay) -> dict[str, int]:
     redis.xadd(keys.update_stream, {"payload": b"{not json"})
     publish(redis, keys, "update", session_id="g5", players=["alice", "nobody"])
     publish(redis, keys, "terminate", session_id="g4", results=results(("carol", "win", 1)))
-    publish(redis, keys, "update", session_id="g1", players=["alice"])
+    publish_later(redis, keys, "update", session_id="g1", players=["alice"])
     # A registration committed, named by an update, and published only afterwards.
     accounts.create_user(services.engine, "frank", "$2b$04$" + "frank".ljust(53, "x"), 10)
     publish(redis, keys, "update", session_id="g6", players=["frank", "carol"])
@@ -135,7 +158,7 @@ def play_history(services: Services, relay: Relay) -> dict[str, int]:
         session_id="g6",
         results=results(("frank", "win", 500), ("carol", "loss", 0)),
     )
-    # A terminate for a session that never starts: retried, then dead-lettered.
+    # A terminate for a session that never starts: waits, then times out (wait_timeout).
     publish(redis, keys, "terminate", session_id="ghost", results=results(("bob", "win", 9)))
     # A second game for g1's players, g4 ends, and g8 is still being played.
     publish(redis, keys, "update", session_id="g7", players=["alice", "bob", "carol"])

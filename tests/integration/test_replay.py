@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,10 @@ TARGETS = ["sqlite", *(["postgres"] if POSTGRES_ON else [])]
 @pytest.fixture
 def live(backend: Backend) -> Iterator[Services]:
     """The test's backend with the full mixed history applied by the live consumer."""
-    with services_for(backend, max_deliveries=3, retry_delay_ms=20) as services:
+    with services_for(backend, max_deliveries=3, max_wait_s=0.3) as services:
         play_history(services, new_relay(services))
+        drain(services)
+        time.sleep(0.4)  # the terminate of a session that never starts times out
         drain(services)
         yield services
 
@@ -96,7 +99,7 @@ def test_replaying_twice_changes_nothing(live: Services, tmp_path: Path) -> None
 
 def test_replay_onto_the_live_database_is_a_no_op(live: Services) -> None:
     before = table_rows(live.engine)
-    summary = Replayer(live.redis, live.keys, live.engine).run()
+    summary = Replayer(live.redis, live.keys, live.engine, live.settings.limits()).run()
     assert table_rows(live.engine) == before
     assert summary.applied == 0
     assert summary.duplicates > 0
@@ -105,7 +108,7 @@ def test_replay_onto_the_live_database_is_a_no_op(live: Services) -> None:
 def test_dead_lettered_entries_are_skipped_and_counted(live: Services, tmp_path: Path) -> None:
     letters = dead_letters(live.redis, live.keys)
     reasons = {d["reason"] for d in letters}
-    assert reasons >= {"invalid_json", "max_deliveries", "session_ended", "unknown_user"}
+    assert reasons >= {"invalid_json", "wait_timeout", "session_ended", "unknown_user"}
     url = f"sqlite:///{tmp_path / 'dlq.db'}"
     upgrade(url)
     summary, replayed = replay_into(live, url)

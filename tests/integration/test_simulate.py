@@ -192,7 +192,7 @@ def test_published_traffic_applies_exactly(services: Services, backend: Backend)
 
     consumer = drain(services)
     assert consumer.stats.applied == len(events)
-    assert consumer.stats.deferred == 0
+    assert consumer.stats.waiting == 0
     assert dead_letters(backend.redis, backend.keys) == []
     assert standings.player_totals(services.engine) == {
         name: (t.wins, t.losses, t.earnings, 7 + t.earnings) for name, t in expected.players.items()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,54 @@ def test_status_shows_streams_groups_consumers_dead_letters_and_checkpoint(
     assert encoded["dlq_by_reason"] == {"invalid_json": 1}
 
 
+def test_status_and_metrics_show_waiting_entries_and_the_oldest(
+    services: Services, backend: Backend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two terminates wait for sessions nobody started: status counts them and names the
+    oldest and what it waits for; the metrics say the same; once it has waited 10 s
+    (entry-id time) the worker logs it, once."""
+    keys, redis = backend.keys, backend.redis
+    register(services, "alice")
+    old = redis.xadd(  # published 12 s ago as far as its id says
+        keys.terminate_stream,
+        {
+            "payload": orjson.dumps(
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "session_id": "late",
+                    "results": [],
+                    "reason": "aborted",
+                }
+            )
+        },
+        id=f"{status_clock_ms(backend) - 12_000}-0",
+    ).decode()
+    publish(redis, keys, "terminate", session_id="later", results=[], reason="aborted")
+    metrics = PrometheusMetrics()
+    EventConsumer(services, "c1", threading.Event(), burst=True, metrics=metrics).run()
+    assert metrics.registry.get_sample_value("usermgmt_events_waiting") == 2
+    age = metrics.registry.get_sample_value("usermgmt_events_waiting_oldest_seconds")
+    assert age is not None and 12 <= age < 60
+    logged = [line for line in capsys.readouterr().out.splitlines() if "entry waiting" in line]
+    assert len(logged) == 1 and old in logged[0] and "first update of session late" in logged[0]
+
+    report = status.collect(redis, services.engine, keys, services.settings.database_url)
+    assert report.waiting is not None
+    assert (report.waiting.entries, report.waiting.oldest_entry_id) == (2, old)
+    assert report.waiting.oldest_stream == "terminate"
+    assert report.waiting.oldest_waits_for == "the first update of session late"
+    assert report.waiting.oldest_age_s is not None and report.waiting.oldest_age_s >= 12
+    assert orjson.loads(orjson.dumps(report.to_json()))["waiting"]["entries"] == 2
+    # Nothing pending counted as a delivery while waiting.
+    for row in redis.xpending_range(keys.terminate_stream, EVENTS_GROUP, "-", "+", 10):
+        assert row["times_delivered"] == 1
+
+
+def status_clock_ms(backend: Backend) -> int:
+    seconds, micros = backend.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def test_status_counts_lag_itself_when_redis_cannot(services: Services, backend: Backend) -> None:
     keys, redis = backend.keys, backend.redis
     ensure_group(redis, keys.auth_requests, AUTH_GROUP)
@@ -125,13 +174,15 @@ def test_retry_of_a_fixed_terminate_applies_it_exactly_once(
     services: Services, backend: Backend
 ) -> None:
     keys, redis = backend.keys, backend.redis
-    services = dataclasses.replace(services, settings=make_settings(backend, max_deliveries=2))
+    services = dataclasses.replace(services, settings=make_settings(backend, max_wait_s=0.2))
     register(services, "alice", "bob")
-    # The game server reports a game whose update never arrived: retried, then dead-lettered.
+    # The game server reports a game whose update never arrived: it waits, then times out.
     publish(redis, keys, "terminate", session_id="late-1", results=RESULTS)
     drain(services)
+    time.sleep(0.3)
+    drain(services)
     (letter,) = list(dlq.letters(redis, keys))
-    assert letter.reason == "max_deliveries"
+    assert letter.reason == "wait_timeout"
     assert letter.stream == keys.terminate_stream
     assert stats_of(services) == [("alice", 0, 0, 0, 0), ("bob", 0, 0, 0, 0)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,8 +36,14 @@ def apply_available(worker: EventConsumer) -> None:
     step: its rank refresh would make the worker forget its world anyway)."""
     if worker.needs_setup:
         worker.setup()
-    while entries := worker.next_entries():
-        worker.handle(entries)
+    for _ in range(1_000):
+        entries = worker.next_entries()
+        if entries:
+            worker.handle(entries)
+        elif not worker.buffer:
+            break
+        else:  # entries of the server's current millisecond wait for the next one
+            time.sleep(0.001)
     worker.flush()
     worker.settle()
 
