@@ -140,6 +140,7 @@ class PlannedEntry:
     stream_kind: str
     entry_id: str
     payload: bytes | None = None  # the entry's text, kept while it waits
+    redelivered: bool = False  # delivered before: its decision may be recorded already
     event_id: str = field(init=False)  # the event's UUID as text, the processed-events key
     order: Order = field(init=False)  # where the entry goes in the merged order
 

@@ -23,9 +23,9 @@ makes a replay, or several workers, reach the live worker's tables.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from domain.errors import DeadLetterReason
 from domain.events import TerminateEvent, UpdateEvent
@@ -47,6 +47,8 @@ from domain.games import (
 from domain.waiting import Limits, Waiter, Waiters, Wake
 
 EXPIRED = "expired"  # the end reason of a session ended for silence
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)  # entry-id time is whole milliseconds: no floats
 
 
 @dataclass
@@ -67,6 +69,7 @@ def plan_batch(
     limits: Limits,
     horizon_ms: int | None = None,
     restored: Sequence[tuple[PlannedEntry, str]] = (),
+    recorded: Mapping[tuple[str, str], Decision] | None = None,
 ) -> Plan:
     """Decide `entries` (in merged order) and the `waiters` they set free; both are updated.
 
@@ -74,8 +77,10 @@ def plan_batch(
     decided before): waiters older than it by more than `max_wait_ms` time out.
     `restored`: waiting entries as recorded (with what they waited for), when `waiters`
     does not hold them: decided again first, which puts each back where it waits.
+    `recorded`: dead-letter decisions already committed for some of `entries` (by
+    stream kind and entry id): a redelivery after a crash gets the same decision.
     """
-    planner = _Planner(world, waiters, limits)
+    planner = _Planner(world, waiters, limits, recorded or {})
     planner.restore(restored)
     for entry in entries:
         planner.advance(entry.ms)
@@ -87,7 +92,14 @@ def plan_batch(
 
 
 class _Planner:
-    def __init__(self, world: World, waiters: Waiters, limits: Limits) -> None:
+    def __init__(
+        self,
+        world: World,
+        waiters: Waiters,
+        limits: Limits,
+        recorded: Mapping[tuple[str, str], Decision],
+    ) -> None:
+        self.recorded = recorded
         self.world = world
         self.waiters = waiters
         self.limits = limits
@@ -122,16 +134,29 @@ class _Planner:
         """Decide again, in order, every waiter that what was just applied set free."""
         while self.woken:
             waiter = self.waiters.take(heapq.heappop(self.woken))
-            if waiter is not None:
-                self.decide(waiter.entry)
+            if waiter is None:
+                continue
+            self.decide(waiter.entry)
+            now = self.waiters.by_order.get(waiter.entry.order)
+            if now is not None and waiter.holds and not now.holds:
+                self.wake_queued(waiter.entry)  # it no longer holds what follows it
 
     def wake(self, wake: Wake) -> None:
         for order in self.waiters.woken_by(wake):
             heapq.heappush(self.woken, order)
 
+    def wake_queued(self, entry: PlannedEntry) -> None:
+        """Decide again the entries queued behind others that share `entry`'s session or
+        players: with `entry` decided, what holds them may have changed."""
+        if self.waiters:
+            for order in self.waiters.queued_after(entry):
+                heapq.heappush(self.woken, order)
+
     def decide(self, entry: PlannedEntry) -> None:
         event = entry.event
-        if entry.event_id in self.world.processed:
+        if self.recorded and (dead := self.recorded.get((entry.stream_kind, entry.entry_id))):
+            self.resolve(entry, dead)
+        elif entry.event_id in self.world.processed:
             self._touch_for_duplicate(entry)
             self.resolve(entry, DUPLICATE)
         elif (first := self.waiters.copy_before(entry)) is not None:
@@ -160,6 +185,7 @@ class _Planner:
                 (entry.event_id, entry.stream_kind, entry.entry_id, touched)
             )
         self.wake(Wake("entry", entry.order))
+        self.wake_queued(entry)
 
     def wait(self, entry: PlannedEntry, wake: Wake, waits_for: str, holds: bool = True) -> None:
         self.waiters.add(Waiter(entry, waits_for, wake, holds))
@@ -321,7 +347,7 @@ class _Planner:
         session = self.world.sessions.get(session_id)
         if timeout <= 0 or session is None:
             return False
-        last_ms = int(session.updated_at.timestamp() * 1000)
+        last_ms = (session.updated_at - EPOCH) // MILLISECOND
         if last_ms + timeout >= at_ms:
             return False
         self._end(session, EXPIRED, at_ms)
@@ -360,7 +386,7 @@ class _Planner:
         """Entry-id time as a timestamp (a session's times are its events' times)."""
         moment = self._times.get(ms)
         if moment is None:
-            moment = self._times[ms] = datetime.fromtimestamp(ms / 1000, UTC)
+            moment = self._times[ms] = EPOCH + ms * MILLISECOND
         return moment
 
     def _touch_for_duplicate(self, entry: PlannedEntry) -> None:

@@ -100,6 +100,16 @@ class Waiters:
             heapq.heappop(heap)
         return self.by_order[heap[0]] if heap else None
 
+    def queued_after(self, entry: PlannedEntry) -> list[Order]:
+        """Later waiters queued behind some earlier entry that share `entry`'s session or
+        one of its players: what they queue behind may have changed with `entry`."""
+        found: list[Order] = []
+        for index, key in self._held_keys(entry):
+            for order in index.get(key, ()):
+                if order > entry.order and self.by_order[order].wake.kind == "entry":
+                    found.append(order)
+        return found
+
     def copy_before(self, entry: PlannedEntry) -> Waiter | None:
         """An earlier waiting entry with the same event id (a producer published it twice)."""
         orders = self._events.get(entry.event_id)

@@ -155,6 +155,18 @@ class WaitingEvent(Base):
     since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class DeadEvent(Base):
+    """A game event the rules dead-lettered, recorded with the decision: a redelivery
+    after a crash (before the dead letter was written) is dead-lettered the same way."""
+
+    __tablename__ = "dead_events"
+
+    stream: Mapped[str] = mapped_column(String(16), primary_key=True)  # update | terminate
+    entry_id: Mapped[str] = mapped_column(String(41), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+
+
 class OutboxEvent(Base):
     """An event committed with its effect, waiting for the relay to XADD it (then marked).
 

@@ -27,15 +27,18 @@ def refresh_ranks_now(engine: Engine) -> int:
 
 
 def rebuild_leaderboard_cache(
-    engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000
+    engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000, replace: bool = True
 ) -> int:
-    """Replace `um:leaderboard` with every player's earnings from the database.
+    """Fill `um:leaderboard` with every player's earnings from the database.
 
     The scores are added with `GT`, like every other writer's: a worker that raises a
     score between this read and the pipeline's execution is never lowered by it.
+    `replace` deletes the set first (after a restore, scores may go down); a worker
+    filling a set Redis lost must not, as another worker may be writing to it already.
     """
     total = 0
-    pipe.delete(keys.leaderboard)
+    if replace:
+        pipe.delete(keys.leaderboard)
     with engine.connect() as conn:
         result = conn.execution_options(yield_per=chunk).execute(
             text("SELECT u.username, s.earnings FROM users u JOIN stats s ON s.user_id = u.id")

@@ -1,4 +1,5 @@
-"""The `waiting_events` table: game events waiting for what they depend on.
+"""The `waiting_events` table: game events waiting for what they depend on; and
+`dead_events`, the dead-letter decisions of the rules.
 
 Written in the same transaction as the decisions that made them wait or set them
 free, so every worker (and a replay) sees the same waiting entries and decides
@@ -13,7 +14,8 @@ from typing import NamedTuple
 
 from sqlalchemy import Connection
 
-from domain.games import PlannedEntry
+from domain.errors import DeadLetterReason
+from domain.games import Decision, Outcome, PlannedEntry
 from domain.waiting import Waiter
 from persistence.games import Driver, chunks, marks
 
@@ -98,3 +100,34 @@ def waiting_summary(conn: Connection) -> WaitingSummary:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return WaitingSummary(int(count), str(entry_id), str(stream), moment, str(waits_for))
+
+
+def load_dead(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Decision]:
+    """The recorded dead-letter decisions of these (stream kind, entry id)s."""
+    found: dict[tuple[str, str], Decision] = {}
+    db = Driver(conn)
+    for stream in {kind for kind, _ in keys}:
+        ids = sorted({entry_id for kind, entry_id in keys if kind == stream})
+        for chunk in chunks(ids):
+            where = f"stream = ? AND entry_id IN ({marks(len(chunk))})"
+            for entry_id, reason, message in db.rows(
+                f"SELECT entry_id, reason, message FROM dead_events WHERE {where}",  # noqa: S608
+                (stream, *chunk),
+            ):
+                decision = Decision(Outcome.DEAD, DeadLetterReason(reason), str(message))
+                found[(stream, str(entry_id))] = decision
+    return found
+
+
+def save_dead(conn: Connection, decided: Sequence[tuple[PlannedEntry, Decision]]) -> None:
+    """Record the dead-letter decisions of a batch (with its effects, in its transaction)."""
+    rows = [
+        (entry.stream_kind, entry.entry_id, str(decision.reason), decision.message)
+        for entry, decision in decided
+        if decision.outcome is Outcome.DEAD
+    ]
+    Driver(conn).many(
+        "INSERT INTO dead_events (stream, entry_id, reason, message) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (stream, entry_id) DO NOTHING",
+        rows,
+    )

@@ -29,7 +29,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from domain.errors import DeadLetterReason, InvalidPayload
-from domain.events import EventKind, entry_order, parse_event
+from domain.events import EventKind, entry_id_key, entry_order, parse_event
 from domain.games import Changes, Order, Outcome, PlannedEntry, World
 from persistence import cache
 from persistence.games import session_is_live
@@ -233,7 +233,7 @@ class EventConsumer:
         if self.redis.exists(self.keys.leaderboard):
             return
         pipe = self.redis.pipeline(transaction=True)
-        players = rebuild_leaderboard_cache(self.engine, pipe, self.keys)
+        players = rebuild_leaderboard_cache(self.engine, pipe, self.keys, replace=False)
         pipe.execute()
         if players:
             self.log.info("leaderboard cache rebuilt from the database", players=players)
@@ -393,6 +393,12 @@ class EventConsumer:
                     self.held[key] = entry  # a dead consumer's waiting entry: still waits
                 else:
                     entries.append(entry)
+        for entry in entries:
+            # A claimed entry was delivered, so every entry of its stream not delivered
+            # yet comes after it: it may be decided, though this stream was not read past it.
+            last = self.horizon.get(entry.stream)
+            if last is not None and entry_id_key(entry.entry_id) > entry_id_key(last):
+                self.horizon[entry.stream] = entry.entry_id
         if entries:
             self.log.info("claimed abandoned entries", count=len(entries))
         return entries
@@ -441,7 +447,9 @@ class EventConsumer:
                 dead.append((entry, exc.reason, exc.message))
                 continue
             parsed[key] = entry
-            planned.append(PlannedEntry(event, key[0], entry.entry_id, entry.payload))
+            planned.append(
+                PlannedEntry(event, key[0], entry.entry_id, entry.payload, entry.deliveries > 1)
+            )
 
         results = self.apply(planned, parsed, dead)
         self.settle()  # the previous batch's replies, read while this one's SQL ran

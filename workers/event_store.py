@@ -27,7 +27,7 @@ from domain.planner import Plan, plan_batch
 from domain.waiting import Limits, Waiters
 from persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
 from persistence.games import load_world, lock_decisions, save_checkpoints, write_changes
-from persistence.waiting import StoredWaiter, load_waiting, save_waiting
+from persistence.waiting import StoredWaiter, load_dead, load_waiting, save_dead, save_waiting
 from persistence.world_cache import WorldCache
 from workers.connections import DATABASE_ERRORS
 
@@ -78,9 +78,13 @@ class EventStore:
                 lock=not self.sqlite,
                 world=world,
             )
-            plan = plan_batch(world, planned, waiters, self.limits, horizon_ms, restored)
+            # Only a redelivered entry can have a decision recorded already.
+            again = [(p.stream_kind, p.entry_id) for p in planned if p.redelivered]
+            recorded = load_dead(conn, again) if again else None
+            plan = plan_batch(world, planned, waiters, self.limits, horizon_ms, restored, recorded)
             write_changes(conn, world, plan.changes, now)
             save_waiting(conn, plan.waits_added, plan.waits_removed)
+            save_dead(conn, plan.decided)
             checkpoints: dict[str, str] = {}
             for entry, _ in plan.decided:
                 stream = self.streams[entry.stream_kind]

@@ -1,4 +1,5 @@
-"""waiting events (game events decided to wait for what they depend on), and the
+"""waiting events (game events decided to wait for what they depend on), dead events
+(the rules' dead-letter decisions, kept so a redelivery decides the same), and the
 players an applied event touched beyond those it names (for a duplicate's cache refresh)
 
 Revision ID: 0003
@@ -21,6 +22,14 @@ def upgrade() -> None:
     with op.batch_alter_table("processed_events", schema=None) as batch_op:
         batch_op.add_column(sa.Column("touched", sa.Text(), nullable=True))
     op.create_table(
+        "dead_events",
+        sa.Column("stream", sa.String(length=16), nullable=False),
+        sa.Column("entry_id", sa.String(length=41), nullable=False),
+        sa.Column("reason", sa.String(length=32), nullable=False),
+        sa.Column("message", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("stream", "entry_id", name=op.f("pk_dead_events")),
+    )
+    op.create_table(
         "waiting_events",
         sa.Column("stream", sa.String(length=16), nullable=False),
         sa.Column("entry_id", sa.String(length=41), nullable=False),
@@ -35,5 +44,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("waiting_events")
+    op.drop_table("dead_events")
     with op.batch_alter_table("processed_events", schema=None) as batch_op:
         batch_op.drop_column("touched")

@@ -323,7 +323,7 @@ def drain_with_crashes(
             settings = make_settings(
                 backend,
                 batch_size=rng.choice([1, 3, 10, 100, 2_000]),
-                claim_idle_ms=100,
+                claim_idle_ms=1_000,  # a live consumer's stall under the GIL stays below it
                 max_wait_s=600,
             )
             services = Services(
@@ -342,7 +342,7 @@ def drain_with_crashes(
                 raise AssertionError(f"consumer stuck: {_state(worker)}")
         if _settled(backend):
             break
-        threading.Event().wait(0.11)  # past claim_idle_ms: a dead consumer's entries are taken
+        threading.Event().wait(0.2)  # a dead consumer's entries are taken after claim_idle_ms
     else:
         raise AssertionError("the streams never drained")
     # A worker that comes up and finds nothing to do: ranks exact once idle (a crash
@@ -523,7 +523,9 @@ def check_replay(backend: Backend, history: History, folder: Path) -> None:
         assert summary.total_invalid == 0  # every dead letter it decided, live decided too
         waits = rows(target, "SELECT stream, entry_id, waits_for FROM waiting_events")
         assert summary.waiting == 0, waits
-        assert summary.dead_lettered == len(letters)
+        assert summary.dead_lettered == len(letters), [
+            (d["stream"][-9:], d["entry_id"], d["reason"], d["message"]) for d in letters
+        ]
         replayed, expected = table_rows(target.engine), table_rows(live)
         del replayed["users"], expected["users"]  # created_at differs; ids and names agree
         assert replayed == expected
