@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install test lint format demo bench bench-full clean
+.PHONY: install test lint format demo bench bench-full soak clean
 
 install: $(STAMP)
 
@@ -40,6 +40,13 @@ bench: install
 bench-full: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.run --full
+
+# The soak test, apart from `make test`: real producers, worker SIGKILLs and Redis restarts,
+# on SQLite then PostgreSQL (a few minutes each). Tables in bench/results/soak-latest.md.
+# make soak SOAK_ARGS="--events 20000 --hostile 1000 --kills 4"   (python -m bench.soak --help)
+soak: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
