@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from persistence import accounts
 from persistence.db import make_engine
@@ -98,7 +99,7 @@ def test_status_shows_streams_groups_consumers_dead_letters_and_checkpoint(
 
 
 def test_status_and_metrics_show_waiting_entries_and_the_oldest(
-    services: Services, backend: Backend, capsys: pytest.CaptureFixture[str]
+    services: Services, backend: Backend
 ) -> None:
     """Two terminates wait for sessions nobody started: status counts them and names the
     oldest and what it waits for; the metrics say the same; once it has waited 10 s
@@ -121,12 +122,14 @@ def test_status_and_metrics_show_waiting_entries_and_the_oldest(
     ).decode()
     publish(redis, keys, "terminate", session_id="later", results=[], reason="aborted")
     metrics = PrometheusMetrics()
-    EventConsumer(services, "c1", threading.Event(), burst=True, metrics=metrics).run()
+    with capture_logs() as logs:
+        EventConsumer(services, "c1", threading.Event(), burst=True, metrics=metrics).run()
     assert metrics.registry.get_sample_value("usermgmt_events_waiting") == 2
     age = metrics.registry.get_sample_value("usermgmt_events_waiting_oldest_seconds")
     assert age is not None and 12 <= age < 60
-    logged = [line for line in capsys.readouterr().out.splitlines() if "entry waiting" in line]
-    assert len(logged) == 1 and old in logged[0] and "first update of session late" in logged[0]
+    (logged,) = [line for line in logs if line["event"] == "entry waiting"]
+    assert logged["entry_id"] == old and logged["waits_for"] == "the first update of session late"
+    assert logged["waited_s"] >= 12
 
     report = status.collect(redis, services.engine, keys, services.settings.database_url)
     assert report.waiting is not None
