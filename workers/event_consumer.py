@@ -416,6 +416,39 @@ class EventConsumer:
         if gone:  # decided and acked by another worker (or trimmed)
             self.held = {k: e for k, e in self.held.items() if e.entry_id not in gone}
             self.buffer = [e for e in self.buffer if e.entry_id not in gone]
+        self.settle()  # acks sent last must have landed before the pending list is read
+        self.take_back_lost(held)
+
+    def take_back_lost(self, in_hand: dict[str, list[str]]) -> None:
+        """Deliver again this consumer's pending entries it does not hold.
+
+        A read whose reply was lost (Redis restarted or the connection dropped after
+        XREADGROUP ran) leaves entries pending on this consumer that it never saw;
+        every other worker waits for them, so they are taken now, not after
+        `claim_idle_ms` (a real redelivery: it counts).
+        """
+        waiting: set[Key] | None = None
+        for stream in self.streams:
+            known = set(in_hand[stream])
+            pending = own_pending(self.redis, stream, EVENTS_GROUP, self.consumer)
+            lost = [entry_id for entry_id in pending if entry_id not in known]
+            if not lost:
+                continue
+            if waiting is None:
+                waiting = self.waiting_keys()
+            kind = str(self.kinds[stream])
+            undecided = [i for i in lost if (kind, i) not in waiting]
+            for entry in entries_of(self.redis, stream, [i for i in lost if (kind, i) in waiting]):
+                self.held[(kind, entry.entry_id)] = entry
+            taken = claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, undecided)
+            self.buffer += taken
+            last = self.horizon.get(stream)
+            for entry in taken:
+                if last is not None and entry_id_key(entry.entry_id) > entry_id_key(last):
+                    self.horizon[stream] = last = entry.entry_id
+            self.log.warning(
+                "took back entries a lost read left pending", stream=stream, count=len(lost)
+            )
 
     def expiry_due(self) -> bool:
         """Whether a waiting entry has outlived `max_wait_s` (or nobody knows yet)."""
