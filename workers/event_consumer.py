@@ -196,32 +196,7 @@ class EventConsumer:
         self.buffer.clear()
         self.held.clear()
         self.horizon = dict.fromkeys(self.streams)
-        # Entries recorded as waiting stay waiting (taking them back counts nothing);
-        # the rest were delivered and never decided: taking them again is a delivery.
-        waiting: set[Key] | None = None
-        for stream in self.streams:
-            ids = own_pending(self.redis, stream, EVENTS_GROUP, self.consumer)
-            if not ids:
-                continue
-            if waiting is None:
-                waiting = self.waiting_keys()
-            kind = str(self.kinds[stream])
-            undecided = [i for i in ids if (kind, i) not in waiting]
-            for entry in claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, undecided):
-                self.buffer.append(entry)
-            held = [i for i in ids if (kind, i) in waiting]
-            for entry in entries_of(self.redis, stream, held):
-                self.held[(kind, entry.entry_id)] = entry
-            self.log.info(
-                "recovering own pending entries",
-                stream=stream,
-                undecided=len(undecided),
-                waiting=len(held),
-            )
-            # Through the buffer, not applied at once: a crash can leave an entry of one
-            # stream pending while older entries of the other were never read, and those
-            # must still go first.
-            self.horizon[stream] = undecided[-1] if undecided else None
+        self.take_back({stream: [] for stream in self.streams}, "recovering own pending entries")
         self.needs_setup = False
 
     def ensure_leaderboard_cache(self) -> None:
@@ -417,38 +392,40 @@ class EventConsumer:
             self.held = {k: e for k, e in self.held.items() if e.entry_id not in gone}
             self.buffer = [e for e in self.buffer if e.entry_id not in gone]
         self.settle()  # acks sent last must have landed before the pending list is read
-        self.take_back_lost(held)
+        self.take_back(held, "took back entries a lost read left pending")
 
-    def take_back_lost(self, in_hand: dict[str, list[str]]) -> None:
-        """Deliver again this consumer's pending entries it does not hold.
+    def take_back(self, in_hand: dict[str, list[str]], why: str) -> None:
+        """Take in hand this consumer's pending entries it does not hold yet.
 
-        A read whose reply was lost (Redis restarted or the connection dropped after
-        XREADGROUP ran) leaves entries pending on this consumer that it never saw;
-        every other worker waits for them, so they are taken now, not after
-        `claim_idle_ms` (a real redelivery: it counts).
+        At start-up, what a crashed predecessor of the same name left pending; later,
+        what a read whose reply was lost (Redis restarted, or the connection dropped
+        after XREADGROUP ran) left pending unseen, which every other worker would wait
+        for until `claim_idle_ms`. Entries recorded as waiting stay waiting (taking them
+        back counts nothing); the rest were delivered and never decided: taking them
+        again is a delivery. They go through the buffer, not applied at once: older
+        entries of the other stream may not have been read yet, and go first, so the
+        stream's horizon covers them.
         """
         waiting: set[Key] | None = None
         for stream in self.streams:
             known = set(in_hand[stream])
             pending = own_pending(self.redis, stream, EVENTS_GROUP, self.consumer)
-            lost = [entry_id for entry_id in pending if entry_id not in known]
-            if not lost:
+            missing = [entry_id for entry_id in pending if entry_id not in known]
+            if not missing:
                 continue
             if waiting is None:
                 waiting = self.waiting_keys()
             kind = str(self.kinds[stream])
-            undecided = [i for i in lost if (kind, i) not in waiting]
-            for entry in entries_of(self.redis, stream, [i for i in lost if (kind, i) in waiting]):
+            undecided = [i for i in missing if (kind, i) not in waiting]
+            recorded = [i for i in missing if (kind, i) in waiting]
+            for entry in entries_of(self.redis, stream, recorded):
                 self.held[(kind, entry.entry_id)] = entry
             taken = claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, undecided)
             self.buffer += taken
             last = self.horizon.get(stream)
-            for entry in taken:
-                if last is not None and entry_id_key(entry.entry_id) > entry_id_key(last):
-                    self.horizon[stream] = last = entry.entry_id
-            self.log.warning(
-                "took back entries a lost read left pending", stream=stream, count=len(lost)
-            )
+            if taken and (last is None or entry_id_key(taken[-1].entry_id) > entry_id_key(last)):
+                self.horizon[stream] = taken[-1].entry_id
+            self.log.info(why, stream=stream, undecided=len(undecided), waiting=len(recorded))
 
     def expiry_due(self) -> bool:
         """Whether a waiting entry has outlived `max_wait_s` (or nobody knows yet)."""
