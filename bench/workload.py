@@ -2,6 +2,11 @@
 (one update and one terminate each) published to the event streams, and the check
 that the final stats equal the published results exactly.
 
+Two kinds of games: `Games` (players rest between games; published one entry per
+millisecond) and `Rematches` (a pool barely larger than the live games need, players
+matched again the moment their game ends; published in pipelines with `*` ids, so
+hundreds of entries share a millisecond).
+
 Everything here is deterministic for a seed, so every scenario of one run drains the
 same kind of backlog.
 """
@@ -12,9 +17,11 @@ import random
 import shutil
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import bcrypt
 import orjson
@@ -25,6 +32,8 @@ from persistence.keys import EVENTS_GROUP, Keys
 
 PLAYERS_PER_GAME = 4
 LIVE_GAMES = 256  # games in progress at once in the published stream
+REMATCH_SLACK = PLAYERS_PER_GAME  # idle players of a rematch pool beyond the live games'
+PIPELINE = 1_000  # XADDs per pipelined burst of a rematch backlog
 PASSWORD = "bench-password"
 CREATED_AT = "2024-01-01 00:00:00.000000"
 
@@ -124,7 +133,7 @@ class Games:
     """
 
     def __init__(self, population: int, seed: int, tag: str) -> None:
-        if population < PLAYERS_PER_GAME * LIVE_GAMES * 3:
+        if population < self.minimum_population():
             raise ValueError(f"population {population} too small for {LIVE_GAMES} live games")
         self.population = population
         self.random = random.Random(seed)
@@ -135,6 +144,9 @@ class Games:
         self.started = 0
         self.expected = Expected()
 
+    def minimum_population(self) -> int:
+        return PLAYERS_PER_GAME * LIVE_GAMES * 3
+
     def entries(self, count: int) -> Iterator[tuple[str, bytes]]:
         """`count` entries (`("update"|"terminate", payload)`), every started game ended."""
         if count % 2:
@@ -143,20 +155,34 @@ class Games:
         while self.expected.entries < count:
             left = count - self.expected.entries
             can_start = left > len(self.live) + 1
-            if can_start and (len(self.live) < LIVE_GAMES or rng.random() < 0.5):
+            if can_start and self._wants_start():
                 yield "update", self._start()
             else:
                 oldest = min(len(self.live), 8)
                 yield "terminate", self._end(rng.randrange(oldest))
             self.expected.entries += 1
 
-    def _start(self) -> bytes:
+    def _wants_start(self) -> bool:
+        """Start a game (rather than end one): always below `LIVE_GAMES`, else at random."""
+        return len(self.live) < LIVE_GAMES or self.random.random() < 0.5
+
+    def _pick_players(self) -> list[int]:
         players: list[int] = []
         while len(players) < PLAYERS_PER_GAME:
             candidate = self.random.randint(1, self.population)
             if candidate not in self.busy and candidate not in players:
                 players.append(candidate)
         self.busy.update(players)
+        return players
+
+    def _release(self, players: list[int]) -> None:
+        """A game ended: its players rest for `LIVE_GAMES` games before playing again."""
+        self.resting.append(players)
+        if len(self.resting) > LIVE_GAMES:
+            self.busy.difference_update(self.resting.pop(0))
+
+    def _start(self) -> bytes:
+        players = self._pick_players()
         self.started += 1
         session_id = f"{self.tag}-{self.started:08d}"
         self.live.append((session_id, players))
@@ -172,9 +198,7 @@ class Games:
 
     def _end(self, index: int) -> bytes:
         session_id, players = self.live.pop(index)
-        self.resting.append(players)
-        if len(self.resting) > LIVE_GAMES:
-            self.busy.difference_update(self.resting.pop(0))
+        self._release(players)
         winner = self.random.randrange(len(players))
         results = []
         for position, player in enumerate(players):
@@ -197,6 +221,45 @@ class Games:
                 "reason": "completed",
             }
         )
+
+
+class Rematches(Games):
+    """Games over a pool only `REMATCH_SLACK` players larger than `LIVE_GAMES` need.
+
+    Players are matched again the moment their game's terminate is published: once
+    `LIVE_GAMES` are live, every terminate is followed by the next game's update, whose
+    players are drawn from the idle ones, the four just freed and `REMATCH_SLACK`
+    others. Still a valid history: a player is idle only once the terminate of its
+    previous game was published. `links` records, per player put into a game again,
+    (index of the terminate that freed it, index of the update that took it).
+    """
+
+    def __init__(self, population: int, seed: int, tag: str, slack: int = REMATCH_SLACK) -> None:
+        self.pool = PLAYERS_PER_GAME * LIVE_GAMES + slack
+        super().__init__(population, seed, tag)
+        self.idle = list(range(1, self.pool + 1))  # deterministic order, for the seed
+        self.freed_at: dict[int, int] = {}
+        self.links: list[tuple[int, int]] = []
+
+    def minimum_population(self) -> int:
+        return self.pool
+
+    def _wants_start(self) -> bool:
+        return len(self.live) < LIVE_GAMES
+
+    def _pick_players(self) -> list[int]:
+        players = self.random.sample(self.idle, PLAYERS_PER_GAME)
+        update_at = self.expected.entries
+        for player in players:
+            self.idle.remove(player)
+            if player in self.freed_at:
+                self.links.append((self.freed_at.pop(player), update_at))
+        return players
+
+    def _release(self, players: list[int]) -> None:
+        self.idle.extend(players)
+        for player in players:
+            self.freed_at[player] = self.expected.entries
 
 
 def publish(
@@ -222,6 +285,54 @@ def publish(
             pipe.execute()
     pipe.execute()
     return total
+
+
+def publish_pipelined(
+    redis: Redis, keys: Keys, entries: Iterator[tuple[str, bytes]], chunk: int = PIPELINE
+) -> list[int]:
+    """XADD with `*` in pipelined bursts of `chunk`, never waiting for the clock.
+
+    What a busy matchmaker and game servers sharing one connection would send: Redis
+    stamps each entry with its own clock, so hundreds of entries, a terminate and the
+    update that matches its players again among them, share one millisecond. Returns
+    each entry's millisecond, in publish order.
+    """
+    streams = {"update": keys.update_stream, "terminate": keys.terminate_stream}
+    stamps: list[int] = []
+    pipe = redis.pipeline(transaction=False)
+    for kind, payload in entries:
+        pipe.xadd(streams[kind], {"payload": payload})
+        if len(pipe) >= chunk:
+            stamps += [entry_ms(entry_id) for entry_id in pipe.execute()]
+    stamps += [entry_ms(entry_id) for entry_id in pipe.execute()]
+    return stamps
+
+
+def entry_ms(entry_id: bytes | str) -> int:
+    """The millisecond part of a stream entry id."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[0])
+
+
+def rematch_figures(games: Rematches, stamps: list[int]) -> dict[str, int | float]:
+    """How tightly a published rematch backlog packs players' consecutive games.
+
+    `rematch_next`: updates naming a player freed by the terminate published just
+    before; `rematch_same_ms`: updates naming a player whose previous game's terminate
+    has the same millisecond (only the worker's dependency tracking orders those).
+    """
+    next_entry = {update for terminate, update in games.links if update == terminate + 1}
+    same_ms = {update for terminate, update in games.links if stamps[terminate] == stamps[update]}
+    per_ms = Counter(stamps)
+    return {
+        "pool": games.pool,
+        "updates": games.started,
+        "rematch_next": len(next_entry),
+        "rematch_same_ms": len(same_ms),
+        "milliseconds": len(per_ms),
+        "entries_per_ms": len(stamps) / max(len(per_ms), 1),
+        "max_entries_per_ms": max(per_ms.values(), default=0),
+    }
 
 
 def delete_keys(redis: Redis, prefix: str) -> int:
@@ -259,65 +370,82 @@ def verify(
     check_ranks: bool = True,
     check_caches: bool = True,
 ) -> list[str]:
-    """Compare SQL and Redis with what was published; returns every mismatch found."""
-    problems: list[str] = []
+    """Compare SQL and Redis with what was published; returns every mismatch found.
+
+    Totals (rows, dead letters, pending entries) come first, then players, then caches.
+    """
     conn = sqlite3.connect(db_path)
     try:
-        rows = conn.execute(
-            "SELECT u.id, s.win_count, s.loss_count, s.earnings, u.wallet, l.earnings, l.rank "
-            "FROM users u JOIN stats s ON s.user_id = u.id "
-            "JOIN leaderboard l ON l.stats_id = s.id"
-        ).fetchall()
-        ranks = competition_ranks(expected.earnings, population) if check_ranks else {}
-        for uid, wins, losses, earned, wallet, board, rank in rows:
-            want = (
-                expected.wins.get(uid, 0),
-                expected.losses.get(uid, 0),
-                expected.earnings.get(uid, 0),
-            )
-            got = (wins, losses, earned)
-            if got != want or wallet != want[2] or board != want[2]:
-                problems.append(
-                    f"player {uid}: stats {got}, wallet {wallet}, leaderboard {board}; "
-                    f"published {want}"
-                )
-            elif check_ranks and rank != ranks[uid]:
-                problems.append(f"player {uid}: rank {rank}, exact rank {ranks[uid]}")
-            if len(problems) > 20:
-                break
-        if len(rows) != population:
-            problems.append(f"{len(rows)} players in SQL, {population} inserted")
-        counts = {
-            "processed_events": conn.execute("SELECT count(*) FROM processed_events").fetchone()[0],
-            "game_results": conn.execute("SELECT count(*) FROM game_results").fetchone()[0],
-            "live sessions": conn.execute(
-                "SELECT count(*) FROM game_sessions WHERE status <> 'ended'"
-            ).fetchone()[0],
-            "session_players": conn.execute("SELECT count(*) FROM session_players").fetchone()[0],
-        }
+        problems = _verify_counts(conn, expected)
+        players = _verify_players(conn, expected, population, check_ranks)
     finally:
         conn.close()
-    wanted = {
-        "processed_events": expected.entries,
-        "game_results": expected.results,
-        "live sessions": 0,
-        "session_players": 0,
-    }
-    for name, value in counts.items():
-        if value != wanted[name]:
-            problems.append(f"{name}: {value} rows, expected {wanted[name]}")
+    problems += _verify_streams(redis, keys)
+    problems += players
+    if check_caches:
+        problems += _verify_caches(redis, keys, expected)
+    return problems
 
+
+def _verify_counts(conn: sqlite3.Connection, expected: Expected) -> list[str]:
+    wanted = {
+        "processed_events": ("SELECT count(*) FROM processed_events", expected.entries),
+        "game_results": ("SELECT count(*) FROM game_results", expected.results),
+        "live sessions": ("SELECT count(*) FROM game_sessions WHERE status <> 'ended'", 0),
+        "session_players": ("SELECT count(*) FROM session_players", 0),
+    }
+    problems: list[str] = []
+    for name, (query, want) in wanted.items():
+        value = conn.execute(query).fetchone()[0]
+        if value != want:
+            problems.append(f"{name}: {value} rows, expected {want}")
+    return problems
+
+
+def _verify_players(
+    conn: sqlite3.Connection, expected: Expected, population: int, check_ranks: bool
+) -> list[str]:
+    """Every player's stats, wallet and leaderboard row (and rank); 20 mismatches at most."""
+    rows = conn.execute(
+        "SELECT u.id, s.win_count, s.loss_count, s.earnings, u.wallet, l.earnings, l.rank "
+        "FROM users u JOIN stats s ON s.user_id = u.id "
+        "JOIN leaderboard l ON l.stats_id = s.id"
+    ).fetchall()
+    problems: list[str] = []
+    if len(rows) != population:
+        problems.append(f"{len(rows)} players in SQL, {population} inserted")
+    ranks = competition_ranks(expected.earnings, population) if check_ranks else {}
+    for uid, wins, losses, earned, wallet, board, rank in rows:
+        want = (
+            expected.wins.get(uid, 0),
+            expected.losses.get(uid, 0),
+            expected.earnings.get(uid, 0),
+        )
+        got = (wins, losses, earned)
+        if got != want or wallet != want[2] or board != want[2]:
+            problems.append(
+                f"player {uid}: stats {got}, wallet {wallet}, leaderboard {board}; published {want}"
+            )
+        elif check_ranks and rank != ranks[uid]:
+            problems.append(f"player {uid}: rank {rank}, exact rank {ranks[uid]}")
+        if len(problems) > 20:
+            break
+    return problems
+
+
+def _verify_streams(redis: Redis, keys: Keys) -> list[str]:
+    """No dead letters, and nothing pending or unread in the event streams."""
+    problems: list[str] = []
     dead = redis.xlen(keys.dlq)
     if dead:
-        problems.append(f"{dead} dead letters")
+        reasons = describe_counts(dead_letter_reasons(redis, keys))
+        problems.append(f"{dead} dead letters ({reasons})")
     for stream in (keys.update_stream, keys.terminate_stream):
         for group in redis.xinfo_groups(stream):
             if group["pending"] or group.get("lag"):
                 problems.append(
                     f"{stream}: {group['pending']} pending, lag {group.get('lag')} after the run"
                 )
-    if check_caches:
-        problems += _verify_caches(redis, keys, expected)
     return problems
 
 
@@ -350,6 +478,44 @@ def _verify_caches(redis: Redis, keys: Keys, expected: Expected) -> list[str]:
             if len(problems) > 20:
                 return problems
     return problems
+
+
+def dead_letter_reasons(redis: Redis, keys: Keys, page: int = 10_000) -> Counter[str]:
+    """The reasons of every dead letter, counted (read `page` letters at a time)."""
+    reasons: Counter[str] = Counter()
+    start = "-"
+    while True:
+        rows = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], redis.xrange(keys.dlq, start, count=page)
+        )
+        for _, fields in rows:
+            reasons[_reason(fields.get(b"payload", b""))] += 1
+        if len(rows) < page:
+            return reasons
+        start = f"({rows[-1][0].decode()}"
+
+
+def _reason(payload: bytes) -> str:
+    try:
+        letter = orjson.loads(payload)
+        return str(letter.get("reason", "unknown"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return "unreadable"
+
+
+def describe_counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in counts.most_common()) or "none"
+
+
+def waiting_rows(db_path: Path) -> int | None:
+    """Rows of the worker's `waiting_events` table (None when it has none)."""
+    conn = sqlite3.connect(db_path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM waiting_events").fetchone()[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def group_state(redis: Redis, keys: Keys) -> tuple[int, int, int]:
