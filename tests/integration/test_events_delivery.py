@@ -94,13 +94,19 @@ def test_terminate_waits_for_an_update_that_arrives_later(backend: Backend) -> N
         add_players(services, "alice")
         with running(services) as worker:
             publish(backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 8)])
-            wait_for(lambda: worker.stats.deferred >= 2)  # tried, and tried again
+            wait_for(lambda: worker.stats.waiting == 1)
             assert standings(services)["alice"][:3] == (0, 0, 0)
+            # Waiting is recorded, and costs no delivery.
+            waiting = "SELECT stream, waits_for FROM waiting_events"
+            assert rows(services, waiting) == [("terminate", "the first update of session s1")]
+            (info,) = backend.redis.xpending_range(keys.terminate_stream, GROUP, "-", "+", 10)
+            assert info["times_delivered"] == 1
             publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
             wait_for(lambda: ended(services, "s1"))
         assert standings(services)["alice"][:3] == (1, 0, 8)
         assert dead_letters(backend.redis, keys) == []
         assert pending_count(backend.redis, keys) == 0
+        assert rows(services, "SELECT COUNT(*) FROM waiting_events") == [(0,)]
 
 
 def test_an_update_naming_a_busy_player_waits_for_the_other_session(
@@ -127,7 +133,7 @@ def test_a_busy_player_across_batches(backend: Backend) -> None:
             publish(backend.redis, keys, "update", session_id="s0", players=["alice"])
             wait_for(lambda: roster(services, "s0") == ["alice"])
             publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
-            wait_for(lambda: worker.stats.deferred >= 2)
+            wait_for(lambda: worker.stats.waiting == 1)
             assert roster(services, "s1") == []
             assert not backend.redis.exists(keys.session("s1"))
             publish(backend.redis, keys, "terminate", session_id="s0", results=[result("alice", 1)])
@@ -148,7 +154,7 @@ def test_later_events_of_a_session_wait_behind_its_deferred_update(backend: Back
             publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
             wait_for(lambda: roster(services, "s1") == ["alice"])
             publish(backend.redis, keys, "update", session_id="s1", players=["alice", "carol"])
-            wait_for(lambda: worker.stats.deferred >= 1)
+            wait_for(lambda: worker.stats.waiting == 1)
             publish(
                 backend.redis,
                 keys,
@@ -156,7 +162,7 @@ def test_later_events_of_a_session_wait_behind_its_deferred_update(backend: Back
                 session_id="s1",
                 results=[result("alice", 10), result("carol", 20)],
             )
-            wait_for(lambda: worker.stats.deferred >= 4)  # both waited at least twice
+            wait_for(lambda: worker.stats.waiting == 2)  # the terminate queued behind it
             assert not ended(services, "s1")
             publish(backend.redis, keys, "terminate", session_id="s0", results=[], reason="aborted")
             wait_for(lambda: ended(services, "s1"))
@@ -169,29 +175,32 @@ def test_later_events_of_a_session_wait_behind_its_deferred_update(backend: Back
 # -- retries counted by Redis ------------------------------------------------------------
 
 
-def test_an_entry_that_never_applies_is_dead_lettered_after_max_deliveries(
+def test_an_entry_that_waits_too_long_is_dead_lettered_as_wait_timeout(
     backend: Backend,
 ) -> None:
     keys = backend.keys
-    with services_for(backend, max_deliveries=3) as services:
+    with services_for(backend, max_deliveries=3, max_wait_s=0.3) as services:
         add_players(services, "alice")
         entry_id = publish(
             backend.redis, keys, "terminate", session_id="nope", results=[result("alice", 1)]
         )
         worker = drain(services)
-        assert worker.stats.deferred == 2
+        assert worker.stats.waiting == 1 and dead_letters(backend.redis, keys) == []
+        time.sleep(0.4)  # the behaviour under test: entry-id time passes max_wait_s
+        drain(services)
         (letter,) = dead_letters(backend.redis, keys)
         assert (letter["entry_id"], letter["reason"], letter["deliveries"]) == (
             entry_id,
-            "max_deliveries",
-            3,
+            "wait_timeout",
+            1,
         )
         assert "nope" in letter["message"]
         assert pending_count(backend.redis, keys) == 0
 
 
 def test_deliveries_are_counted_by_redis_not_in_memory(backend: Backend) -> None:
-    """Two deliveries happened before this process started: the third is the last."""
+    """Three deliveries without a decision happened before this process started: taking
+    the entry back is a fourth, past max_deliveries, so it is dead-lettered at once."""
     keys = backend.keys
     with services_for(backend, max_deliveries=3) as services:
         add_players(services, "alice")
@@ -201,14 +210,33 @@ def test_deliveries_are_counted_by_redis_not_in_memory(backend: Backend) -> None
         backend.redis.xgroup_create(keys.terminate_stream, GROUP, id="0", mkstream=True)
         backend.redis.xreadgroup(GROUP, "c0", {keys.terminate_stream: ">"})
         backend.redis.xclaim(keys.terminate_stream, GROUP, "c0", 0, [entry_id])
+        backend.redis.xclaim(keys.terminate_stream, GROUP, "c0", 0, [entry_id])
         (info,) = backend.redis.xpending_range(keys.terminate_stream, GROUP, "-", "+", 10)
-        assert info["times_delivered"] == 2
+        assert info["times_delivered"] == 3
 
         worker = drain(services, consumer="c0")
-        assert worker.stats.deferred == 0  # dead at once, not retried max_deliveries times
+        assert worker.stats.waiting == 0  # dead, not waiting
         (letter,) = dead_letters(backend.redis, keys)
-        assert (letter["reason"], letter["deliveries"]) == ("max_deliveries", 3)
+        assert (letter["reason"], letter["deliveries"]) == ("max_deliveries", 4)
         assert pending_count(backend.redis, keys) == 0
+
+
+def test_a_waiting_entry_recorded_as_such_is_not_dead_lettered_for_deliveries(
+    backend: Backend,
+) -> None:
+    """Restarts and reclaims of a waiting entry count no delivery toward the limit."""
+    keys = backend.keys
+    with services_for(backend, max_deliveries=2) as services:
+        add_players(services, "alice")
+        publish(backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 4)])
+        for _ in range(4):  # four restarts of the same consumer
+            drain(services, consumer="c0")
+        (info,) = backend.redis.xpending_range(keys.terminate_stream, GROUP, "-", "+", 10)
+        assert info["times_delivered"] == 1
+        publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+        drain(services, consumer="c0")
+        assert standings(services)["alice"][:3] == (1, 0, 4)
+        assert dead_letters(backend.redis, keys) == []
 
 
 # -- order ---------------------------------------------------------------------------------
@@ -243,7 +271,7 @@ def test_a_backlog_over_both_streams_applies_in_entry_id_order(backend: Backend)
     keys = backend.keys
     clock = Clock(backend)
     sessions = [f"g{i}" for i in range(8)]
-    with services_for(backend, batch_size=3) as services:
+    with services_for(backend, batch_size=3, max_wait_s=1e9, session_timeout_s=0) as services:
         players = {sid: (f"{sid}a", f"{sid}b") for sid in sessions}
         add_players(services, *(name for pair in players.values() for name in pair))
         for sid in sessions:
@@ -258,7 +286,7 @@ def test_a_backlog_over_both_streams_applies_in_entry_id_order(backend: Backend)
             )
         worker = drain(services)
         assert dead_letters(backend.redis, keys) == []
-        assert worker.stats.deferred == 0  # nothing had to wait: the order was right
+        assert worker.stats.waiting == 0  # nothing is left waiting
         table = standings(services)
         for number, sid in enumerate(sessions):
             first, second = players[sid]
@@ -272,7 +300,7 @@ def test_a_backlog_where_the_terminate_stream_runs_ahead(backend: Backend) -> No
     """The mirror image: many terminates first, then updates and terminates interleaved."""
     keys = backend.keys
     clock = Clock(backend)
-    with services_for(backend, batch_size=3) as services:
+    with services_for(backend, batch_size=3, max_wait_s=1e9, session_timeout_s=0) as services:
         others = [f"other{number}" for number in range(10)]
         add_players(services, "alice", *others)
         for number, name in enumerate(others):  # games whose terminates fill the stream first
@@ -285,7 +313,7 @@ def test_a_backlog_where_the_terminate_stream_runs_ahead(backend: Backend) -> No
             clock.publish("update", session_id=f"a{number}", players=["alice"])
             clock.publish("terminate", session_id=f"a{number}", results=[result("alice", 10)])
         worker = drain(services)
-        assert worker.stats.deferred == 0
+        assert worker.stats.waiting == 0
         assert standings(services)["alice"][:3] == (5, 0, 50)
         assert dead_letters(backend.redis, keys) == []
         assert pending_count(backend.redis, keys) == 0
@@ -295,11 +323,12 @@ def test_within_one_millisecond_updates_go_before_terminates(backend: Backend) -
     """Sequence numbers count per stream, so `5-0` on the terminate stream may have been
     accepted after `5-3` on the update stream; the update goes first."""
     keys = backend.keys
-    with services_for(backend, batch_size=2) as services:
+    with services_for(backend, batch_size=2, max_wait_s=1e9, session_timeout_s=0) as services:
         add_players(services, "alice", "bob", "filler0", "filler1", "filler2")
         publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
         drain(services)
-        ms = 1_800_000_000_000
+        seconds, micros = backend.redis.time()
+        ms = int(seconds) * 1000 + int(micros) // 1000 + 5  # just after every id so far
         for seq in range(3):  # other sessions' updates in the same millisecond
             body = {
                 "event_id": str(uuid.uuid4()),
@@ -427,38 +456,59 @@ def test_entries_of_a_dead_consumer_are_reclaimed_after_claim_idle_ms(backend: B
         assert dead_letters(backend.redis, keys) == []
 
 
-def test_a_long_wait_is_not_counted_as_extra_deliveries(backend: Backend) -> None:
-    """Retries longer than claim_idle_ms: the consumer's own periodic XAUTOCLAIM takes
-    them too, but that must not bring them closer to the delivery limit."""
+def test_a_live_consumers_waiting_entry_is_not_reclaimed(backend: Backend) -> None:
+    """A waits past claim_idle_ms: it keeps its entry fresh (no delivery counted), so a
+    second consumer does not take it; A applies it once its update comes."""
     keys = backend.keys
-    with services_for(backend, max_deliveries=4, retry_delay_ms=400, claim_idle_ms=100) as services:
+    with services_for(backend, claim_idle_ms=300) as services:
         add_players(services, "alice")
-        publish(backend.redis, keys, "terminate", session_id="late", results=[result("alice", 2)])
-        worker = drain(services)
-        (letter,) = dead_letters(backend.redis, keys)
-        assert (letter["reason"], letter["deliveries"]) == ("max_deliveries", 4)
-        assert worker.stats.deferred == 3
+        with running(services, consumer="A") as worker:
+            publish(backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 2)])
+            wait_for(lambda: worker.stats.waiting == 1)
+            time.sleep(1.0)  # three claim_idle_ms
+            other = drain(services, consumer="B")
+            assert other.stats.applied == 0 and not other.held
+            (info,) = backend.redis.xpending_range(keys.terminate_stream, GROUP, "-", "+", 10)
+            assert (info["consumer"], info["times_delivered"]) == (b"A", 1)
+            publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
+            wait_for(lambda: ended(services, "s1"))
+        assert standings(services)["alice"][:3] == (1, 0, 2)
+        assert pending_count(backend.redis, keys) == 0
 
 
-def test_waiting_for_a_retry_does_not_spin(backend: Backend, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """While an entry waits for its retry the consumer blocks on Redis; it does not poll."""
+def test_waiting_does_not_spin(backend: Backend, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """While an entry waits, the consumer blocks on Redis; it does not poll."""
     keys = backend.keys
     reads = 0
     real_read = EventConsumer.read_new
 
-    def counting(self: EventConsumer, block_ms: int | None) -> list[object]:
+    def counting(self: EventConsumer, block_ms: int | None) -> object:
         nonlocal reads
         reads += 1
-        return real_read(self, block_ms)  # type: ignore[return-value]
+        return real_read(self, block_ms)
 
     monkeypatch.setattr(EventConsumer, "read_new", counting)
-    with services_for(backend, max_deliveries=3, retry_delay_ms=300) as services:
+    with services_for(backend) as services:
         add_players(services, "alice")
-        publish(backend.redis, keys, "terminate", session_id="nope", results=[result("alice", 1)])
-        worker = drain(services)
-        assert worker.stats.deferred == 2  # it waited twice: 300 ms, then 600 ms
-        assert [d["reason"] for d in dead_letters(backend.redis, keys)] == ["max_deliveries"]
-        assert reads < 20
+        with running(services) as worker:
+            publish(
+                backend.redis, keys, "terminate", session_id="nope", results=[result("alice", 1)]
+            )
+            wait_for(lambda: worker.stats.waiting == 1)
+            before = reads
+            time.sleep(1.5)
+            assert reads - before <= 4  # a read blocks up to 1 s
+
+
+def next_ready(worker: EventConsumer) -> list[object]:
+    """The next entries the worker may decide (those of the server's current millisecond
+    wait for the next one)."""
+    for _ in range(1_000):
+        entries = worker.next_entries()
+        if entries:
+            return entries  # type: ignore[return-value]
+        time.sleep(0.001)
+    raise AssertionError("nothing became ready")
 
 
 def test_a_batchs_writes_go_out_after_the_next_read_and_replies_come_later(
@@ -471,14 +521,14 @@ def test_a_batchs_writes_go_out_after_the_next_read_and_replies_come_later(
         worker = EventConsumer(services, "c1", threading.Event())
         worker.setup()
         publish(backend.redis, keys, "update", session_id="s1", players=["alice"])
-        worker.handle(worker.next_entries())
+        worker.handle(next_ready(worker))  # type: ignore[arg-type]
         # Committed, but neither acked nor cached yet: held until the next read is out.
         assert worker.unsent is not None
         assert backend.redis.xpending(keys.update_stream, GROUP)["pending"] == 1
         assert not backend.redis.exists(keys.user("alice"))
 
         publish(backend.redis, keys, "update", session_id="s2", players=["bob"])
-        assert [e.entry_id for e in worker.next_entries()] == [
+        assert [e.entry_id for e in next_ready(worker)] == [  # type: ignore[attr-defined]
             entry_id.decode() for entry_id, _ in [backend.redis.xrange(keys.update_stream)[-1]]
         ]
         # Sent once the read was: acked and cached, with the replies still unread.
@@ -497,7 +547,7 @@ def test_an_error_reply_is_raised_after_the_next_commit(backend: Backend) -> Non
         worker.setup()
         backend.redis.set(keys.user("bob"), "not a hash")  # foreign data where a hash goes
         publish(backend.redis, keys, "update", session_id="s2", players=["bob"])
-        worker.handle(worker.next_entries())
+        worker.handle(next_ready(worker))  # type: ignore[arg-type]
         assert worker.next_entries() == []  # nothing new; the writes went out
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             worker.settle()
