@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 import pytest
-from structlog.testing import capture_logs
 
 from persistence import accounts
 from persistence.db import make_engine
@@ -122,8 +121,10 @@ def test_status_and_metrics_show_waiting_entries_and_the_oldest(
     ).decode()
     publish(redis, keys, "terminate", session_id="later", results=[], reason="aborted")
     metrics = PrometheusMetrics()
-    with capture_logs() as logs:
-        EventConsumer(services, "c1", threading.Event(), burst=True, metrics=metrics).run()
+    worker = EventConsumer(services, "c1", threading.Event(), burst=True, metrics=metrics)
+    worker.log = Recorder()  # type: ignore[assignment]
+    worker.run()
+    logs = worker.log.lines  # type: ignore[attr-defined]
     assert metrics.registry.get_sample_value("usermgmt_events_waiting") == 2
     age = metrics.registry.get_sample_value("usermgmt_events_waiting_oldest_seconds")
     assert age is not None and 12 <= age < 60
@@ -141,6 +142,18 @@ def test_status_and_metrics_show_waiting_entries_and_the_oldest(
     # Nothing pending counted as a delivery while waiting.
     for row in redis.xpending_range(keys.terminate_stream, EVENTS_GROUP, "-", "+", 10):
         assert row["times_delivered"] == 1
+
+
+class Recorder:
+    """Stands in for a consumer's bound logger: keeps every line as a dict."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def _record(self, event: str, **fields: Any) -> None:
+        self.lines.append({"event": event, **fields})
+
+    info = warning = error = exception = debug = _record
 
 
 def status_clock_ms(backend: Backend) -> int:
