@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 
 from sqlalchemy import text
@@ -28,11 +29,18 @@ def checkpoint(services: Services, stream: str, entry_id: str) -> None:
 
 
 def updates(services: Services, count: int) -> list[str]:
-    """Roster updates of one session: each one applies."""
-    return [
+    """Roster updates of one session (each one applies), published back to back.
+
+    Then the clock moves on by a few milliseconds: with zero retention a trim keeps
+    entries of the current millisecond (they are not older than now), and these tests
+    are about what else holds the line.
+    """
+    entries = [
         publish(services.redis, services.keys, "update", session_id="s", players=["ann"])
         for _ in range(count)
     ]
+    time.sleep(0.003)
+    return entries
 
 
 def by_stream(results: list) -> dict:  # type: ignore[type-arg]
