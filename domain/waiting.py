@@ -69,6 +69,7 @@ class Waiters:
 
     def add(self, waiter: Waiter) -> None:
         order = waiter.entry.order
+        self.take(order)  # one waiter per entry, whatever it waited for before
         self.by_order[order] = waiter
         self._wake.setdefault(waiter.wake, []).append(order)
         self._events.setdefault(waiter.entry.event_id, []).append(order)

@@ -250,6 +250,8 @@ class EventConsumer:
             block_ms = self.pause_ms
         else:
             block_ms = None if self.burst else BLOCK_MS
+            if block_ms is not None and self.held:  # keep them fresh in time
+                block_ms = max(1, min(block_ms, self.settings.claim_idle_ms // 3))
         read = self.read_new(block_ms)
         self.flush()
         self.keep_fresh()
@@ -391,6 +393,7 @@ class EventConsumer:
         if gone:  # decided and acked by another worker (or trimmed)
             self.held = {k: e for k, e in self.held.items() if e.entry_id not in gone}
             self.buffer = [e for e in self.buffer if e.entry_id not in gone]
+            self.stats.waiting = len(self.held)
         self.settle()  # acks sent last must have landed before the pending list is read
         self.take_back(held, "took back entries a lost read left pending")
 

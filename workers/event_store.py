@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import NamedTuple
@@ -22,7 +22,7 @@ import structlog
 from sqlalchemy import Connection, Engine, RootTransaction
 
 from domain.events import EventKind, entry_order, parse_event
-from domain.games import PlannedEntry, World, event_usernames
+from domain.games import Order, PlannedEntry, World, event_usernames
 from domain.planner import Plan, plan_batch
 from domain.waiting import Limits, Waiters
 from persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
@@ -68,6 +68,12 @@ class EventStore:
             if waiters is None:
                 waiters = Waiters()
                 restored = [_restore(row) for row in load_waiting(conn)]
+                known_waiting: Collection[Order] = {entry.order for entry, _ in restored}
+            else:
+                known_waiting = waiters.by_order.keys()
+            # An entry taken over from another consumer may be recorded as waiting already:
+            # it is decided as such, once.
+            planned = [p for p in planned if p.order not in known_waiting]
             everything = planned + [entry for entry, _ in restored]
             events = [p.event for p in everything]
             world = load_world(
