@@ -73,7 +73,8 @@ class EventStore:
                 known_waiting = waiters.by_order.keys()
             # An entry taken over from another consumer may be recorded as waiting already:
             # it is decided as such, once.
-            planned = [p for p in planned if p.order not in known_waiting]
+            if known_waiting:
+                planned = [p for p in planned if p.order not in known_waiting]
             everything = planned + [entry for entry, _ in restored]
             events = [p.event for p in everything]
             world = load_world(

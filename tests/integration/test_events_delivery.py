@@ -890,6 +890,24 @@ def test_nothing_past_an_entry_undecided_on_another_consumer_is_decided(
 # -- recovery -------------------------------------------------------------------------------
 
 
+def crash_holding_a_terminate(services: Services, backend: Backend) -> None:
+    """c1 applied s1's first update, then read (and died holding) the terminate that
+    follows a second update adding carol; that update was never delivered."""
+    keys = backend.keys
+    add_players(services, "alice", "bob", "carol")
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    drain(services, consumer="c1")
+    burst(
+        backend.redis,
+        backend,
+        [
+            update("s1", "alice", "bob", "carol"),
+            terminate("s1", result("alice", 1), result("carol", 2, "loss")),
+        ],
+    )
+    backend.redis.xreadgroup(GROUP, "c1", {keys.terminate_stream: ">"})
+
+
 def test_a_restarted_consumer_finishes_its_own_pending_entries_first(backend: Backend) -> None:
     """c1 crashed holding a terminate it had read ahead of the update stream.
 
@@ -899,18 +917,7 @@ def test_a_restarted_consumer_finishes_its_own_pending_entries_first(backend: Ba
     """
     keys = backend.keys
     with services_for(backend, claim_idle_ms=600_000) as services:
-        add_players(services, "alice", "bob", "carol")
-        publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
-        drain(services, consumer="c1")
-        burst(
-            backend.redis,
-            backend,
-            [
-                update("s1", "alice", "bob", "carol"),
-                terminate("s1", result("alice", 1), result("carol", 2, "loss")),
-            ],
-        )
-        backend.redis.xreadgroup(GROUP, "c1", {keys.terminate_stream: ">"})  # then it died
+        crash_holding_a_terminate(services, backend)
 
         # Another consumer does not take c1's entry (not idle long enough) ...
         other = drain(services, consumer="c2")
@@ -932,18 +939,7 @@ def test_a_restarted_consumer_merges_its_pending_entries_with_undelivered_ones(
     """The same crash without another consumer in between: recovery and new entries mix."""
     keys = backend.keys
     with services_for(backend, claim_idle_ms=600_000) as services:
-        add_players(services, "alice", "bob", "carol")
-        publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
-        drain(services, consumer="c1")
-        burst(
-            backend.redis,
-            backend,
-            [
-                update("s1", "alice", "bob", "carol"),
-                terminate("s1", result("alice", 1), result("carol", 2, "loss")),
-            ],
-        )
-        backend.redis.xreadgroup(GROUP, "c1", {keys.terminate_stream: ">"})
+        crash_holding_a_terminate(services, backend)
         worker = drain_recording(services, consumer="c1")
         assert totals(worker) == (2, 0, 0, 0)
         assert sorted(deliveries for _, _, deliveries in worker.handed) == [1, 2]
