@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -368,19 +368,34 @@ def session_is_live(session: Session) -> bool:
     return session.status != ENDED
 
 
-def save_checkpoints(conn: Connection, checkpoints: dict[str, str], now: datetime) -> None:
-    """Advance, per stream, the last entry id whose effect this transaction commits."""
+def load_checkpoints(conn: Connection) -> dict[str, str]:
+    """Per stream, the last entry id whose effect is committed."""
+    rows = Driver(conn).rows("SELECT stream, last_entry_id FROM stream_checkpoints")
+    return {str(stream): str(entry_id) for stream, entry_id in rows}
+
+
+def save_checkpoints(
+    conn: Connection,
+    checkpoints: dict[str, str],
+    now: datetime,
+    current: Mapping[str, str] | None = None,
+) -> None:
+    """Advance, per stream, the last entry id whose effect this transaction commits.
+
+    `current`: the checkpoints as read earlier in this transaction (else read here).
+    """
     if not checkpoints:
         return
     db = Driver(conn)
     streams = sorted(checkpoints)
-    current = dict(
-        db.rows(
-            "SELECT stream, last_entry_id FROM stream_checkpoints "  # noqa: S608
-            f"WHERE stream IN ({marks(len(streams))})",
-            streams,
+    if current is None:
+        current = dict(
+            db.rows(
+                "SELECT stream, last_entry_id FROM stream_checkpoints "  # noqa: S608
+                f"WHERE stream IN ({marks(len(streams))})",
+                streams,
+            )
         )
-    )
     at = db.time(now)
     for stream in streams:
         entry_id = checkpoints[stream]

@@ -32,7 +32,7 @@ from domain.errors import DeadLetterReason, InvalidPayload
 from domain.events import EventKind, entry_id_key, entry_order, parse_event
 from domain.games import Changes, Order, Outcome, PlannedEntry, World
 from persistence import cache
-from persistence.games import session_is_live
+from persistence.games import load_checkpoints, session_is_live
 from persistence.keys import EVENTS_GROUP
 from persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from persistence.waiting import waiting_keys
@@ -306,18 +306,30 @@ class EventConsumer:
         return ready
 
     def undecided_elsewhere(self, read: GroupRead) -> Order | None:
-        """The first entry pending on another consumer and not recorded as waiting."""
+        """The first entry pending on another consumer that nobody has decided yet.
+
+        Entries up to a stream's checkpoint are decided, or recorded as waiting: every
+        entry before a batch's last was in the batch, decided before, or waiting. One
+        still pending there lost its ack to a crash, and holds nobody up.
+        """
         if not any(read.others.values()):
             return None
-        waiting = self.waiting_keys()
-        mine = {self.key(entry) for entry in self.buffer}
+        waiting, committed = self.decisions_so_far()
+        mine: set[Key] | None = None  # an entry taken over from this consumer, still in hand
         first: Order | None = None
         for stream, count in read.others.items():
             if not count:
                 continue
             kind = str(self.kinds[stream])
-            for entry_id in pending_elsewhere(self.redis, stream, EVENTS_GROUP, self.consumer):
-                if (kind, entry_id) in waiting or (kind, entry_id) in mine:
+            after = committed.get(stream)
+            for entry_id in pending_elsewhere(
+                self.redis, stream, EVENTS_GROUP, self.consumer, after
+            ):
+                if (kind, entry_id) in waiting:
+                    continue
+                if mine is None:
+                    mine = {self.key(entry) for entry in self.buffer}
+                if (kind, entry_id) in mine:
                     continue
                 order = entry_order(kind, entry_id)
                 if first is None or order < first:
@@ -329,6 +341,11 @@ class EventConsumer:
         """Every entry recorded as waiting, whichever consumer holds it."""
         with self.engine.connect() as conn:
             return waiting_keys(conn)
+
+    def decisions_so_far(self) -> tuple[set[Key], dict[str, str]]:
+        """The entries recorded as waiting, and each stream's checkpoint."""
+        with self.engine.connect() as conn:
+            return waiting_keys(conn), load_checkpoints(conn)
 
     def kind_order(self, stream: str, entry_id: str) -> Order:
         """Where an entry of `stream` goes in the merged order (`entry_order`)."""
@@ -393,9 +410,26 @@ class EventConsumer:
         if gone:  # decided and acked by another worker (or trimmed)
             self.held = {k: e for k, e in self.held.items() if e.entry_id not in gone}
             self.buffer = [e for e in self.buffer if e.entry_id not in gone]
-            self.stats.waiting = len(self.held)
+        self.release_decided()
+        self.stats.waiting = len(self.held)
         self.settle()  # acks sent last must have landed before the pending list is read
         self.take_back(held, "took back entries a lost read left pending")
+
+    def release_decided(self) -> None:
+        """Held entries no longer recorded as waiting go back to the buffer.
+
+        Another worker woke and decided them, then died before its ack: decided again
+        here, they come out as duplicates or as their recorded dead letter, and are
+        acked.
+        """
+        if not self.held:
+            return
+        waiting = self.waiting_keys()
+        decided = [key for key in self.held if key not in waiting]
+        for key in decided:
+            self.buffer.append(self.held.pop(key))
+        if decided:
+            self.log.info("held entries decided elsewhere, to be acked", count=len(decided))
 
     def take_back(self, in_hand: dict[str, list[str]], why: str) -> None:
         """Take in hand this consumer's pending entries it does not hold yet.

@@ -21,12 +21,18 @@ from typing import NamedTuple
 import structlog
 from sqlalchemy import Connection, Engine, RootTransaction
 
-from domain.events import EventKind, entry_order, parse_event
-from domain.games import Order, PlannedEntry, World, event_usernames
+from domain.events import EventKind, entry_id_key, entry_order, parse_event
+from domain.games import Decision, Order, PlannedEntry, World, event_usernames
 from domain.planner import Plan, plan_batch
 from domain.waiting import Limits, Waiters
 from persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
-from persistence.games import load_world, lock_decisions, save_checkpoints, write_changes
+from persistence.games import (
+    load_checkpoints,
+    load_world,
+    lock_decisions,
+    save_checkpoints,
+    write_changes,
+)
 from persistence.waiting import StoredWaiter, load_dead, load_waiting, save_dead, save_waiting
 from persistence.world_cache import WorldCache
 from workers.connections import DATABASE_ERRORS
@@ -85,9 +91,8 @@ class EventStore:
                 lock=not self.sqlite,
                 world=world,
             )
-            # Only a redelivered entry can have a decision recorded already.
-            again = [(p.stream_kind, p.entry_id) for p in planned if p.redelivered]
-            recorded = load_dead(conn, again) if again else None
+            committed = load_checkpoints(conn)
+            recorded = self._recorded(conn, planned, committed)
             plan = plan_batch(world, planned, waiters, self.limits, horizon_ms, restored, recorded)
             write_changes(conn, world, plan.changes, now)
             save_waiting(conn, plan.waits_added, plan.waits_removed)
@@ -97,13 +102,36 @@ class EventStore:
                 stream = self.streams[entry.stream_kind]
                 if stream not in checkpoints or entry.order > _order(entry, checkpoints[stream]):
                     checkpoints[stream] = entry.entry_id
-            save_checkpoints(conn, checkpoints, now)
+            save_checkpoints(conn, checkpoints, now, committed)
             transaction.commit()
         except BaseException as exc:
             self._failed(conn, transaction, exc)
             raise
         self.known.waiters = waiters
         return Applied(plan, world)
+
+    def _recorded(
+        self, conn: Connection, planned: list[PlannedEntry], committed: dict[str, str]
+    ) -> dict[tuple[str, str], Decision] | None:
+        """Dead-letter decisions already committed for entries that may be decided.
+
+        Those are the redelivered entries (this consumer may have decided them before
+        a crash) and those at or before their stream's checkpoint (another worker
+        decided them: it woke one this consumer holds, or its ack was lost). A
+        recorded decision stands; the rest are duplicates by their event ids.
+        """
+        done = {
+            kind: entry_id_key(committed[stream])
+            for kind, stream in self.streams.items()
+            if stream in committed
+        }
+        again = [
+            (p.stream_kind, p.entry_id)
+            for p in planned
+            if p.redelivered
+            or (p.stream_kind in done and (p.order[0], p.order[2]) <= done[p.stream_kind])
+        ]
+        return load_dead(conn, again) if again else None
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

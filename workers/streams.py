@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +17,8 @@ from domain.errors import DeadLetterReason
 from domain.events import entry_id_key
 
 PAYLOAD = b"payload"
+PENDING_PAGE = 500  # XPENDING rows per call, at most
+FIRST_PAGE = 16  # when the first row is usually all that is needed
 
 
 @dataclass(slots=True)
@@ -147,12 +149,14 @@ def _pending_elsewhere(summary: Any, consumer: str) -> int:
 
 
 def pending_elsewhere(
-    client: Redis, stream: str, group: str, consumer: str, count: int = 10_000
-) -> list[str]:
-    """Ids of the entries of `stream` pending on other consumers, oldest first."""
-    rows = client.xpending_range(stream, group, min="-", max="+", count=count)
+    client: Redis, stream: str, group: str, consumer: str, after: str | None = None
+) -> Iterator[str]:
+    """Ids of the entries of `stream` pending on other consumers (after `after`), oldest
+    first, read a page at a time: callers usually stop at the first."""
     name = consumer.encode()
-    return [_text(row["message_id"]) for row in rows if _raw(row["consumer"]) != name]
+    for row in _pending(client, stream, group, after, page=FIRST_PAGE):
+        if _raw(row["consumer"]) != name:
+            yield _text(row["message_id"])
 
 
 def entries_of(client: Redis, stream: str, ids: Sequence[str]) -> list[Entry]:
@@ -237,17 +241,37 @@ def read_history(
 
 def own_pending(client: Redis, stream: str, group: str, consumer: str) -> list[str]:
     """Ids of this consumer's pending entries of `stream`, oldest first (nothing delivered)."""
-    ids: list[str] = []
-    start = "-"
+    return [_text(row["message_id"]) for row in _pending(client, stream, group, None, consumer)]
+
+
+def _pending(
+    client: Redis,
+    stream: str,
+    group: str,
+    after: str | None,
+    consumer: str | None = None,
+    page: int = PENDING_PAGE,
+) -> Iterator[dict[str, Any]]:
+    """XPENDING rows of `stream` (of one consumer, or all) after `after`, oldest first.
+
+    Pages start at `page` rows and grow to `PENDING_PAGE`.
+    """
+    start = "-" if after is None else _next_id(after)
     while True:
         rows = client.xpending_range(
-            stream, group, min=start, max="+", count=1000, consumername=consumer
+            stream, group, min=start, max="+", count=page, consumername=consumer
         )
-        ids += [_text(row["message_id"]) for row in rows]
-        if len(rows) < 1000:
-            return ids
-        ms, seq = entry_id_key(ids[-1])
-        start = f"{ms}-{seq + 1}"
+        yield from rows
+        if len(rows) < page:
+            return
+        start = _next_id(_text(rows[-1]["message_id"]))
+        page = min(page * 4, PENDING_PAGE)
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest entry id after `entry_id` (XPENDING ranges are inclusive)."""
+    ms, seq = entry_id_key(entry_id)
+    return f"{ms}-{seq + 1}"
 
 
 def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[str]) -> list[Entry]:

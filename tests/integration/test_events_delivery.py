@@ -755,6 +755,49 @@ def test_a_live_consumers_waiting_entry_decided_by_another_consumer_is_let_go(
         assert rows(services, terminated) == [("terminate", entry_id)]
 
 
+class DiesAfterCommit(EventConsumer):
+    """Commits its batches, then dies before their caches, dead letters and acks go out."""
+
+    def flush(self) -> None:
+        self.unsent = None
+
+
+def test_an_entry_decided_by_a_consumer_that_died_before_acking_holds_nobody_up(
+    backend: Backend,
+) -> None:
+    """B applies s1's update and, woken by it, A's waiting terminate; B dies before its
+    acks. Both entries stay pending, yet are decided: A applies later entries without
+    waiting for them, finds its terminate decided, and acks it as a duplicate."""
+    keys = backend.keys
+    with services_for(backend, claim_idle_ms=600_000) as services:  # nothing is reclaimed
+        add_players(services, "alice", "bob")
+        held = publish(
+            backend.redis, keys, "terminate", session_id="s1", results=[result("alice", 3)]
+        )
+        holder = drain(services, consumer="A")
+        assert totals(holder) == (0, 0, 1, 0)
+        (lost,) = burst(backend.redis, backend, [update("s1", "alice")])
+        DiesAfterCommit(services, "B", threading.Event(), burst=True).run()
+        assert ended(services, "s1") and waiting(services) == []
+        assert pending(backend.redis, keys.update_stream) == [(lost, "B", 1)]
+        assert pending(backend.redis, keys.terminate_stream) == [(held, "A", 1)]
+
+        burst(backend.redis, backend, [update("s2", "bob"), terminate("s2", result("bob", 4))])
+        holder.last_fresh = 0.0  # its next read keeps its entries fresh
+        thread = threading.Thread(target=holder.run, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "held up by entries that were decided"
+
+        assert ended(services, "s2")
+        assert totals(holder) == (2, 1, 0, 0)
+        assert standings(services)["alice"][:3] == (1, 0, 3)
+        assert standings(services)["bob"][:3] == (1, 0, 4)
+        assert pending(backend.redis, keys.update_stream) == [(lost, "B", 1)]
+        assert pending(backend.redis, keys.terminate_stream) == []
+        assert dead_letters(backend.redis, keys) == []
+
+
 def test_a_live_consumer_times_out_a_waiting_entry_without_new_entries(
     backend: Backend,
 ) -> None:

@@ -49,8 +49,12 @@ def test_new_entries_of_both_streams_come_back_in_stream_order(backend: Backend)
     # Another consumer sees the entries pending on c1 (and not as its own).
     seen = read_group(redis, EVENTS_GROUP, "c2", streams, 10, None)
     assert seen.others == {keys.update_stream: 3, keys.terminate_stream: 1}
-    assert pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2") == [first, other, bare]
-    assert pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c1") == []
+    elsewhere = list(pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2"))
+    assert elsewhere == [first, other, bare]
+    assert list(pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c1")) == []
+    # Entries up to a checkpoint are skipped (they are decided).
+    after = list(pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2", after=first))
+    assert after == [other, bare]
 
 
 def test_keep_fresh_counts_no_delivery_and_reports_entries_gone(backend: Backend) -> None:
@@ -93,3 +97,18 @@ def test_a_missing_group_is_redis_error(backend: Backend) -> None:
     with pytest.raises(ResponseError, match="NOGROUP"):
         read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 10, None)
     assert redis.ping()  # the connection went back to the pool in a usable state
+
+
+def test_pending_lists_are_read_page_by_page(backend: Backend) -> None:
+    """More pending entries than one XPENDING page: every id comes back once, in order."""
+    redis, keys = backend.redis, backend.keys
+    ensure_group(redis, keys.update_stream, EVENTS_GROUP)
+    pipe = redis.pipeline(transaction=False)
+    for number in range(1_234):
+        pipe.xadd(keys.update_stream, {"payload": str(number).encode()})
+    ids = [raw.decode() for raw in pipe.execute()]
+    redis.xreadgroup(EVENTS_GROUP, "c1", {keys.update_stream: ">"}, count=2_000)
+    assert own_pending(redis, keys.update_stream, EVENTS_GROUP, "c1") == ids
+    assert list(pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2")) == ids
+    tail = pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2", after=ids[99])
+    assert list(tail) == ids[100:]
