@@ -7,6 +7,8 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# One import name: usermgmt/ holds symlinks to the four folders below (COPY keeps them).
+COPY usermgmt ./usermgmt
 COPY domain ./domain
 COPY persistence ./persistence
 COPY workers ./workers

@@ -18,9 +18,9 @@ test: install
 	$(BIN)/python -m pytest
 
 # The whole loop: worker + simulated games + leaderboard. Sizes and the rest:
-# make demo DEMO_ARGS="--players 50 --games 300"   (python -m workers.demo --help)
+# make demo DEMO_ARGS="--players 50 --games 300"   (python -m usermgmt.workers.sim.demo --help)
 demo: install
-	$(BIN)/python -m workers.demo $(DEMO_ARGS)
+	$(BIN)/python -m usermgmt.workers.sim.demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,10 +19,10 @@ from redis import Redis
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from domain.events import EventKind, TerminateEvent, UpdateEvent, parse_event
-from persistence.db import make_engine
-from persistence.keys import EVENTS_GROUP, Keys
-from persistence.models import (
+from usermgmt.domain.events import EventKind, TerminateEvent, UpdateEvent, parse_event
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
+from usermgmt.persistence.models import (
     GameResult,
     GameSession,
     LeaderboardEntry,
@@ -32,7 +32,7 @@ from persistence.models import (
     StreamCheckpoint,
     User,
 )
-from persistence.ranking import refresh_ranks_now
+from usermgmt.persistence.ranking import refresh_ranks_now
 
 
 class Baseline:

@@ -11,7 +11,7 @@ import time
 
 from redis import Redis
 
-from persistence.keys import EVENTS_GROUP, Keys
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 
 FLOOR_COUNT = 500
 

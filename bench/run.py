@@ -41,9 +41,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bench import baseline, floor, workload
 from bench.workload import BenchFailure, Games, Rematches
-from domain.auth import REQUEST_MAX_AGE_S
-from persistence.keys import AUTH_GROUP, EVENTS_GROUP, Keys
-from workers.settings import Settings
+from usermgmt.domain.auth import REQUEST_MAX_AGE_S
+from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP, Keys
+from usermgmt.workers.runtime.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 USERMGMT = Path(sys.executable).parent / "usermgmt"
@@ -89,7 +89,8 @@ QUICK = Mode(
     10_000,
 )
 # At bcrypt cost 12 two cores answer about 6 logins/s, and a request older than 30 s is
-# dropped unanswered (SPEC §4): full mode queues as many logins as can be answered in time.
+# dropped unanswered (docs/protocol.md, "Accounts"): full mode queues as many logins as
+# can be answered in time.
 FULL = Mode(
     "full",
     10_000,
@@ -446,10 +447,10 @@ class Bench:
         """The hot path under pyinstrument: the event consumer in this process, one backlog."""
         from pyinstrument import Profiler
 
-        from workers.bootstrap import bootstrap
-        from workers.event_consumer import EventConsumer
-        from workers.logs import configure_logging
-        from workers.settings import load_settings
+        from usermgmt.workers.events.consumer import EventConsumer
+        from usermgmt.workers.runtime.bootstrap import bootstrap
+        from usermgmt.workers.runtime.logs import configure_logging
+        from usermgmt.workers.runtime.settings import load_settings
 
         prefix = self.prefix("prof")
         keys = Keys(prefix)
@@ -602,8 +603,8 @@ def login_flood(
 ) -> dict[str, Any]:
     """Queue `count` logins at once and wait for the replies; every reply must be ok.
 
-    A request older than `REQUEST_MAX_AGE_S` is dropped unanswered (SPEC §4). With
-    `stale_ok` (logins beside a game load, at a high bcrypt cost) a request still
+    A request older than `REQUEST_MAX_AGE_S` is dropped unanswered (docs/protocol.md,
+    "Accounts"). With `stale_ok` (logins beside a game load, at a high bcrypt cost) a request still
     unanswered by then counts as dropped; otherwise every login must be answered.
     """
     ids = [uuid.uuid4() for _ in range(count)]

@@ -52,9 +52,9 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from bench.soak_history import Credit, Entry, Producer, id_key
-from persistence.db import make_engine
-from persistence.keys import EVENTS_GROUP, Keys
-from persistence.models import LeaderboardEntry, Stats, User, utcnow
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
+from usermgmt.persistence.models import LeaderboardEntry, Stats, User, utcnow
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak-latest.md"
 USERMGMT = Path(sys.executable).parent / "usermgmt"
@@ -683,7 +683,10 @@ def read_database(database_url: str) -> DatabaseState:
 
 
 def _count(conn: sa.Connection, query: str) -> int | None:
-    """A count from a table of the project's choosing (SPEC §5); None if it is not there."""
+    """A count from a table of the project's choosing (docs/protocol.md, "SQL tables").
+
+    None if it is not there.
+    """
     try:
         with conn.begin_nested():
             return int(conn.execute(sa.text(query)).scalar_one())

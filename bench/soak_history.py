@@ -27,7 +27,7 @@ import orjson
 from redis import Redis
 from redis.exceptions import RedisError
 
-from persistence.keys import Keys
+from usermgmt.persistence.keys import Keys
 
 MAX_BURST = 500
 ADVANCE_SHARE = 0.3  # of the valid entries when a game could start: end (or change) one

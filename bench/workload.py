@@ -27,8 +27,8 @@ import bcrypt
 import orjson
 from redis import Redis
 
-from persistence.db import upgrade
-from persistence.keys import EVENTS_GROUP, Keys
+from usermgmt.persistence.db import upgrade
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 
 PLAYERS_PER_GAME = 4
 LIVE_GAMES = 256  # games in progress at once in the published stream

@@ -1,4 +1,7 @@
-"""Username and password policy, shared by auth requests and game events (SPEC §4)."""
+"""Username and password policy, shared by auth requests and game events.
+
+See docs/protocol.md, "Accounts".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Auth requests and replies on the request/reply stream (SPEC §4)."""
+"""Auth requests and replies on the request/reply stream (docs/protocol.md, "Accounts")."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from domain.accounts import Password, Username
-from domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
-from domain.payloads import load_object
+from usermgmt.domain.accounts import Password, Username
+from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+from usermgmt.domain.payloads import load_object
 
 REQUEST_MAX_AGE_S = 30
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -126,7 +126,7 @@ class UserView(BaseModel):
 
 
 def ok_reply(request_id: uuid.UUID, user: UserView, token: str | None = None) -> dict[str, Any]:
-    """A successful reply (SPEC §4); `token` only on login."""
+    """A successful reply (docs/protocol.md, "Replies"); `token` only on login."""
     reply: dict[str, Any] = {
         "request_id": str(request_id),
         "ok": True,
@@ -138,7 +138,7 @@ def ok_reply(request_id: uuid.UUID, user: UserView, token: str | None = None) ->
 
 
 def error_reply(request_id: uuid.UUID, code: ErrorCode, message: str) -> dict[str, Any]:
-    """A failed reply (SPEC §4)."""
+    """A failed reply (docs/protocol.md, "Replies")."""
     return {
         "request_id": str(request_id),
         "ok": False,

@@ -1,4 +1,7 @@
-"""Error codes for auth replies and reason codes for dead letters (SPEC §3, §4)."""
+"""Error codes for auth replies and reason codes for dead letters.
+
+See docs/protocol.md, "Replies" and "Dead letters".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Game event schemas (SPEC §3): `update` from matchmaking, `terminate` from game servers."""
+"""Game event schemas: `update` from matchmaking, `terminate` from game servers.
+
+See docs/protocol.md, "Game events".
+"""
 
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-from domain.accounts import Username, username_key
-from domain.auth import describe_validation_error
-from domain.errors import DeadLetterReason, InvalidPayload
-from domain.payloads import load_object
+from usermgmt.domain.accounts import Username, username_key
+from usermgmt.domain.auth import describe_validation_error
+from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
+from usermgmt.domain.payloads import load_object
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
 MAX_PLAYERS = 100
@@ -161,6 +164,6 @@ _STREAM_RANK = {"accounts": 0, EventKind.UPDATE: 1, EventKind.TERMINATE: 2}
 
 @lru_cache(maxsize=16_384)  # asked several times per entry while a batch is sorted and planned
 def entry_order(kind: str, entry_id: str) -> tuple[int, int, int]:
-    """The order of entries merged across the event streams (SPEC §3, "Order")."""
+    """The order of entries merged across the event streams (docs/protocol.md, "Order")."""
     ms, seq = entry_id_key(entry_id)
     return ms, _STREAM_RANK.get(kind, len(_STREAM_RANK)), seq

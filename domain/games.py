@@ -1,7 +1,7 @@
 """The game world a batch of update / terminate events changes, and what it writes.
 
 Pure and in memory. The persistence layer loads a `World` for the batch, the
-planner (`domain.planner`) decides every entry and records the `Changes`, and the
+planner (`usermgmt.domain.planner`) decides every entry and records the `Changes`, and the
 persistence layer writes those changes in one transaction.
 """
 
@@ -13,8 +13,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from domain.errors import DeadLetterReason
-from domain.events import GameEvent, UpdateEvent, entry_order
+from usermgmt.domain.errors import DeadLetterReason
+from usermgmt.domain.events import GameEvent, UpdateEvent, entry_order
 
 ENDED = "ended"
 

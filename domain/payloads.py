@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from domain.errors import DeadLetterReason, InvalidPayload
+from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
 
 
 def load_object(raw: str | bytes | None, reason: DeadLetterReason) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from domain.errors import DeadLetterReason
-from domain.events import TerminateEvent, UpdateEvent
-from domain.games import (
+from usermgmt.domain.errors import DeadLetterReason
+from usermgmt.domain.events import TerminateEvent, UpdateEvent
+from usermgmt.domain.games import (
     APPLIED,
     DUPLICATE,
     ENDED,
@@ -44,7 +44,7 @@ from domain.games import (
     StatsDelta,
     World,
 )
-from domain.waiting import Limits, Waiter, Waiters, Wake
+from usermgmt.domain.waiting import Limits, Waiter, Waiters, Wake
 
 EXPIRED = "expired"  # the end reason of a session ended for silence
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -1,4 +1,7 @@
-"""Competition ranking by earnings (SPEC §5): 1 + the number with strictly more."""
+"""Competition ranking by earnings: 1 + the number with strictly more.
+
+See docs/protocol.md, "SQL tables".
+"""
 
 from __future__ import annotations
 

@@ -12,10 +12,10 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from domain.accounts import Username
-from domain.auth import describe_validation_error
-from domain.errors import DeadLetterReason, InvalidPayload
-from domain.payloads import load_object
+from usermgmt.domain.accounts import Username
+from usermgmt.domain.auth import describe_validation_error
+from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
+from usermgmt.domain.payloads import load_object
 
 ACCOUNTS = "accounts"  # the stream kind: `um:{events}:accounts`
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
-from domain.games import Order, PlannedEntry
+from usermgmt.domain.games import Order, PlannedEntry
 
 _K = TypeVar("_K")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from persistence.db import make_engine
-from persistence.models import Base
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from domain.accounts import username_key
-from domain.auth import UserView
-from persistence import outbox
-from persistence.models import (
+from usermgmt.domain.accounts import username_key
+from usermgmt.domain.auth import UserView
+from usermgmt.persistence import outbox
+from usermgmt.persistence.models import (
     GameSession,
     LeaderboardEntry,
     SessionPlayer,

@@ -9,14 +9,14 @@ import time
 from redis import Redis
 from redis.client import Pipeline
 
-from domain.accounts import (
+from usermgmt.domain.accounts import (
     LOCKOUT_DURATION_S,
     LOCKOUT_MAX_FAILURES,
     LOCKOUT_WINDOW_S,
     TOKEN_BYTES,
     TOKEN_TTL_S,
 )
-from persistence.keys import Keys
+from usermgmt.persistence.keys import Keys
 
 
 def token_digest(token: str) -> str:

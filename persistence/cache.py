@@ -11,9 +11,9 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
-from domain.auth import UserView
-from domain.games import Player
-from persistence.keys import Keys
+from usermgmt.domain.auth import UserView
+from usermgmt.domain.games import Player
+from usermgmt.persistence.keys import Keys
 
 _USER_FIELDS = ("id", "username", "wallet", "win_count", "loss_count", "earnings", "rank")
 _INT_FIELDS = frozenset({"id", "wallet", "win_count", "loss_count", "earnings", "rank"})

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-import migrations
+from usermgmt import migrations
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 IMMEDIATE = "usermgmt_begin_immediate"

@@ -11,8 +11,8 @@ import orjson
 from sqlalchemy import Connection, DateTime, Dialect
 from sqlalchemy.exc import DBAPIError
 
-from domain.events import entry_id_key
-from domain.games import ENDED, Changes, Player, Session, World
+from usermgmt.domain.events import entry_id_key
+from usermgmt.domain.games import ENDED, Changes, Player, Session, World
 
 # SQLite allows 32766 bound parameters per statement; stay well below.
 _CHUNK = 900

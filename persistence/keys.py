@@ -1,4 +1,6 @@
-"""Every Redis key the project touches, derived from the prefix (SPEC §2).
+"""Every Redis key the project touches, derived from the prefix.
+
+See docs/protocol.md, "Keys and consumer groups".
 
 Keys are built only from validated values: a UUID, a policy-checked username, a
 session id, or a hash. Nothing a request sends picks a key by itself.
@@ -9,8 +11,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from domain.accounts import username_key
-from domain.events import EventKind
+from usermgmt.domain.accounts import username_key
+from usermgmt.domain.events import EventKind
 
 EVENTS_GROUP = "usermgmt-events"
 AUTH_GROUP = "usermgmt-auth"

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 typed models: the source of truth (SPEC §5)."""
+"""SQLAlchemy 2.0 typed models: the source of truth (docs/protocol.md, "SQL tables")."""
 
 from __future__ import annotations
 

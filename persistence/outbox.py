@@ -13,10 +13,10 @@ from datetime import datetime
 
 from sqlalchemy import Connection, DateTime, Engine, bindparam, insert, select, text
 
-from domain.registrations import ACCOUNTS, registration
-from persistence.db import IMMEDIATE
-from persistence.games import save_checkpoints
-from persistence.models import OutboxEvent
+from usermgmt.domain.registrations import ACCOUNTS, registration
+from usermgmt.persistence.db import IMMEDIATE
+from usermgmt.persistence.games import save_checkpoints
+from usermgmt.persistence.models import OutboxEvent
 
 # Timestamps bound through the column type, so they are stored as the ORM stores them.
 _NOW = bindparam("now", type_=DateTime(timezone=True))

@@ -1,11 +1,14 @@
-"""Exact competition ranks in the `leaderboard` table (SPEC §5), set-based."""
+"""Exact competition ranks in the `leaderboard` table, set-based.
+
+See docs/protocol.md, "SQL tables".
+"""
 
 from __future__ import annotations
 
 from redis.client import Pipeline
 from sqlalchemy import Connection, Engine, text
 
-from persistence.keys import Keys
+from usermgmt.persistence.keys import Keys
 
 # One statement on SQLite (>= 3.33) and PostgreSQL; only rows whose rank moved are written.
 _REFRESH = text(

@@ -1,7 +1,7 @@
 """SQL for recovery: recreate registered users, read checkpoints and backup marks,
 fix id sequences, list live sessions for rebuilding their caches.
 
-Game events replay through `persistence.games` exactly as the live worker applies them;
+Game events replay through `usermgmt.persistence.games` exactly as the live worker applies them;
 only registrations need their own statements (the live path creates users directly).
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, DateTime, Engine, bindparam, insert, text
 
-from domain.accounts import username_key
-from domain.games import Decision, Outcome
-from domain.registrations import Registration
-from persistence import outbox
-from persistence.models import User
+from usermgmt.domain.accounts import username_key
+from usermgmt.domain.games import Decision, Outcome
+from usermgmt.domain.registrations import Registration
+from usermgmt.persistence import outbox
+from usermgmt.persistence.models import User
 
 _CHUNK = 900
 

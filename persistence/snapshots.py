@@ -17,8 +17,8 @@ from pathlib import Path
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from persistence.db import normalize_url
-from persistence.replay import write_backup_marks
+from usermgmt.persistence.db import normalize_url
+from usermgmt.persistence.replay import write_backup_marks
 
 BUSY_TIMEOUT_S = 30.0
 

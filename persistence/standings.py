@@ -1,8 +1,8 @@
 """Read-side queries for people: the leaderboard's top, a player's neighbourhood, one
-player's record. Ranks are computed here from earnings (SPEC §5: 1 + the number of
-players with strictly more), so they are exact even between the worker's refreshes
-of `leaderboard.rank`. Every query walks the `leaderboard.earnings` index, so it
-stays cheap with millions of players.
+player's record. Ranks are computed here from earnings (1 + the number of players
+with strictly more: docs/protocol.md, "SQL tables"), so they are exact even between
+the worker's refreshes of `leaderboard.rank`. Every query walks the
+`leaderboard.earnings` index, so it stays cheap with millions of players.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import orjson
 from sqlalchemy import Connection, Engine, Select, and_, func, or_, select
 from sqlalchemy.orm import aliased
 
-from domain.accounts import username_key
-from domain.events import EventKind
-from persistence.models import (
+from usermgmt.domain.accounts import username_key
+from usermgmt.domain.events import EventKind
+from usermgmt.persistence.models import (
     GameSession,
     LeaderboardEntry,
     ProcessedEvent,

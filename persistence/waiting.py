@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 from sqlalchemy import Connection
 
-from domain.errors import DeadLetterReason
-from domain.games import Decision, Outcome, PlannedEntry
-from domain.waiting import Waiter
-from persistence.games import Driver, chunks, marks
+from usermgmt.domain.errors import DeadLetterReason
+from usermgmt.domain.games import Decision, Outcome, PlannedEntry
+from usermgmt.domain.waiting import Waiter
+from usermgmt.persistence.games import Driver, chunks, marks
 
 
 class StoredWaiter(NamedTuple):

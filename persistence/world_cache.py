@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
-from domain.games import Changes, World
-from domain.waiting import Waiters
-from persistence.db import is_sqlite
-from persistence.games import new_world
+from usermgmt.domain.games import Changes, World
+from usermgmt.domain.waiting import Waiters
+from usermgmt.persistence.db import is_sqlite
+from usermgmt.persistence.games import new_world
 
 MAX_PLAYERS = 100_000  # about 20 MB of player records; beyond that, start again
 MAX_SESSIONS = 100_000

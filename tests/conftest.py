@@ -21,10 +21,10 @@ import pytest
 import sqlalchemy as sa
 from redis import Redis
 
-from persistence.db import make_engine, upgrade
-from persistence.keys import Keys
-from workers.bootstrap import Services
-from workers.settings import Settings
+from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.settings import Settings
 
 REDIS_URL = os.environ.get("USERMGMT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(

@@ -16,7 +16,7 @@ from redis import Redis
 
 from tests.conftest import REDIS_URL, _delete_prefix, _real_redis
 
-USERMGMT = [sys.executable, "-m", "workers.cli"]
+USERMGMT = [sys.executable, "-m", "usermgmt.workers.cli.main"]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import REPO, USERMGMT, Stack, wait_for
-from workers.cli import build_parser, main
-from workers.client import AuthClient, AuthError
+from usermgmt.workers.cli.main import build_parser, main
+from usermgmt.workers.client.auth import AuthClient, AuthError
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,7 @@
-"""The demo driver (`make demo` = `python -m workers.demo`) end to end, with a tiny load."""
+"""The demo driver end to end, with a tiny load.
+
+`make demo` = `python -m usermgmt.workers.sim.demo`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from persistence import standings
-from persistence.db import make_engine
 from tests.conftest import REDIS_URL, _real_redis
 from tests.e2e.conftest import REPO
-from workers.connections import REDIS_ERRORS, make_redis
+from usermgmt.persistence import standings
+from usermgmt.persistence.db import make_engine
+from usermgmt.workers.runtime.connections import REDIS_ERRORS, make_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +35,7 @@ def run_demo(
         "PATH": path if path is not None else os.environ.get("PATH", ""),
     }
     return subprocess.run(
-        [sys.executable, "-m", "workers.demo", *args],
+        [sys.executable, "-m", "usermgmt.workers.sim.demo", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -23,12 +23,12 @@ import pytest
 import sqlalchemy as sa
 from redis import Redis
 
-from domain.ranking import competition_ranks
-from persistence import accounts
-from persistence.db import make_engine
-from persistence.keys import Keys
 from tests.e2e.conftest import Stack, wait_for
-from workers.client import AuthClient
+from usermgmt.domain.ranking import competition_ranks
+from usermgmt.persistence import accounts
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.client.auth import AuthClient
 
 pytestmark = pytest.mark.e2e
 

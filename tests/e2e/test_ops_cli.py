@@ -12,13 +12,13 @@ import orjson
 import pytest
 from redis import Redis
 
-from persistence import accounts
-from persistence.db import make_engine
-from persistence.keys import EVENTS_GROUP, Keys
 from tests.e2e.conftest import USERMGMT, Stack, wait_for
-from workers.cli import main
-from workers.client import AuthClient
-from workers.streams import Entry, dead_letter, ensure_group
+from usermgmt.persistence import accounts
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
+from usermgmt.workers.cli.main import main
+from usermgmt.workers.client.auth import AuthClient
+from usermgmt.workers.runtime.streams import Entry, dead_letter, ensure_group
 
 
 def cli_with_input(stack: Stack, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,15 +7,15 @@ from typing import Any
 import orjson
 import pytest
 
-from domain.ranking import competition_ranks
-from persistence import accounts, standings
-from persistence.db import make_engine
-from persistence.keys import Keys
 from tests.e2e.conftest import Stack, wait_for
 from tests.integration.helpers import publish
-from workers.cli import main
-from workers.demo import events_drained
-from workers.simulate import Expected, SimConfig, plan, player_names, publish_traffic
+from usermgmt.domain.ranking import competition_ranks
+from usermgmt.persistence import accounts, standings
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.cli.main import main
+from usermgmt.workers.sim.demo import events_drained
+from usermgmt.workers.sim.simulate import Expected, SimConfig, plan, player_names, publish_traffic
 
 pytestmark = pytest.mark.e2e
 

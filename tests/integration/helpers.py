@@ -12,11 +12,11 @@ import orjson
 import sqlalchemy as sa
 from redis import Redis
 
-from persistence.db import make_engine
-from persistence.keys import Keys
 from tests.conftest import Backend, make_settings
-from workers.bootstrap import Services
-from workers.event_consumer import EventConsumer
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.runtime.bootstrap import Services
 
 
 def publish(redis: Redis, keys: Keys, kind: str, **payload: Any) -> str:
@@ -65,7 +65,7 @@ def services_for(backend: Backend, **overrides: object) -> Iterator[Services]:
 
 def add_players(services: Services, *names: str, wallet: int = 0) -> None:
     """Register players straight in the database (no bcrypt; they never log in)."""
-    from persistence import accounts
+    from usermgmt.persistence import accounts
 
     for name in names:
         accounts.create_user(services.engine, name, "x" * 60, wallet=wallet)

@@ -13,11 +13,11 @@ import sqlalchemy as sa
 from redis import Redis
 from sqlalchemy import Engine
 
-from persistence import accounts
-from persistence.keys import Keys
 from tests.integration.helpers import publish
-from workers.bootstrap import Services
-from workers.relay import Relay
+from usermgmt.persistence import accounts
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.auth.relay import Relay
+from usermgmt.workers.runtime.bootstrap import Services
 
 # Every table a replay must reproduce, as comparable rows (no surrogate keys where the
 # live and replayed databases may number rows differently; timestamps only where the

@@ -17,17 +17,17 @@ import pytest
 from redis import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from persistence import accounts
-from persistence.db import make_engine, upgrade
-from persistence.keys import Keys
 from tests.conftest import REDIS_URL, _delete_prefix, _real_redis
 from tests.integration.helpers import drain, publish, rows
-from workers import acl, dlq, status
-from workers.auth_server import AuthServer
-from workers.bootstrap import Services
-from workers.client import AuthClient
-from workers.settings import Settings
-from workers.streams import remove_idle_consumers
+from usermgmt.persistence import accounts
+from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.auth.server import AuthServer
+from usermgmt.workers.client.auth import AuthClient
+from usermgmt.workers.ops import acl, dlq, status
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.settings import Settings
+from usermgmt.workers.runtime.streams import remove_idle_consumers
 
 PASSWORD = "acl-test-password-1"
 RESULTS = [

@@ -1,4 +1,4 @@
-"""The auth request/reply server (SPEC §4) on every backend, driven in-process.
+"""The auth request/reply server (docs/protocol.md, "Accounts") on every backend, driven in-process.
 
 The server runs in a thread exactly as the worker runs it; requests go in through the
 stream and replies come back on the reply keys, as any client in any language sees them.
@@ -21,15 +21,15 @@ import sqlalchemy as sa
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from domain.auth import parse_request
-from persistence import auth_store
-from persistence.keys import AUTH_GROUP, Keys
 from tests.conftest import Backend, make_settings
 from tests.integration.helpers import dead_letters, rows
-from workers import auth_server
-from workers.auth_server import AuthServer
-from workers.bootstrap import Services
-from workers.client import AuthClient, AuthError
+from usermgmt.domain.auth import parse_request
+from usermgmt.persistence import auth_store
+from usermgmt.persistence.keys import AUTH_GROUP, Keys
+from usermgmt.workers.auth import server as auth_server
+from usermgmt.workers.auth.server import AuthServer
+from usermgmt.workers.client.auth import AuthClient, AuthError
+from usermgmt.workers.runtime.bootstrap import Services
 
 PASSWORD = "Correct-Horse-9"
 USER_FIELDS = {"id", "username", "wallet", "win_count", "loss_count", "earnings", "rank"}
@@ -147,7 +147,7 @@ def client(backend: Backend) -> AuthClient:
     return AuthClient(backend.redis, prefix=backend.prefix, timeout=10)
 
 
-# -- reply shapes (SPEC §4) ----------------------------------------------------------------
+# -- reply shapes (docs/protocol.md, "Replies") ---------------------------------------------
 
 
 def test_register_replies_with_the_public_user_and_creates_all_three_rows(

@@ -11,18 +11,18 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from persistence.db import make_engine
-from persistence.keys import Keys
-from persistence.ranking import refresh_ranks_now
-from persistence.snapshots import inspect_snapshot, sqlite_path, take_snapshot
 from tests.conftest import REDIS_URL, Backend, _delete_prefix, _real_redis
 from tests.integration.helpers import drain, publish, services_for
 from tests.integration.replay_helpers import new_relay, register, table_rows, wait_until
-from workers.backup import NotSQLite, WorkerAlive, backup, restore
-from workers.bootstrap import Services
-from workers.cli import main
-from workers.event_consumer import EventConsumer
-from workers.settings import load_settings
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import Keys
+from usermgmt.persistence.ranking import refresh_ranks_now
+from usermgmt.persistence.snapshots import inspect_snapshot, sqlite_path, take_snapshot
+from usermgmt.workers.cli.main import main
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.ops.backup import NotSQLite, WorkerAlive, backup, restore
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.settings import load_settings
 
 PLAYERS = [f"p{index:02d}" for index in range(8)]
 

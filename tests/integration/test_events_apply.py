@@ -1,4 +1,7 @@
-"""The full effect of update and terminate (SPEC §3), duplicates and poison entries."""
+"""The full effect of update and terminate, duplicates and poison entries.
+
+See docs/protocol.md, "Game events".
+"""
 
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from tests.integration.helpers import (
     services_for,
     standings,
 )
-from workers.bootstrap import Services
-from workers.event_consumer import EventConsumer
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.runtime.bootstrap import Services
 
 
 def text_hash(backend: Backend, key: str) -> dict[str, str]:
@@ -304,7 +307,7 @@ def test_an_entry_that_fails_to_write_is_isolated_and_retried(
 ) -> None:
     """A batch whose write raises is applied entry by entry: the others commit, the
     failing one is retried until the delivery limit, and caches match the end state."""
-    from workers import event_store
+    from usermgmt.workers.events import store as event_store
 
     real_write = event_store.write_changes
 

@@ -1,4 +1,7 @@
-"""Every dead-letter reason of SPEC §3, with the DLQ payload fields, and the entry acked."""
+"""Every dead-letter reason, with the DLQ payload fields, and the entry acked.
+
+See docs/protocol.md, "Dead letters".
+"""
 
 from __future__ import annotations
 

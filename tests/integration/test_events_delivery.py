@@ -1,4 +1,6 @@
-"""Delivery rules of SPEC §3: order across streams, waiting, deliveries, recovery, reclaiming.
+"""Delivery rules: order across streams, waiting, deliveries, recovery, reclaiming.
+
+See docs/protocol.md, "Delivery".
 
 Entries are decided in merged order but wait only for what they depend on; a waiting
 entry stays pending (recorded in `waiting_events`, kept fresh without a delivery) and is
@@ -36,10 +38,10 @@ from tests.integration.helpers import (
     services_for,
     standings,
 )
-from workers.bootstrap import Services
-from workers.event_consumer import EventConsumer
-from workers.event_store import EventStore
-from workers.streams import Entry
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.events.store import EventStore
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.streams import Entry
 
 GROUP = "usermgmt-events"
 Event = tuple[str, dict[str, Any]]  # (stream kind, payload)

@@ -30,15 +30,15 @@ from hypothesis import strategies as st
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from persistence import cache
-from persistence.db import make_engine, upgrade
-from persistence.keys import Keys
 from tests.conftest import Backend, make_settings
 from tests.integration.helpers import add_players, dead_letters, pending_count, rows, standings
 from tests.integration.replay_helpers import table_rows
-from workers.bootstrap import Services
-from workers.event_consumer import EventConsumer
-from workers.replay import Replayer
+from usermgmt.persistence import cache
+from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.ops.replay import Replayer
+from usermgmt.workers.runtime.bootstrap import Services
 
 
 class Crash(BaseException):

@@ -1,5 +1,5 @@
-"""Ranks (SPEC §5): exact in `leaderboard.rank` once idle, live in `um:leaderboard`,
-and carried by `get_user` replies."""
+"""Ranks: exact in `leaderboard.rank` once idle, live in `um:leaderboard`, and carried
+by `get_user` replies (docs/protocol.md, "SQL tables")."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 
 import orjson
 
-from domain.auth import parse_request
-from domain.ranking import competition_ranks
-from persistence import cache
 from tests.conftest import Backend
 from tests.integration.helpers import add_players, drain, publish, rows, standings
-from workers.auth_server import AuthServer
-from workers.bootstrap import Services
+from usermgmt.domain.auth import parse_request
+from usermgmt.domain.ranking import competition_ranks
+from usermgmt.persistence import cache
+from usermgmt.workers.auth.server import AuthServer
+from usermgmt.workers.runtime.bootstrap import Services
 
 
 def play(backend: Backend, rng: random.Random, names: list[str], games: int, tag: str) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from persistence import accounts
 from tests.conftest import Backend
 from tests.integration.helpers import drain, publish, rows
-from workers.bootstrap import Services
+from usermgmt.persistence import accounts
+from usermgmt.workers.runtime.bootstrap import Services
 
 
 def test_a_game_credits_stats_wallets_and_leaderboard(services: Services, backend: Backend) -> None:

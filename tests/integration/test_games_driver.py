@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from persistence.db import IMMEDIATE, make_engine, upgrade
-from persistence.games import Driver
+from usermgmt.persistence.db import IMMEDIATE, make_engine, upgrade
+from usermgmt.persistence.games import Driver
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

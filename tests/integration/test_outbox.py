@@ -10,15 +10,15 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from persistence import accounts, outbox
-from persistence.db import make_engine, upgrade
 from tests.conftest import Backend
 from tests.integration.helpers import rows, services_for
 from tests.integration.replay_helpers import wait_until
-from workers.bootstrap import Services
-from workers.relay import Relay
-from workers.replay import Replayer
-from workers.runner import Worker
+from usermgmt.persistence import accounts, outbox
+from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.workers.auth.relay import Relay
+from usermgmt.workers.ops.replay import Replayer
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.runner import Worker
 
 HASH = "$2b$04$" + "h" * 53
 
@@ -141,8 +141,8 @@ def test_a_crash_between_publish_and_mark_publishes_again_and_replay_counts_a_du
 
 
 def test_register_publishes_before_it_replies(services: Services) -> None:
-    from domain.auth import parse_request
-    from workers.auth_server import AuthServer
+    from usermgmt.domain.auth import parse_request
+    from usermgmt.workers.auth.server import AuthServer
 
     relay = Relay(services, threading.Event())
     server = AuthServer(services, "c1", threading.Event(), relay=relay)

@@ -7,13 +7,13 @@ import uuid
 import orjson
 import pytest
 
-from persistence import accounts
 from tests.conftest import Backend
 from tests.integration.helpers import dead_letters, drain, rows
-from workers import publisher
-from workers.bootstrap import Services
-from workers.commands.publish import parse_lines
-from workers.publisher import InvalidEvent, Publisher
+from usermgmt.persistence import accounts
+from usermgmt.workers.cli.commands.publish import parse_lines
+from usermgmt.workers.client import publisher
+from usermgmt.workers.client.publisher import InvalidEvent, Publisher
+from usermgmt.workers.runtime.bootstrap import Services
 
 RESULTS = [
     {"username": "alice", "outcome": "win", "earnings": 150},

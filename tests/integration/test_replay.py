@@ -11,13 +11,13 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from persistence import accounts
-from persistence.db import make_engine, upgrade
 from tests.conftest import POSTGRES_ON, Backend
 from tests.integration.helpers import dead_letters, drain, publish, services_for
 from tests.integration.replay_helpers import new_relay, play_history, register, table_rows
-from workers.bootstrap import Services
-from workers.replay import Replayer, rebuild_caches
+from usermgmt.persistence import accounts
+from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.workers.ops.replay import Replayer, rebuild_caches
+from usermgmt.workers.runtime.bootstrap import Services
 
 TARGETS = ["sqlite", *(["postgres"] if POSTGRES_ON else [])]
 
@@ -163,7 +163,7 @@ def test_replay_ranges_apply_only_the_entries_inside(
     upgrade(url)
     engine = make_engine(url)
     replayer = Replayer(services.redis, services.keys, engine)
-    from workers.ranges import parse_id
+    from usermgmt.workers.runtime.ranges import parse_id
 
     summary = replayer.run(end=parse_id(first))
     assert summary.read == {"accounts": 2, "update": 1}

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.accounts import username_key
-from domain.events import EventKind, TerminateEvent, UpdateEvent, entry_id_key, parse_event
-from domain.ranking import competition_ranks
-from persistence import accounts, standings
 from tests.conftest import Backend
 from tests.integration.helpers import dead_letters, drain
-from workers.bootstrap import Services
-from workers.simulate import (
+from usermgmt.domain.accounts import username_key
+from usermgmt.domain.events import EventKind, TerminateEvent, UpdateEvent, entry_id_key, parse_event
+from usermgmt.domain.ranking import competition_ranks
+from usermgmt.persistence import accounts, standings
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.sim.simulate import (
     Expected,
     PlayerTotals,
     SimConfig,
@@ -38,7 +38,7 @@ def replay_rules(events: list[SimEvent], expected: Expected) -> None:
     event_ids = set()
     for position, event in enumerate(events):
         assert event.index == position
-        parsed = parse_event(event.kind, orjson.dumps(event.payload))  # valid per SPEC §3
+        parsed = parse_event(event.kind, orjson.dumps(event.payload))  # valid per docs/protocol.md
         assert str(parsed.event_id) not in event_ids
         event_ids.add(str(parsed.event_id))
         session = parsed.session_id

@@ -9,7 +9,7 @@ from pathlib import Path
 import fakeredis
 import sqlalchemy as sa
 
-from persistence.db import (
+from usermgmt.persistence.db import (
     HOT_BYTES_PER_PLAYER,
     PAGE_CACHE_MAX_KIB,
     PAGE_CACHE_MIN_KIB,
@@ -18,10 +18,10 @@ from persistence.db import (
     make_engine,
     upgrade,
 )
-from persistence.keys import Keys
-from workers.bootstrap import Services
-from workers.runner import Worker
-from workers.settings import load_settings
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.runner import Worker
+from usermgmt.workers.runtime.settings import load_settings
 
 
 def _wal_size(database_url: str) -> int:

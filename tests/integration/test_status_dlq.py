@@ -15,18 +15,19 @@ from typing import Any
 import orjson
 import pytest
 
-from persistence import accounts
-from persistence.db import make_engine
-from persistence.keys import AUTH_GROUP, EVENTS_GROUP
 from tests.conftest import Backend, make_settings
 from tests.e2e.conftest import wait_for
 from tests.integration.helpers import dead_letters, drain, publish, rows
-from workers import dlq, status
-from workers.bootstrap import Services
-from workers.event_consumer import EventConsumer
-from workers.metrics import PrometheusMetrics
-from workers.runner import Worker
-from workers.streams import Entry, dead_letter, ensure_group, remove_idle_consumers
+from usermgmt.persistence import accounts
+from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.ops import dlq, status
+from usermgmt.workers.runtime import redis_info
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.metrics import PrometheusMetrics
+from usermgmt.workers.runtime.runner import Worker
+from usermgmt.workers.runtime.streams import Entry, dead_letter, ensure_group, remove_idle_consumers
 
 RESULTS = [
     {"username": "alice", "outcome": "win", "earnings": 150},
@@ -166,7 +167,7 @@ def test_status_counts_lag_itself_when_redis_cannot(services: Services, backend:
     ensure_group(redis, keys.auth_requests, AUTH_GROUP)
     ids = [redis.xadd(keys.auth_requests, {"payload": b"{}"}).decode() for _ in range(3)]
     redis.xdel(keys.auth_requests, ids[0])  # a deletion makes the group's lag unknown to Redis
-    (group,) = status.group_infos(redis, keys.auth_requests)
+    (group,) = redis_info.group_infos(redis, keys.auth_requests)
     assert group.lag == 2
     assert not group.lag_capped
 
@@ -309,7 +310,7 @@ def test_idle_consumers_without_pending_entries_are_removed(
         redis.xack(stream, EVENTS_GROUP, entry_id)
 
     def names() -> set[str]:
-        return {c.name for c in status.consumer_infos(redis, stream, EVENTS_GROUP)}
+        return {c.name for c in redis_info.consumer_infos(redis, stream, EVENTS_GROUP)}
 
     keep = {"me", "alive-elsewhere"}
     # Nobody has been idle for an hour: nothing goes.
@@ -336,7 +337,9 @@ def test_the_worker_heartbeat_removes_idle_consumers(services: Services, backend
 
     def consumers_left() -> set[str]:
         return {
-            c.name for stream, group in groups for c in status.consumer_infos(redis, stream, group)
+            c.name
+            for stream, group in groups
+            for c in redis_info.consumer_infos(redis, stream, group)
         }
 
     def pruned() -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import ResponseError
 
-from persistence.keys import EVENTS_GROUP
 from tests.conftest import Backend
-from workers.streams import (
+from usermgmt.persistence.keys import EVENTS_GROUP
+from usermgmt.workers.runtime.streams import (
     ensure_group,
     entries_of,
     keep_fresh,

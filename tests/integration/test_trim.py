@@ -8,15 +8,15 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
-from persistence.games import save_checkpoints
-from persistence.keys import EVENTS_GROUP
 from tests.conftest import Backend
 from tests.integration.helpers import drain, publish, services_for
 from tests.integration.replay_helpers import new_relay, register, wait_until
-from workers.bootstrap import Services
-from workers.event_consumer import EventConsumer
-from workers.streams import ensure_group
-from workers.trim import Trimmer, trim_streams
+from usermgmt.persistence.games import save_checkpoints
+from usermgmt.persistence.keys import EVENTS_GROUP
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.ops.trim import Trimmer, trim_streams
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.streams import ensure_group
 
 
 def ids(services: Services, stream: str) -> list[str]:

@@ -9,13 +9,13 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from persistence.db import make_engine, upgrade
-from persistence.games import new_world
-from persistence.world_cache import WorldCache
 from tests.conftest import Backend
 from tests.integration.helpers import add_players, publish, rows, services_for
 from tests.integration.replay_helpers import results
-from workers.event_consumer import EventConsumer
+from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.persistence.games import new_world
+from usermgmt.persistence.world_cache import WorldCache
+from usermgmt.workers.events.consumer import EventConsumer
 
 
 def cached_user(backend: Backend, name: str) -> dict[str, str]:

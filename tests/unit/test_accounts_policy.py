@@ -1,4 +1,4 @@
-"""Username and password policy (SPEC §4): pure rules, no I/O."""
+"""Username and password policy (docs/protocol.md, "Accounts"): pure rules, no I/O."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from domain.accounts import (
+from usermgmt.domain.accounts import (
     LOCKOUT_DURATION_S,
     LOCKOUT_MAX_FAILURES,
     LOCKOUT_WINDOW_S,
@@ -24,7 +24,7 @@ from domain.accounts import (
     is_valid_username,
     username_key,
 )
-from domain.auth import InvalidRequest, RegisterRequest, parse_request
+from usermgmt.domain.auth import InvalidRequest, RegisterRequest, parse_request
 
 USERNAME_ALPHABET = string.ascii_letters + string.digits + "_.-"
 usernames = st.text(alphabet=USERNAME_ALPHABET, min_size=3, max_size=32)

@@ -1,4 +1,4 @@
-"""Auth request parsing, reply shapes and redaction (SPEC §4): pure, no I/O."""
+"""Auth request parsing, reply shapes and redaction (docs/protocol.md, "Accounts"): pure, no I/O."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.auth import (
+from usermgmt.domain.auth import (
     GetUserRequest,
     InvalidRequest,
     LoginRequest,
@@ -23,7 +23,7 @@ from domain.auth import (
     parse_request,
     redact,
 )
-from domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
 
 RID = "6f1c2a4e-8b1d-4c3e-9a7f-0d2b5e6c7a81"
 SECRET = "Sup3r-S3cret-Passw0rd"  # distinctive, so finding it in a message means a leak

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hiredis import pack_command
 
-from domain.games import Player
-from persistence.cache import CommandBatch, PlayerHashes
-from persistence.keys import Keys
+from usermgmt.domain.games import Player
+from usermgmt.persistence.cache import CommandBatch, PlayerHashes
+from usermgmt.persistence.keys import Keys
 
 
 def packed(*commands: tuple[str, ...]) -> bytes:

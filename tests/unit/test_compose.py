@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from workers.cli import build_parser
-from workers.settings import ENV_PREFIX, Settings
+from usermgmt.workers.cli.main import build_parser
+from usermgmt.workers.runtime.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -158,7 +158,7 @@ def test_environment_variables_are_real_settings_with_valid_values(
 
 
 def test_the_image_holds_every_package_and_the_build_context_keeps_them() -> None:
-    for package in ("domain", "persistence", "workers", "migrations"):
+    for package in ("usermgmt", "domain", "persistence", "workers", "migrations"):
         assert re.search(rf"^COPY {package} ", DOCKERFILE, re.MULTILINE), package
     assert "COPY pyproject.toml README.md" in DOCKERFILE
     ignored = {
@@ -166,6 +166,7 @@ def test_the_image_holds_every_package_and_the_build_context_keeps_them() -> Non
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert not ignored & {"domain", "persistence", "workers", "migrations", "README.md"}
+    packages = {"usermgmt", "domain", "persistence", "workers", "migrations"}
+    assert not ignored & {*packages, "README.md"}
     assert {".git", ".venv", "tests"} <= ignored
     assert re.search(r"^USER (?!root)\w+", DOCKERFILE, re.MULTILINE)

@@ -1,4 +1,7 @@
-"""Game event schemas (SPEC §3): every limit accepts its edge and rejects one past it."""
+"""Game event schemas: every limit accepts its edge and rejects one past it.
+
+See docs/protocol.md, "Game events".
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.errors import DeadLetterReason, InvalidPayload
-from domain.events import (
+from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
+from usermgmt.domain.events import (
     EventKind,
     TerminateEvent,
     UpdateEvent,

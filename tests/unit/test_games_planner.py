@@ -1,4 +1,5 @@
-"""The game-event planner (domain/planner.py): every decision of SPEC §3, in memory.
+"""The game-event planner (domain/planner.py): every decision of docs/protocol.md,
+"Delivery", in memory.
 
 Entries are given to `plan_batch` in their merged order, as the worker does. Unless a
 test says otherwise, each new entry is one millisecond after the last (`entry`), so a
@@ -21,9 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.errors import DeadLetterReason
-from domain.events import GameEvent, Result, TerminateEvent, UpdateEvent
-from domain.games import (
+from usermgmt.domain.errors import DeadLetterReason
+from usermgmt.domain.events import GameEvent, Result, TerminateEvent, UpdateEvent
+from usermgmt.domain.games import (
     APPLIED,
     DUPLICATE,
     ENDED,
@@ -38,8 +39,8 @@ from domain.games import (
     World,
     event_usernames,
 )
-from domain.planner import Plan, plan_batch
-from domain.waiting import Limits, Waiters
+from usermgmt.domain.planner import Plan, plan_batch
+from usermgmt.domain.waiting import Limits, Waiters
 
 BASE_MS = 1_700_000_000_000
 NOW = datetime.fromtimestamp(1_700_000_000, UTC)  # the time of an entry "1700000000000-<seq>"

@@ -1,6 +1,7 @@
 """Waiting entries (domain/waiting.py) and the planner's rules on time: what a waiter
 holds, what is recorded for a new worker, `wait_timeout`, expired sessions, and that
-the decisions do not depend on how the entries are cut into batches (SPEC §3)."""
+the decisions do not depend on how the entries are cut into batches (docs/protocol.md,
+"Delivery")."""
 
 from __future__ import annotations
 
@@ -12,11 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domain.errors import DeadLetterReason
-from domain.events import GameEvent, Result, TerminateEvent, UpdateEvent
-from domain.games import APPLIED, ENDED, Outcome, PlannedEntry, World
-from domain.planner import EXPIRED
-from domain.waiting import Limits, Waiter, Waiters, Wake
 from tests.unit.test_games_planner import (
     BASE_MS,
     RESTART,
@@ -35,6 +31,11 @@ from tests.unit.test_games_planner import (
     terminate,
     update,
 )
+from usermgmt.domain.errors import DeadLetterReason
+from usermgmt.domain.events import GameEvent, Result, TerminateEvent, UpdateEvent
+from usermgmt.domain.games import APPLIED, ENDED, Outcome, PlannedEntry, World
+from usermgmt.domain.planner import EXPIRED
+from usermgmt.domain.waiting import Limits, Waiter, Waiters, Wake
 
 T = BASE_MS + 100_000  # the entries of a test on time start here
 

@@ -1,11 +1,14 @@
-"""Competition ranking by earnings (SPEC §5): 1 + the number with strictly more."""
+"""Competition ranking by earnings: 1 + the number with strictly more.
+
+See docs/protocol.md, "SQL tables".
+"""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.ranking import competition_ranks, rank_of
+from usermgmt.domain.ranking import competition_ranks, rank_of
 
 EARNINGS = st.dictionaries(
     st.text(min_size=1, max_size=6), st.integers(0, 1_000_000_000), max_size=60

@@ -1,4 +1,7 @@
-"""Settings (SPEC §1): defaults, and one clear line naming the variable for any bad value."""
+"""Settings: defaults, and one clear line naming the variable for any bad value.
+
+See docs/protocol.md, "Settings".
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.settings import ConfigError, Settings, load_settings
+from usermgmt.workers.runtime.settings import ConfigError, Settings, load_settings
 
 VARIABLES = (
     "REDIS_URL",

@@ -1,0 +1,1 @@
+"""Accounts: the request/reply server and the relay that publishes registrations."""

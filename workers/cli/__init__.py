@@ -1,0 +1,1 @@
+"""The `usermgmt` command line: the entry point, its subcommands and its tables."""

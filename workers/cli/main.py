@@ -1,0 +1,48 @@
+"""`usermgmt`: the command line. Exit codes: 0 success, 1 failure, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from usermgmt.workers.cli import commands
+from usermgmt.workers.cli.commands.base import CommandFailed, UsageError
+from usermgmt.workers.runtime.settings import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every subcommand registered by `usermgmt.workers.cli.commands`."""
+    parser = argparse.ArgumentParser(
+        prog="usermgmt",
+        description="User management backend for online game platforms: Redis Streams "
+        "consumers that keep users, stats and the leaderboard in SQL. Settings come from "
+        "USERMGMT_* environment variables (or a .env file).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.register_all(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `usermgmt` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"usermgmt: error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"usermgmt: error: {exc}", file=sys.stderr)
+        return 2
+    except CommandFailed as exc:
+        print(f"usermgmt: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("usermgmt: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Game events: the consumer that reads the event streams and the store that applies them."""

@@ -1,0 +1,194 @@
+"""The event consumer's side of the database: one held connection and the world it knows.
+
+- The connection is opened on first use and held across batches; its transactions
+  begin IMMEDIATE (SQLite), so a batch that reads then writes never deadlocks
+  against another writer.
+- SQLite's foreign-key checks are off on it: every id a batch writes was read under
+  the same write lock or is known exactly (`WorldCache`), and the checks cost a
+  quarter of each result insert. It is never handed to anyone else.
+- Its page cache is sized to the player tables (`fit_page_cache`).
+- Any failure forgets what the world cache knows (the batch changed it in memory);
+  a connection the database dropped is closed, to be opened again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import NamedTuple
+
+import structlog
+from sqlalchemy import Connection, Engine, RootTransaction
+
+from usermgmt.domain.events import EventKind, entry_id_key, entry_order, parse_event
+from usermgmt.domain.games import Decision, Order, PlannedEntry, World, event_usernames
+from usermgmt.domain.planner import Plan, plan_batch
+from usermgmt.domain.waiting import Limits, Waiters
+from usermgmt.persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
+from usermgmt.persistence.games import (
+    load_checkpoints,
+    load_world,
+    lock_decisions,
+    save_checkpoints,
+    write_changes,
+)
+from usermgmt.persistence.waiting import (
+    StoredWaiter,
+    load_dead,
+    load_waiting,
+    save_dead,
+    save_waiting,
+)
+from usermgmt.persistence.world_cache import WorldCache
+from usermgmt.workers.runtime.connections import DATABASE_ERRORS
+
+log = structlog.get_logger("usermgmt.events")
+
+
+class Applied(NamedTuple):
+    """A committed batch: what was decided, and the world its caches are written from."""
+
+    plan: Plan
+    world: World
+
+
+class EventStore:
+    """The event consumer's database connection, world cache and waiting entries.
+
+    `streams`: each event stream's key by its kind (`update`, `terminate`), for the
+    per-stream checkpoints.
+    """
+
+    def __init__(self, engine: Engine, streams: dict[str, str], limits: Limits) -> None:
+        self.engine = engine
+        self.streams = streams
+        self.limits = limits
+        self.sqlite = is_sqlite(engine)
+        self.db: Connection | None = None
+        self.known = WorldCache()
+
+    def apply(self, planned: list[PlannedEntry], horizon_ms: int | None, now: datetime) -> Applied:
+        """Load, decide (with the waiting entries), write and commit one batch."""
+        conn = self.connection()
+        transaction = conn.begin()
+        try:
+            lock_decisions(conn)
+            world = self.known.world_for(conn)
+            waiters = self.known.waiters
+            restored: list[tuple[PlannedEntry, str]] = []
+            if waiters is None:
+                waiters = Waiters()
+                restored = [_restore(row) for row in load_waiting(conn)]
+                known_waiting: Collection[Order] = {entry.order for entry, _ in restored}
+            else:
+                known_waiting = waiters.by_order.keys()
+            # An entry taken over from another consumer may be recorded as waiting already:
+            # it is decided as such, once.
+            if known_waiting:
+                planned = [p for p in planned if p.order not in known_waiting]
+            everything = planned + [entry for entry, _ in restored]
+            events = [p.event for p in everything]
+            world = load_world(
+                conn,
+                event_ids=[p.event_id for p in everything],
+                username_keys=event_usernames(events),
+                session_ids=[event.session_id for event in events],
+                lock=not self.sqlite,
+                world=world,
+            )
+            committed = load_checkpoints(conn)
+            recorded = self._recorded(conn, planned, committed)
+            plan = plan_batch(world, planned, waiters, self.limits, horizon_ms, restored, recorded)
+            write_changes(conn, world, plan.changes, now)
+            save_waiting(conn, plan.waits_added, plan.waits_removed)
+            save_dead(conn, plan.decided)
+            checkpoints: dict[str, str] = {}
+            for entry, _ in plan.decided:
+                stream = self.streams[entry.stream_kind]
+                if stream not in checkpoints or entry.order > _order(entry, checkpoints[stream]):
+                    checkpoints[stream] = entry.entry_id
+            save_checkpoints(conn, checkpoints, now, committed)
+            transaction.commit()
+        except BaseException as exc:
+            self._failed(conn, transaction, exc)
+            raise
+        self.known.waiters = waiters
+        return Applied(plan, world)
+
+    def _recorded(
+        self, conn: Connection, planned: list[PlannedEntry], committed: dict[str, str]
+    ) -> dict[tuple[str, str], Decision] | None:
+        """Dead-letter decisions already committed for entries that may be decided.
+
+        Those are the redelivered entries (this consumer may have decided them before
+        a crash) and those at or before their stream's checkpoint (another worker
+        decided them: it woke one this consumer holds, or its ack was lost). A
+        recorded decision stands; the rest are duplicates by their event ids.
+        """
+        done = {
+            kind: entry_id_key(committed[stream])
+            for kind, stream in self.streams.items()
+            if stream in committed
+        }
+        again = [
+            (p.stream_kind, p.entry_id)
+            for p in planned
+            if p.redelivered
+            or (p.stream_kind in done and (p.order[0], p.order[2]) <= done[p.stream_kind])
+        ]
+        return load_dead(conn, again) if again else None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction on the held connection, committed on leaving."""
+        conn = self.connection()
+        transaction = conn.begin()
+        try:
+            yield conn
+            transaction.commit()
+        except BaseException as exc:
+            self._failed(conn, transaction, exc)
+            raise
+
+    def connection(self) -> Connection:
+        """The held connection, opened on first use."""
+        if self.db is None:
+            conn = self.engine.connect().execution_options(**{IMMEDIATE: True})
+            if self.sqlite:
+                driver = conn.connection.driver_connection
+                driver.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+                fit_page_cache(driver)
+            self.db = conn
+        return self.db
+
+    def close(self) -> None:
+        """Let the connection go (never back to the pool: foreign keys are off on it)."""
+        conn, self.db = self.db, None
+        self.known.forget()
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception as exc:  # already broken: nothing left to give back
+                log.debug("closing the database connection failed", error=repr(exc))
+
+    def _failed(self, conn: Connection, transaction: RootTransaction, exc: BaseException) -> None:
+        self.known.forget()
+        if conn.invalidated or isinstance(exc, DATABASE_ERRORS):
+            self.close()
+            return
+        try:
+            transaction.rollback()
+        except Exception:
+            self.close()
+
+
+def _restore(row: StoredWaiter) -> tuple[PlannedEntry, str]:
+    """A recorded waiting entry, to decide again (it was valid when it was recorded)."""
+    event = parse_event(EventKind(row.stream), row.payload)
+    return PlannedEntry(event, row.stream, row.entry_id, row.payload), row.waits_for
+
+
+def _order(entry: PlannedEntry, entry_id: str) -> tuple[int, int, int]:
+    return entry_order(entry.stream_kind, entry_id)

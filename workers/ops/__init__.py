@@ -1,0 +1,1 @@
+"""Operator tools: status, dead letters, trim, backup and restore, replay, Redis ACLs."""

@@ -1,0 +1,92 @@
+"""Redis ACL rules that keep each game service to the keys it needs (`usermgmt acl`).
+
+Each role is one `ACL SETUSER` line. The lines start with `reset`, so they leave the
+user switched off and without a password: turn it on with a password of your own
+(`ACL SETUSER <user> on ><password>`) after applying them. Key patterns are built
+from the configured prefix, so deployments sharing a Redis stay apart. A role that
+needs different commands on different keys gets a selector (in parentheses, Redis
+7.0+), so e.g. an auth client can pop reply keys but never XADD to them.
+
+Known limit: Redis ACLs restrict commands and keys, not a command's options, so a
+producer allowed XADD on its stream could also pass `MAXLEN` to trim it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from usermgmt.persistence.keys import Keys
+
+ROLES = ("matchmaking", "game-server", "auth-client", "worker")
+
+# Every line starts from nothing; PING and HELLO let a client check its connection.
+_BASE = ("reset", "+ping", "+hello")
+_HASH_READS = "+hget +hmget +hgetall +hexists +exists"
+
+
+@dataclass(frozen=True)
+class Role:
+    """One service role: who it is for and its ACL rules (the `ACL SETUSER` arguments)."""
+
+    role: str
+    user: str
+    purpose: str
+    rules: tuple[str, ...]
+
+    def setuser(self) -> str:
+        """The `ACL SETUSER` command line for redis-cli (a selector quoted as one argument)."""
+        words = [f'"{rule}"' if " " in rule else rule for rule in self.rules]
+        return " ".join(("ACL", "SETUSER", self.user, *words))
+
+
+def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
+    """The four roles for the streams and caches under `keys.prefix`."""
+    prefix = keys.prefix
+    names = user_prefix if user_prefix is not None else f"{prefix}-"
+    return [
+        Role(
+            "matchmaking",
+            f"{names}matchmaking",
+            "XADD session updates; read cached users and live sessions",
+            (
+                *_BASE,
+                f"~{keys.update_stream}",
+                "+xadd",
+                f"(%R~{prefix}:user:* %R~{prefix}:session:* {_HASH_READS})",
+            ),
+        ),
+        Role(
+            "game-server",
+            f"{names}game-server",
+            "XADD game results (terminate events)",
+            (*_BASE, f"~{keys.terminate_stream}", "+xadd"),
+        ),
+        Role(
+            "auth-client",
+            f"{names}auth-client",
+            "XADD auth requests; pop their replies",
+            (*_BASE, f"~{keys.auth_requests}", "+xadd", f"(~{prefix}:auth:reply:* +blpop +lpop)"),
+        ),
+        Role(
+            "worker",
+            f"{names}worker",
+            "run `usermgmt worker` and the operator commands: every key under the prefix, "
+            "no administrative or dangerous command",
+            (
+                *_BASE,
+                f"~{prefix}:*",
+                "+@read",
+                "+@write",
+                "+@stream",
+                "+@hash",
+                "+@list",
+                "+@sortedset",
+                "+@string",
+                "+@keyspace",
+                "+@transaction",
+                "-@dangerous",
+                "-@admin",
+                "+time",
+            ),
+        ),
+    ]

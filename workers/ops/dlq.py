@@ -1,0 +1,171 @@
+"""The dead-letter stream: list, show, retry and purge letters (`usermgmt dlq`).
+
+A retry re-publishes the letter's original payload to the event stream it came from
+and deletes the letter, in one MULTI/EXEC guarded by WATCH, so a letter is
+re-published at most once even when two operators retry it at the same moment.
+Event ids make a repeated publish harmless anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis import Redis
+from redis.exceptions import WatchError
+
+from usermgmt.domain.errors import InvalidPayload
+from usermgmt.domain.events import EventKind, parse_event
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.runtime.redis_info import text_of, xrange_rows
+
+PAGE = 1_000
+WATCH_ATTEMPTS = 100
+
+
+class NotRetryable(Exception):
+    """A dead letter that cannot be re-published; the message says why and what to do."""
+
+
+class LetterNotFound(Exception):
+    """No dead letter has this id."""
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One dead letter (docs/protocol.md, "Dead letters"), with its own id in the DLQ stream."""
+
+    id: str
+    stream: str
+    entry_id: str
+    payload: str
+    reason: str
+    message: str
+    deliveries: int | None
+    failed_at: str
+
+    @classmethod
+    def from_fields(cls, letter_id: str, fields: dict[bytes, bytes]) -> Letter:
+        """Decode a DLQ entry; a letter that is not readable JSON keeps its raw text."""
+        raw = fields.get(b"payload", b"")
+        try:
+            data: dict[str, Any] = orjson.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError
+        except (orjson.JSONDecodeError, TypeError):
+            return cls(letter_id, "", "", text_of(raw), "unreadable", "not a dead letter", None, "")
+        deliveries = data.get("deliveries")
+        return cls(
+            id=letter_id,
+            stream=str(data.get("stream", "")),
+            entry_id=str(data.get("entry_id", "")),
+            payload=str(data.get("payload", "")),
+            reason=str(data.get("reason", "unknown")),
+            message=str(data.get("message", "")),
+            deliveries=deliveries if isinstance(deliveries, int) else None,
+            failed_at=str(data.get("failed_at", "")),
+        )
+
+    def to_json(self, parse_payload: bool = False) -> dict[str, Any]:
+        """A dict for `--json`; the payload parsed when asked and when it is JSON."""
+        data: dict[str, Any] = {
+            "id": self.id,
+            "stream": self.stream,
+            "entry_id": self.entry_id,
+            "reason": self.reason,
+            "message": self.message,
+            "deliveries": self.deliveries,
+            "failed_at": self.failed_at,
+            "payload": self.payload,
+        }
+        if parse_payload:
+            try:
+                data["payload"] = orjson.loads(self.payload)
+            except orjson.JSONDecodeError:
+                pass
+        return data
+
+
+def letters(client: Redis, keys: Keys, reason: str | None = None) -> Iterator[Letter]:
+    """Every dead letter, oldest first (optionally only those with `reason`), page by page."""
+    start = "-"
+    while True:
+        rows = xrange_rows(client, keys.dlq, start, "+", PAGE)
+        for letter_id, fields in rows:
+            letter = Letter.from_fields(letter_id, fields)
+            if reason is None or letter.reason == reason:
+                yield letter
+        if len(rows) < PAGE:
+            return
+        start = f"({rows[-1][0]}"
+
+
+def get_letter(client: Redis, keys: Keys, letter_id: str) -> Letter:
+    """One dead letter by its DLQ entry id."""
+    rows = xrange_rows(client, keys.dlq, letter_id, letter_id, 1)
+    if not rows:
+        raise LetterNotFound(f"no dead letter {letter_id} in {keys.dlq}")
+    return Letter.from_fields(*rows[0])
+
+
+def retry_target(keys: Keys, letter: Letter) -> str:
+    """The stream a letter may go back to; raises `NotRetryable` with the reason otherwise."""
+    if letter.stream == keys.auth_requests:
+        raise NotRetryable(
+            f"{letter.id}: an auth request cannot be retried: its password was removed "
+            "when it was dead-lettered; the client must send the request again"
+        )
+    kinds = {keys.event_stream(kind): kind for kind in (*EventKind, "accounts")}
+    if letter.stream not in kinds:
+        raise NotRetryable(
+            f"{letter.id}: stream {letter.stream!r} is not one of this deployment's event "
+            f"streams ({', '.join(sorted(kinds))}); not re-publishing it"
+        )
+    kind = kinds[letter.stream]
+    if isinstance(kind, EventKind):
+        try:
+            parse_event(kind, letter.payload)
+        except InvalidPayload as exc:
+            raise NotRetryable(
+                f"{letter.id}: the payload can never apply ({exc.message}); fix the producer "
+                "and publish a corrected event, then purge this letter"
+            ) from None
+    return letter.stream
+
+
+def retry(client: Redis, keys: Keys, letter_id: str) -> str:
+    """Re-publish one letter's original payload to its stream and delete the letter.
+
+    Returns the new entry id. Raises `LetterNotFound` when the letter is gone (already
+    retried or purged) and `NotRetryable` when it may not be re-published.
+    """
+    with client.pipeline(transaction=True) as pipe:
+        for _ in range(WATCH_ATTEMPTS):
+            try:
+                pipe.watch(keys.dlq)  # type: ignore[no-untyped-call]
+                rows = xrange_rows(pipe, keys.dlq, letter_id, letter_id, 1)
+                if not rows:
+                    raise LetterNotFound(f"no dead letter {letter_id} in {keys.dlq}")
+                letter = Letter.from_fields(*rows[0])
+                stream = retry_target(keys, letter)
+                pipe.multi()
+                pipe.xadd(stream, {"payload": letter.payload.encode("utf-8")})
+                pipe.xdel(keys.dlq, letter_id)
+                entry_id, _ = pipe.execute()
+                return text_of(entry_id)
+            except WatchError:
+                continue  # a letter was added meanwhile: read again
+    raise NotRetryable(
+        f"{letter_id}: the dead-letter stream kept changing during {WATCH_ATTEMPTS} attempts; "
+        "try again"
+    )
+
+
+def purge(client: Redis, keys: Keys, reason: str | None = None) -> int:
+    """Delete every letter (or those with `reason`); returns how many were deleted."""
+    ids = [letter.id for letter in letters(client, keys, reason)]
+    for start in range(0, len(ids), PAGE):
+        client.xdel(keys.dlq, *ids[start : start + PAGE])
+    return len(ids)

@@ -1,0 +1,1 @@
+"""What every worker shares: settings, connections, logs, metrics, stream reads, the runner."""

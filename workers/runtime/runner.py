@@ -1,0 +1,224 @@
+"""Runs the consumers side by side in one process, with two-stage shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+
+from usermgmt.persistence.db import checkpoint_wal, current_revision, is_sqlite
+from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP
+from usermgmt.workers.auth.relay import Relay
+from usermgmt.workers.auth.server import AuthServer
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.ops.trim import Trimmer
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
+from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
+from usermgmt.workers.runtime.redis_info import alive_workers
+from usermgmt.workers.runtime.streams import remove_idle_consumers
+
+log = structlog.get_logger("usermgmt.worker")
+
+HEARTBEAT_EVERY_S = 5
+HEARTBEAT_TTL_S = 15
+PRUNE_EVERY_S = 60.0
+WAL_CHECKPOINT_EVERY_S = 0.1  # SQLite: see `checkpoint_wal`
+
+
+class NotMigrated(Exception):
+    """The database has no schema yet: `usermgmt migrate` must run first."""
+
+
+class Worker:
+    """The auth consumer and the event consumer (or one of them) in one process.
+
+    The first SIGTERM/SIGINT stops reading and lets each consumer finish and ack the
+    batch in hand; a second signal, or `drain_timeout` seconds, exits at once.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        consumer: str,
+        only: str | None = None,
+        burst: bool = False,
+        drain_timeout: float = 30.0,
+        metrics: Metrics = NO_METRICS,
+    ) -> None:
+        self.services = services
+        self.metrics = metrics
+        self.last_prune = 0.0
+        self.consumer = consumer
+        self.only = only
+        self.burst = burst
+        self.drain_timeout = drain_timeout
+        self.stop = threading.Event()
+        self.failed = False
+        self.events: EventConsumer | None = None
+        self.auth: AuthServer | None = None
+        self.relay: Relay | None = None
+        self.log = log.bind(consumer=consumer)
+
+    def run(self, handle_signals: bool = True) -> int:
+        """Run until stopped; returns the exit code (0 after a clean drain)."""
+        if handle_signals:
+            # Before waiting for the database, so a signal while it is away still exits 0.
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.wait_for_schema()
+        if self.stop.is_set():
+            self.log.info("worker stopped before it started", exit_code=0)
+            return 0
+        threads = []
+        if self.only in (None, "events"):
+            self.events = EventConsumer(
+                self.services, self.consumer, self.stop, burst=self.burst, metrics=self.metrics
+            )
+            threads.append(self._thread("events", self.events.run))
+        if self.only in (None, "auth") and not self.burst:
+            self.relay = Relay(self.services, self.stop)
+            self.auth = AuthServer(
+                self.services, self.consumer, self.stop, metrics=self.metrics, relay=self.relay
+            )
+            threads.append(self._thread("auth", self.auth.run))
+        background = self._start_background()
+        threads.append(self._thread("heartbeat", self._heartbeat, daemon=True))
+        self.log.info("worker started", only=self.only or "all", pid=os.getpid())
+        for thread in threads[:-1]:
+            while thread.is_alive():
+                thread.join(0.2)
+                if self.stop.is_set() and self._draining_too_long():
+                    self.log.error("drain timed out; exiting now", timeout_s=self.drain_timeout)
+                    os._exit(1)
+        self.stop.set()
+        for thread in background:
+            thread.join(5.0)  # the relay makes one last pass
+        self.log.info("worker stopped", exit_code=1 if self.failed else 0)
+        return 1 if self.failed else 0
+
+    def _start_background(self) -> list[threading.Thread]:
+        """The outbox relay (beside the auth consumer) and the stream trimmer (beside the
+        event consumer); both stop with the worker and are not waited for in the drain."""
+        settings = self.services.settings
+        started = []
+        if is_sqlite(self.services.engine):
+            started.append(self._thread("wal-checkpoint", self._checkpoint_wal, daemon=True))
+        if self.relay is not None:
+            started.append(self._thread("relay", self.relay.run, daemon=True))
+        if self.only in (None, "events") and not self.burst and settings.trim_interval_s > 0:
+            trimmer = Trimmer(
+                self.services, self.stop, settings.trim_interval_s, settings.stream_retention_s
+            )
+            started.append(self._thread("trim", trimmer.run, daemon=True))
+        return started
+
+    def _checkpoint_wal(self) -> None:
+        """Checkpoint SQLite's WAL off the consumers' threads (see `checkpoint_wal`)."""
+        while not self.stop.wait(WAL_CHECKPOINT_EVERY_S):
+            try:
+                checkpoint_wal(self.services.engine)
+            except DATABASE_ERRORS as exc:
+                self.log.warning("WAL checkpoint failed; trying again", error=repr(exc))
+
+    def wait_for_schema(self) -> None:
+        """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                revision = current_revision(self.services.settings.database_url)
+            except DATABASE_ERRORS as exc:
+                self.log.error(
+                    database_unreachable(self.services.settings.database_url, exc), retry_in_s=delay
+                )
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10)
+                continue
+            if revision is None:
+                raise NotMigrated("the database has no schema yet; run `usermgmt migrate` first")
+            return
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop.is_set():
+            self.log.warning("second signal; exiting at once", signal=signum)
+            os._exit(1)
+        self.log.info("shutting down: finishing the batch in hand", signal=signum)
+        self.stopped_at = time.monotonic()
+        self.stop.set()
+
+    def _draining_too_long(self) -> bool:
+        started = getattr(self, "stopped_at", None)
+        return started is not None and time.monotonic() - started > self.drain_timeout
+
+    def _thread(
+        self, name: str, target: Callable[[], None], daemon: bool = False
+    ) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                target()
+            except Exception as exc:
+                self.failed = True
+                self.log.exception("consumer crashed", thread=name, error=repr(exc))
+                self.stop.set()
+
+        thread = threading.Thread(target=guarded, name=name, daemon=daemon)
+        thread.start()
+        return thread
+
+    def _heartbeat(self) -> None:
+        """Keep `um:worker:heartbeat:<consumer>` alive so `usermgmt health` can tell."""
+        key = self.services.keys.heartbeat(self.consumer)
+        while not self.stop.is_set():
+            info = {
+                "consumer": self.consumer,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "only": self.only or "all",
+                "at": time.time(),
+            }
+            if self.events is not None:
+                info["applied"] = self.events.stats.applied
+            try:
+                self.services.redis.set(key, orjson.dumps(info), ex=HEARTBEAT_TTL_S)
+            except REDIS_ERRORS:
+                pass  # the consumers report the outage
+            else:
+                self._housekeeping()
+            self.stop.wait(HEARTBEAT_EVERY_S)
+        try:
+            self.services.redis.delete(key)
+        except REDIS_ERRORS:
+            pass
+
+    def _housekeeping(self) -> None:
+        """Sample the stream gauges; now and then, drop consumers that went away.
+
+        Housekeeping never stops the worker: a failure is logged and tried next beat.
+        """
+        try:
+            self._sample_and_prune()
+        except (RedisError, *REDIS_ERRORS) as exc:
+            self.log.warning("housekeeping failed; trying again later", error=repr(exc))
+
+    def _sample_and_prune(self) -> None:
+        redis, keys = self.services.redis, self.services.keys
+        self.metrics.sample_streams(redis, keys)
+        idle_s = self.services.settings.consumer_idle_remove_s
+        if time.monotonic() - self.last_prune < min(PRUNE_EVERY_S, idle_s):
+            return
+        self.last_prune = time.monotonic()
+        groups = [(keys.update_stream, EVENTS_GROUP), (keys.terminate_stream, EVENTS_GROUP)]
+        groups.append((keys.auth_requests, AUTH_GROUP))
+        alive = {self.consumer, *(worker.consumer for worker in alive_workers(redis, keys))}
+        for stream, group in groups:
+            removed = remove_idle_consumers(redis, stream, group, int(idle_s * 1000), alive)
+            if removed:
+                self.log.info("removed idle consumers", stream=stream, group=group, names=removed)

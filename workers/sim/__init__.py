@@ -1,0 +1,1 @@
+"""The demo (`make demo`) and the traffic simulator (`usermgmt simulate`)."""
