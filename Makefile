@@ -32,7 +32,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # The benchmark suite (issue 4), apart from `make test`: quick mode takes a few minutes;
-# bench-full runs 1M players and 1M events. Results land in bench/results/.
+# bench-full runs 1M players and 1M events. Reports land in bench/results/, raw runs in bench/runs/.
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.run

@@ -20,7 +20,6 @@ import platform
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,12 +39,14 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bench import baseline, floor, workload
+from bench.summaries import summarised, summary
 from bench.workload import BenchFailure, Games, Rematches
 from usermgmt.domain.auth import REQUEST_MAX_AGE_S
 from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP, Keys
 from usermgmt.workers.runtime.settings import Settings
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed: latest report, table, plot
+RUNS = Path(__file__).resolve().parent / "runs"  # ignored: every run's raw JSON, profiles
 USERMGMT = Path(sys.executable).parent / "usermgmt"
 WARMUP_S = 1.5  # latency runs: traffic before measuring
 DEFAULT_BATCH = Settings.model_fields["batch_size"].default  # what `usermgmt worker` uses
@@ -473,10 +474,11 @@ class Bench:
         finally:
             self.cleanup(prefix)
         text = profiler.output_text(unicode=False, color=False)
-        path = RESULTS / f"profile-{self.mode.name}.txt"
+        RUNS.mkdir(parents=True, exist_ok=True)
+        path = RUNS / f"profile-{self.mode.name}.txt"
         path.write_text(text)
-        (RESULTS / f"profile-{self.mode.name}.html").write_text(profiler.output_html())
-        return str(path.relative_to(RESULTS.parent.parent))
+        (RUNS / f"profile-{self.mode.name}.html").write_text(profiler.output_html())
+        return str(path.relative_to(RUNS.parent.parent))
 
 
 # -- latency machinery -----------------------------------------------------------------
@@ -711,19 +713,6 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        raise BenchFailure("no latency samples")
-    ordered = sorted(values)
-    return {
-        "samples": len(ordered),
-        "p50_ms": ordered[len(ordered) // 2],
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "max_ms": ordered[-1],
-        "mean_ms": statistics.fmean(ordered),
-    }
-
-
 def _key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -896,23 +885,27 @@ def run(mode: Mode, redis_url: str, only: list[str] | None = None) -> int:
 
 
 def write_results(r: dict[str, Any], mode: Mode, table: str, whole: bool) -> None:
-    """The whole suite: JSON (stamped and latest), plus plot and report when it passed.
+    """Every run's raw JSON goes to bench/runs/ (ignored); a whole run that passed also
+    leaves its report, plot and summarised JSON in bench/results/ (committed).
 
-    A run of some scenarios (`--only`) leaves the latest results alone: its JSON goes
-    to `partial-<mode>.json`.
+    A run of some scenarios (`--only`) leaves the latest results alone.
     """
+    RUNS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(r, indent=1, default=str)
     if not whole:
-        (RESULTS / f"partial-{mode.name}.json").write_text(text)
-        log(f"results in {RESULTS / f'partial-{mode.name}.json'} ({r['wall_s']:.0f} s)")
+        (RUNS / f"partial-{mode.name}.json").write_text(text)
+        log(f"results in {RUNS / f'partial-{mode.name}.json'} ({r['wall_s']:.0f} s)")
         return
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"{mode.name}-{stamp}.json").write_text(text)
-    (RESULTS / f"latest-{mode.name}.json").write_text(text)
+    (RUNS / f"{mode.name}-{stamp}.json").write_text(text)
     if r["failure"] is None:
         plot(r, RESULTS / f"bench-{mode.name}.png")
         (RESULTS / f"latest-{mode.name}.md").write_text(report(r, mode, table))
-        log(f"results in {RESULTS} ({r['wall_s']:.0f} s)")
+        summary = json.dumps(summarised(r), indent=1, default=str) + "\n"
+        (RESULTS / f"latest-{mode.name}.json").write_text(summary)
+        log(f"results in {RESULTS}, raw JSON in {RUNS} ({r['wall_s']:.0f} s)")
+    else:
+        log(f"failed: raw JSON in {RUNS / f'{mode.name}-{stamp}.json'}")
 
 
 def verdict(ok: bool) -> str:

@@ -1,0 +1,47 @@
+"""Summaries of a bench run's samples: the figures of a latency distribution, and the
+small JSON committed to bench/results/ (the raw samples stay in bench/runs/).
+
+No heavy imports: the unit tests use it without the bench extra installed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.workload import BenchFailure
+
+SAMPLES_KEPT = 20  # longer lists are summarised (numbers) or thinned (time series)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        raise BenchFailure("no latency samples")
+    ordered = sorted(values)
+    return {
+        "samples": len(ordered),
+        "p50_ms": ordered[len(ordered) // 2],
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "max_ms": ordered[-1],
+        "mean_ms": statistics.fmean(ordered),
+    }
+
+
+def summarised(value: Any) -> Any:
+    """`value` with every long list of numbers (latency samples) replaced by a summary and
+    every long time series thinned, so the committed JSON stays small enough to read in
+    a diff (the raw JSON is in bench/runs/)."""
+    if isinstance(value, dict):
+        return {key: summarised(item) for key, item in value.items()}
+    if isinstance(value, list):
+        numbers = len(value) > SAMPLES_KEPT and all(
+            isinstance(item, int | float) and not isinstance(item, bool) for item in value
+        )
+        if numbers:
+            return summary(value)
+        if len(value) > SAMPLES_KEPT and all(isinstance(item, list) for item in value):
+            # A time series (RSS samples): evenly spaced rows, the first and last included.
+            step = (len(value) - 1) / (SAMPLES_KEPT - 1)
+            return [value[round(i * step)] for i in range(SAMPLES_KEPT)]
+        return [summarised(item) for item in value]
+    return value

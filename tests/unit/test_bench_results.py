@@ -1,0 +1,50 @@
+"""bench/results stays small enough to read in a diff; raw runs go to bench/runs/."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from bench.summaries import SAMPLES_KEPT, summarised
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+
+
+def test_only_the_latest_report_table_and_plot_of_each_mode_are_kept() -> None:
+    kept = {path.name for path in RESULTS.iterdir()}
+    assert kept <= {
+        *(f"latest-{mode}.{ext}" for mode in ("quick", "full") for ext in ("md", "json")),
+        "bench-quick.png",
+        "bench-full.png",
+        "soak-latest.md",
+    }
+    assert all(path.stat().st_size < 100_000 for path in RESULTS.iterdir())
+
+
+def test_raw_runs_are_ignored_by_git() -> None:
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "bench/runs/quick-20990101-000000.json"],
+        cwd=ROOT,
+        check=False,
+    )
+    assert ignored.returncode == 0
+
+
+def test_latency_samples_are_summarised_and_time_series_thinned() -> None:
+    samples = [float(n) for n in range(1, 1001)]
+    series = [[n / 10, n * 100, 140.0 + n] for n in range(200)]
+    result = {"latency": {"latencies_ms": samples, "p99_ms": 990.0}, "rss_samples": series}
+    small = summarised(result)
+    assert small["latency"]["latencies_ms"] == {
+        "samples": 1000,
+        "p50_ms": 501.0,
+        "p99_ms": 991.0,
+        "max_ms": 1000.0,
+        "mean_ms": 500.5,
+    }
+    assert small["latency"]["p99_ms"] == 990.0
+    thinned = small["rss_samples"]
+    assert len(thinned) == SAMPLES_KEPT
+    assert thinned[0] == series[0] and thinned[-1] == series[-1]
+    assert summarised([1, 2, 3]) == [1, 2, 3]  # short lists stay as they are
