@@ -42,6 +42,7 @@ from bench import baseline, floor, workload
 from bench.summaries import summarised, summary
 from bench.workload import BenchFailure, Games, Rematches
 from usermgmt.domain.auth import REQUEST_MAX_AGE_S
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP, Keys
 from usermgmt.workers.runtime.settings import Settings
 
@@ -566,9 +567,9 @@ class Monitor(threading.Thread):
                 group = next(
                     g for g in groups if g["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode())
                 )
-                delivered = _key(_text(group["last-delivered-id"]))
+                delivered = _key(text_of(group["last-delivered-id"]))
                 if pending["pending"]:
-                    horizons.append(_key(_text(pending["min"])))
+                    horizons.append(_key(text_of(pending["min"])))
                 else:
                     horizons.append((delivered[0], delivered[1] + 1))
             self.polls.append((now_ms, tuple(horizons)))
@@ -669,7 +670,7 @@ def _groups_ready(redis: Redis, keys: Keys, auth: bool, events: bool = True) -> 
     for stream, group in wanted:
         if not redis.exists(stream):
             return False
-        names = {_text(g["name"]) for g in redis.xinfo_groups(stream)}
+        names = {text_of(g["name"]) for g in redis.xinfo_groups(stream)}
         if group not in names:
             return False
     return True
@@ -718,10 +719,6 @@ def _key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def log(message: str) -> None:
     print(f"[bench] {message}", flush=True)
 
@@ -742,7 +739,7 @@ def machine(redis: Redis) -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
-        "redis": _text(redis.info("server")["redis_version"]),
+        "redis": text_of(redis.info("server")["redis_version"]),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 

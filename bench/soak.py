@@ -52,6 +52,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from bench.soak_history import Credit, Entry, Producer, id_key
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.persistence.models import LeaderboardEntry, Stats, User, utcnow
@@ -70,10 +71,6 @@ class SoakError(Exception):
 
 def log(message: str) -> None:
     print(f"[soak] {message}", flush=True)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def free_port() -> int:
@@ -432,18 +429,18 @@ def read_progress(redis: Redis, keys: Keys, producers: list[Producer]) -> Progre
         published = sum(len(p.ids[kind]) for p in producers)
         group = None
         if not isinstance(groups, Exception) and not isinstance(stream, Exception):
-            group = next((g for g in groups if _text(g["name"]) == EVENTS_GROUP), None)
+            group = next((g for g in groups if text_of(g["name"]) == EVENTS_GROUP), None)
         if group is None:  # no stream or no group yet, or Redis went away in between
             lag += published
             drained = False
             continue
-        last = _text(group["last-delivered-id"])
+        last = text_of(group["last-delivered-id"])
         mark = id_key(last)
         done = sum(bisect.bisect_right(p.ids[kind], mark) for p in producers)
         delivered += done
         lag += published - done
         pending += int(group["pending"])
-        caught_up = last == _text(stream["last-generated-id"])
+        caught_up = last == text_of(stream["last-generated-id"])
         drained = drained and int(group["pending"]) == 0 and caught_up
     return Progress(delivered, pending, lag, drained)
 
@@ -628,8 +625,8 @@ def read_pending(redis: Redis, keys: Keys, count: int = 5) -> list[tuple[str, st
             found.append(
                 (
                     kind,
-                    _text(item["message_id"]),
-                    _text(item["consumer"]),
+                    text_of(item["message_id"]),
+                    text_of(item["consumer"]),
                     int(item["times_delivered"]),
                 )
             )
@@ -648,7 +645,7 @@ def read_dead_letters(redis: Redis, keys: Keys) -> list[tuple[str, str, str]]:
             letter = orjson.loads(fields[b"payload"])
             kind = str(letter.get("stream", "")).rsplit(":", 1)[-1]
             letters.append((kind, str(letter.get("entry_id")), str(letter.get("reason"))))
-        start = f"({_text(page[-1][0])}"
+        start = f"({text_of(page[-1][0])}"
 
 
 @dataclass

@@ -27,6 +27,7 @@ import orjson
 from redis import Redis
 from redis.exceptions import RedisError
 
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 
 MAX_BURST = 500
@@ -166,7 +167,7 @@ class Producer(threading.Thread):
                 for entry in burst:
                     pipe.xadd(self.streams[entry.kind], {"payload": entry.payload})
                 ids = pipe.execute()
-                self._accept(burst, [_text(entry_id) for entry_id in ids])
+                self._accept(burst, [text_of(entry_id) for entry_id in ids])
                 return
             except RedisError as exc:
                 attempts += 1
@@ -220,8 +221,8 @@ class Producer(threading.Thread):
                 for entry_id, fields in page:
                     index = wanted.get((kind, fields.get(b"payload", b"")))
                     if index is not None:
-                        found[index] = _text(entry_id)
-                start = f"({_text(page[-1][0])}"
+                        found[index] = text_of(entry_id)
+                start = f"({text_of(page[-1][0])}"
         return found
 
     # -- the history --------------------------------------------------------------------
@@ -496,7 +497,3 @@ def id_key(entry_id: str) -> tuple[int, int]:
     """`1700000000000-3` -> (1700000000000, 3): entry ids of one stream order by this."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

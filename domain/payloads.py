@@ -1,4 +1,8 @@
-"""The one field every stream entry carries: `payload`, a JSON object."""
+"""What Redis hands back, read as data: the `payload` field every stream entry carries
+(a JSON object), and reply values (entry ids, names, hash fields) as text.
+
+Pure functions of bytes, so the worker, the tools and the client library share them.
+"""
 
 from __future__ import annotations
 
@@ -24,3 +28,15 @@ def load_object(raw: str | bytes | None, reason: DeadLetterReason) -> dict[str, 
     if not isinstance(data, dict):
         raise InvalidPayload(reason, f"payload must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def text_of(value: object) -> str:
+    """A Redis reply value as text: bytes decoded, None as "", anything else by `str`.
+
+    Bytes that are not UTF-8 are shown with replacement characters rather than
+    raising: the values read this way (entry ids, key and consumer names, cached
+    fields) are written by this project, and a tool must still show a stray one.
+    """
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

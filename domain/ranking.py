@@ -1,11 +1,14 @@
 """Competition ranking by earnings: 1 + the number with strictly more.
 
-See docs/protocol.md, "SQL tables".
+The rule in one place. The worker computes ranks in SQL (`RANK() OVER (ORDER BY
+earnings DESC)` in `persistence/ranking.py`) and live from the leaderboard sorted set
+(`ZCOUNT` of higher scores, `persistence/cache.py`); the tests check both against
+`competition_ranks`. See docs/protocol.md, "SQL tables".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TypeVar
 
 K = TypeVar("K")
@@ -22,8 +25,3 @@ def competition_ranks(earnings: Mapping[K, int]) -> dict[K, int]:
             rank, previous = position, value
         ranks[key] = rank
     return ranks
-
-
-def rank_of(value: int, all_earnings: Iterable[int]) -> int:
-    """The competition rank that `value` would have among `all_earnings`."""
-    return 1 + sum(1 for other in all_earnings if other > value)

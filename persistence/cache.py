@@ -1,9 +1,14 @@
-"""Redis caches: user hashes (TTL), live session hashes and the leaderboard sorted set."""
+"""Redis caches: user hashes (TTL), live session hashes and the leaderboard sorted set.
+
+Every write is queued on a `CommandBatch`, packed as it is queued: `PlayerHashes` /
+`queue_user` for user hashes, `queue_session`, `queue_leaderboard_scores`. Reads use
+redis-py (`read_user`, `live_rank`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from hiredis import Reader, pack_command
@@ -12,72 +17,23 @@ from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
 from usermgmt.domain.auth import UserView
-from usermgmt.domain.games import Player
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 
 _USER_FIELDS = ("id", "username", "wallet", "win_count", "loss_count", "earnings", "rank")
 _INT_FIELDS = frozenset({"id", "wallet", "win_count", "loss_count", "earnings", "rank"})
 
 
-def user_mapping(user: UserView) -> dict[str | bytes, str | bytes | int | float]:
-    """The hash fields of a cached user: public fields only, never a password hash."""
-    return {field: getattr(user, field) for field in _USER_FIELDS}
-
-
-def write_user(pipe: Pipeline, keys: Keys, user: UserView, ttl: int) -> None:
-    """Replace a cached user hash (with or without a `session` field) and set its TTL."""
-    key = keys.user(user.username)
-    pipe.hset(key, mapping=user_mapping(user))  # type: ignore[arg-type]
-    if user.session is None:
-        pipe.hdel(key, "session")
-    else:
-        pipe.hset(key, "session", user.session)
-    pipe.expire(key, ttl)
-
-
 def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
     """A cached user, or None on a miss (or a partial hash left by an expiry race)."""
     raw = client.hgetall(keys.user(username))
-    if not raw or not set(_USER_FIELDS) <= {_text(key) for key in raw}:
+    if not raw or not set(_USER_FIELDS) <= {text_of(key) for key in raw}:
         return None
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name, text = _text(key), _text(value)
+        name, text = text_of(key), text_of(value)
         values[name] = int(text) if name in _INT_FIELDS else text
     return UserView.model_validate(values)
-
-
-def write_session(
-    pipe: Pipeline,
-    keys: Keys,
-    session_id: str,
-    *,
-    players: Iterable[str],
-    status: str,
-    meta: str,
-    created_at: str,
-    updated_at: str,
-) -> None:
-    """Replace a live session hash: players (JSON list), status, meta (JSON), timestamps."""
-    key = keys.session(session_id)
-    pipe.delete(key)
-    pipe.hset(
-        key,
-        mapping={
-            "session_id": session_id,
-            "players": orjson.dumps(list(players)).decode(),
-            "status": status,
-            "meta": meta,
-            "created_at": created_at,
-            "updated_at": updated_at,
-        },
-    )
-
-
-def set_leaderboard_scores(pipe: Pipeline, keys: Keys, scores: dict[str, int]) -> None:
-    """Raise members' scores; `GT` keeps a late writer from lowering a newer score."""
-    if scores:
-        pipe.zadd(keys.leaderboard, scores, gt=True)
 
 
 def live_rank(client: Redis, keys: Keys, username: str) -> int | None:
@@ -115,11 +71,7 @@ def live_rank_reply(
     return int(higher) + 1
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-# -- the event worker's batch of cache writes ------------------------------------------
+# -- writes: commands packed on a batch ------------------------------------------------
 
 
 class CommandBatch:
@@ -236,13 +188,33 @@ _EXPIRE = b"*3\r\n$6\r\nEXPIRE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
 _HDEL_SESSION = b"*3\r\n$4\r\nHDEL\r\n$%d\r\n%b\r\n$7\r\nsession\r\n"
 
 
-class PlayerHashes:
-    """`write_user` of players, packed as RESP: most of the event worker's cache writes.
+class CachedUser(Protocol):
+    """What a user hash holds: a batch's `Player` or a reply's `UserView`."""
 
+    @property
+    def id(self) -> int: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def wallet(self) -> int: ...
+    @property
+    def win_count(self) -> int: ...
+    @property
+    def loss_count(self) -> int: ...
+    @property
+    def earnings(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+
+
+class PlayerHashes:
+    """User hashes packed as RESP: most of the event worker's cache writes.
+
+    A user hash is written as HSET of every public field (and `session` when the
+    player is in a live one), HDEL of `session` otherwise, and EXPIRE of the TTL.
     What never changes for a player (key, id, name, the HDEL and EXPIRE commands) is
     packed once and kept, up to `limit` players; each write then formats only the
-    five numbers: HSET of every public field (and `session` when the player is in a
-    live one), HDEL of `session` otherwise, and the TTL.
+    five numbers.
     """
 
     def __init__(self, keys: Keys, ttl: int, limit: int = 200_000) -> None:
@@ -250,7 +222,7 @@ class PlayerHashes:
         self.ttl_text = b"%d" % ttl
         self.fixed: dict[int, tuple[str, bytes, bytes, bytes, bytes]] = {}
 
-    def _fixed(self, player: Player) -> tuple[str, bytes, bytes, bytes, bytes]:
+    def _fixed(self, player: CachedUser) -> tuple[str, bytes, bytes, bytes, bytes]:
         fixed = self.fixed.get(player.id)
         if fixed is None or fixed[0] != player.username:
             if len(self.fixed) >= self.limit:
@@ -258,7 +230,7 @@ class PlayerHashes:
             fixed = self.fixed[player.id] = self._pack_fixed(player)
         return fixed
 
-    def _pack_fixed(self, player: Player) -> tuple[str, bytes, bytes, bytes, bytes]:
+    def _pack_fixed(self, player: CachedUser) -> tuple[str, bytes, bytes, bytes, bytes]:
         """A player's first write: one format per part (players met once are common)."""
         key = self.keys.user(player.username).encode()
         name = player.username.encode()
@@ -273,7 +245,7 @@ class PlayerHashes:
             expire,
         )
 
-    def queue(self, batch: CommandBatch, player: Player, session: str | None) -> None:
+    def queue(self, batch: CommandBatch, player: CachedUser, session: str | None) -> None:
         """Queue the writes of one player's hash: 3 commands, or 2 in a live session."""
         _, head, head_live, free_tail, live_tail = self._fixed(player)
         wallet, wins, losses, earnings, rank = (
@@ -296,6 +268,11 @@ class PlayerHashes:
             )
 
 
+def queue_user(batch: CommandBatch, keys: Keys, user: UserView, ttl: int) -> None:
+    """Replace a cached user hash (with `user.session`, or without the field) and set its TTL."""
+    PlayerHashes(keys, ttl, limit=1).queue(batch, user, user.session)
+
+
 def queue_session(
     batch: CommandBatch,
     keys: Keys,
@@ -307,7 +284,11 @@ def queue_session(
     created_at: str,
     updated_at: str,
 ) -> None:
-    """`write_session` for a `CommandBatch`: one HSET, since every field is always written."""
+    """Write a live session hash: players (JSON list), status, meta (JSON), timestamps.
+
+    One HSET and no DEL first: a session hash only ever holds these six fields, and
+    each write sets them all.
+    """
     batch.add(
         "HSET",
         keys.session(session_id),
@@ -327,7 +308,7 @@ def queue_session(
 
 
 def queue_leaderboard_scores(batch: CommandBatch, keys: Keys, scores: dict[str, int]) -> None:
-    """`set_leaderboard_scores` for a `CommandBatch` (ZADD GT)."""
+    """Raise members' scores; `GT` keeps a late writer from lowering a newer score."""
     if scores:
         args: list[str | int] = ["ZADD", keys.leaderboard, "GT"]
         for member, score in scores.items():

@@ -79,7 +79,3 @@ class Keys:
 
     def login_lock(self, username: str) -> str:
         return f"{self.prefix}:auth:locked:{username_key(username)}"
-
-    def stream_kind(self, stream: str) -> str:
-        """The last part of an event stream key (`update`, `terminate`, `accounts`)."""
-        return stream.rsplit(":", 1)[-1]

@@ -7,9 +7,8 @@ only registrations need their own statements (the live path creates users direct
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -20,14 +19,7 @@ from usermgmt.domain.games import Decision, Outcome
 from usermgmt.domain.registrations import Registration
 from usermgmt.persistence import outbox
 from usermgmt.persistence.models import User
-
-_CHUNK = 900
-
-
-def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), _CHUNK):
-        yield values[start : start + _CHUNK]
-
+from usermgmt.persistence.sql import as_utc, chunks
 
 # -- registrations ------------------------------------------------------------------
 
@@ -80,7 +72,7 @@ def _existing(conn: Connection, column: str, values: list[Any]) -> dict[Any, str
     """Existing users keyed by `column` (id or username_key) -> the other identity."""
     found: dict[Any, str] = {}
     other = "username_key" if column == "id" else "id"
-    for chunk in _chunks(values):
+    for chunk in chunks(values):
         rows = conn.execute(
             text(f"SELECT {column}, {other} FROM users WHERE {column} IN :values").bindparams(  # noqa: S608 - fixed column names
                 bindparam("values", expanding=True)
@@ -116,7 +108,7 @@ def _insert_users(conn: Connection, registrations: list[Registration]) -> None:
         [{"user_id": reg.user_id} for reg in sorted(registrations, key=lambda r: r.user_id)],
     )
     ids = sorted(reg.user_id for reg in registrations)
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         # Ranks are refreshed once the replay is done.
         conn.execute(
             text(
@@ -214,13 +206,8 @@ def live_sessions(engine: Engine) -> list[LiveSession]:
             status=row.status,
             players=rosters.get(row.id, []),
             meta=orjson.dumps(orjson.loads(row.meta)).decode(),
-            created_at=_utc(row.created_at),
-            updated_at=_utc(row.updated_at),
+            created_at=as_utc(row.created_at),
+            updated_at=as_utc(row.updated_at),
         )
         for row in sessions
     ]
-
-
-def _utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they were stored as UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -17,7 +17,7 @@ from sqlalchemy import Connection
 from usermgmt.domain.errors import DeadLetterReason
 from usermgmt.domain.games import Decision, Outcome, PlannedEntry
 from usermgmt.domain.waiting import Waiter
-from usermgmt.persistence.games import Driver, chunks, marks
+from usermgmt.persistence.sql import Driver, chunks, marks
 
 
 class StoredWaiter(NamedTuple):
@@ -96,9 +96,7 @@ def waiting_summary(conn: Connection) -> WaitingSummary:
     if not oldest:
         return WaitingSummary(int(count), None, None, None, None)
     stream, entry_id, since, waits_for = oldest[0]
-    moment = db.from_db(since)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+    moment = db.read_time(since)
     return WaitingSummary(int(count), str(entry_id), str(stream), moment, str(waits_for))
 
 

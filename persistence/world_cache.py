@@ -15,6 +15,7 @@ from usermgmt.domain.games import Changes, World
 from usermgmt.domain.waiting import Waiters
 from usermgmt.persistence.db import is_sqlite
 from usermgmt.persistence.games import new_world
+from usermgmt.persistence.sql import Driver
 
 MAX_PLAYERS = 100_000  # about 20 MB of player records; beyond that, start again
 MAX_SESSIONS = 100_000
@@ -38,10 +39,7 @@ class WorldCache:
         if not is_sqlite(conn.engine):
             self.waiters = None
             return new_world()  # no cheap way to tell another writer's commit
-        cursor = conn.connection.cursor()
-        cursor.execute("PRAGMA data_version")
-        version = cursor.fetchone()[0]  # type: ignore[index]
-        cursor.close()
+        ((version,),) = Driver(conn).rows("PRAGMA data_version")
         world = self.world
         if (
             world is None

@@ -15,7 +15,9 @@ from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.cli.main import main
 from usermgmt.workers.sim.demo import events_drained
-from usermgmt.workers.sim.simulate import Expected, SimConfig, plan, player_names, publish_traffic
+from usermgmt.workers.sim.matchmaker import Expected, SimConfig, plan
+from usermgmt.workers.sim.players import player_names
+from usermgmt.workers.sim.publish import publish_traffic
 
 pytestmark = pytest.mark.e2e
 

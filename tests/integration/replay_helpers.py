@@ -14,6 +14,7 @@ from redis import Redis
 from sqlalchemy import Engine
 
 from tests.integration.helpers import publish
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence import accounts
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.relay import Relay
@@ -92,7 +93,7 @@ def publish_later(redis: Redis, keys: Keys, kind: str, **payload: Any) -> str:
     raw = redis.xadd(
         keys.event_stream(kind), {"payload": orjson.dumps(payload)}, id=f"{newest + 1}-*"
     )
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+    return text_of(raw)
 
 
 def play_history(services: Services, relay: Relay) -> dict[str, int]:

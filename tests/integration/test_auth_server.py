@@ -337,7 +337,7 @@ def test_two_racing_registrations_of_one_name_have_exactly_one_winner(
                 }
             )
         )
-        replies.append(server.answer(request, server.redis.pipeline(transaction=False)))
+        replies.append(server.handlers.answer(request, server.redis.pipeline(transaction=False)))
 
     threads = [
         threading.Thread(target=register, args=(names[0], "Password-one")),
@@ -874,17 +874,16 @@ def test_the_server_keeps_serving_after_redis_errors(
 ) -> None:
     """A dropped connection while reading must not leave the server unable to read again."""
     redis = backend.redis
-    real_xreadgroup = redis.xreadgroup
+    real_read_new = auth_server.read_new
     failures = [0]
 
-    def flaky_xreadgroup(*args: Any, **kwargs: Any) -> Any:
-        streams = kwargs.get("streams", args[2] if len(args) > 2 else {})
-        if ">" in streams.values() and failures[0] < 2:
+    def flaky_read_new(*args: Any, **kwargs: Any) -> Any:
+        if failures[0] < 2:
             failures[0] += 1
             raise RedisConnectionError("connection reset by peer (injected)")
-        return real_xreadgroup(*args, **kwargs)
+        return real_read_new(*args, **kwargs)
 
-    monkeypatch.setattr(redis, "xreadgroup", flaky_xreadgroup)
+    monkeypatch.setattr(auth_server, "read_new", flaky_read_new)
     client = AuthClient(redis, prefix=backend.prefix, timeout=15)
     with running(services):
         assert client.register("alice", PASSWORD)["username"] == "alice"

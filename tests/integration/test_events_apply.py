@@ -24,7 +24,7 @@ from tests.integration.helpers import (
     services_for,
     standings,
 )
-from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.events.after_commit import AfterCommit
 from usermgmt.workers.runtime.bootstrap import Services
 
 
@@ -258,18 +258,18 @@ def test_a_crash_between_commit_and_ack_applies_nothing_twice(
         session_id="s1",
         results=[{"username": "bob", "outcome": "win", "earnings": 9}],
     )
-    real_publish = EventConsumer.publish
+    real_publish = AfterCommit.publish
 
-    def lost_connection(self: EventConsumer, *args: object) -> None:
+    def lost_connection(self: AfterCommit, *args: object) -> None:
         raise RedisConnectionError("connection lost (test)")
 
-    monkeypatch.setattr(EventConsumer, "publish", lost_connection)
+    monkeypatch.setattr(AfterCommit, "publish", lost_connection)
     crashed = drain(services, consumer="c1")
     assert crashed.stats.applied == 2
     assert pending_count(backend.redis, keys) == 2
     assert not backend.redis.exists(keys.user("bob"))
 
-    monkeypatch.setattr(EventConsumer, "publish", real_publish)
+    monkeypatch.setattr(AfterCommit, "publish", real_publish)
     recovered = drain(services, consumer="c1")
     assert (recovered.stats.applied, recovered.stats.duplicates) == (0, 2)
     assert standings(services)["bob"][:4] == (1, 0, 9, 9)

@@ -39,6 +39,7 @@ from tests.integration.helpers import (
     standings,
 )
 from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.events.intake import Intake
 from usermgmt.workers.events.store import EventStore
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.streams import Entry
@@ -785,7 +786,7 @@ def test_an_entry_decided_by_a_consumer_that_died_before_acking_holds_nobody_up(
         assert pending(backend.redis, keys.terminate_stream) == [(held, "A", 1)]
 
         burst(backend.redis, backend, [update("s2", "bob"), terminate("s2", result("bob", 4))])
-        holder.last_fresh = 0.0  # its next read keeps its entries fresh
+        holder.intake.last_fresh = 0.0  # its next read keeps its entries fresh
         thread = threading.Thread(target=holder.run, daemon=True)
         thread.start()
         thread.join(20)
@@ -860,7 +861,7 @@ def test_a_stalled_consumer_decides_its_batch_after_another_took_part_of_it_over
         assert [row[1] for row in waiting(services)] == [x]
 
         stalled.handle(in_hand)  # the database is back
-        assert stalled.failures == Counter()  # no delivery without a decision
+        assert stalled.applier.failures == Counter()  # no delivery without a decision
         assert [entry.entry_id for entry in stalled.buffer] == []
         stalled.burst = True
         stalled.run()
@@ -1373,14 +1374,14 @@ def test_waiting_does_not_spin(backend: Backend, monkeypatch: pytest.MonkeyPatch
     """While an entry waits, the consumer blocks on Redis; it does not poll."""
     keys = backend.keys
     reads = 0
-    real_read = EventConsumer.read_new
+    real_read = Intake.read_new
 
-    def counting(self: EventConsumer, block_ms: int | None) -> object:
+    def counting(self: Intake, block_ms: int | None) -> object:
         nonlocal reads
         reads += 1
         return real_read(self, block_ms)
 
-    monkeypatch.setattr(EventConsumer, "read_new", counting)
+    monkeypatch.setattr(Intake, "read_new", counting)
     with services_for(backend, claim_idle_ms=30_000) as services:
         add_players(services, "alice")
         with running(services) as worker:

@@ -367,7 +367,8 @@ def _services(backend: Backend, rng: random.Random) -> Services:
 def _state(worker: EventConsumer) -> str:
     return (
         f"{worker.consumer}: buffer {[(e.stream, e.entry_id) for e in worker.buffer]}, "
-        f"horizon {worker.horizon}, clock {worker.clock_ms}, pause {worker.pause_ms}, "
+        f"horizon {worker.intake.horizon}, clock {worker.intake.clock_ms}, "
+        f"pause {worker.intake.pause_ms}, "
         f"held {sorted(worker.held)}, pending "
         + str(
             [
@@ -376,7 +377,7 @@ def _state(worker: EventConsumer) -> str:
                 for row in worker.redis.xpending_range(stream, "usermgmt-events", "-", "+", 50)
             ]
         )
-        + f", waiting rows {sorted(worker.waiting_keys())}"
+        + f", waiting rows {sorted(worker.intake.waiting_keys())}"
     )
 
 

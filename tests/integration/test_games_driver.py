@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from usermgmt.persistence.db import IMMEDIATE, make_engine, upgrade
-from usermgmt.persistence.games import Driver
+from usermgmt.persistence.sql import Driver
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

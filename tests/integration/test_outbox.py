@@ -156,7 +156,7 @@ def test_register_publishes_before_it_replies(services: Services) -> None:
             }
         )
     )
-    reply = server.register(request)  # type: ignore[arg-type]
+    reply = server.handlers.register(request)  # type: ignore[arg-type]
     server.pool.shutdown()
     assert reply["ok"]
     [event] = stream_payloads(services)

@@ -16,15 +16,9 @@ from usermgmt.domain.events import EventKind, TerminateEvent, UpdateEvent, entry
 from usermgmt.domain.ranking import competition_ranks
 from usermgmt.persistence import accounts, standings
 from usermgmt.workers.runtime.bootstrap import Services
-from usermgmt.workers.sim.simulate import (
-    Expected,
-    PlayerTotals,
-    SimConfig,
-    SimEvent,
-    plan,
-    player_names,
-    publish_traffic,
-)
+from usermgmt.workers.sim.matchmaker import Expected, PlayerTotals, SimConfig, SimEvent, plan
+from usermgmt.workers.sim.players import player_names
+from usermgmt.workers.sim.publish import publish_traffic
 
 
 def replay_rules(events: list[SimEvent], expected: Expected) -> None:

@@ -1,4 +1,5 @@
-"""`read_group`: XREADGROUP read straight off the connection, on every Redis backend."""
+"""Stream reads on every Redis backend: `read_group` and `read_new` straight off the
+connection, the others through redis-py, all parsed by `to_entries`."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ from redis.exceptions import ResponseError
 
 from tests.conftest import Backend
 from usermgmt.persistence.keys import EVENTS_GROUP
-from usermgmt.workers.runtime.streams import (
-    ensure_group,
-    entries_of,
+from usermgmt.workers.runtime.clock import redis_time_ms
+from usermgmt.workers.runtime.pending import (
+    claim_idle,
+    claim_own,
     keep_fresh,
     own_pending,
     pending_elsewhere,
+)
+from usermgmt.workers.runtime.streams import (
+    Entry,
+    ensure_group,
+    entries_of,
     read_group,
-    redis_time_ms,
+    read_history,
+    read_new,
+    to_entries,
 )
 
 
@@ -112,3 +121,48 @@ def test_pending_lists_are_read_page_by_page(backend: Backend) -> None:
     assert list(pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2")) == ids
     tail = pending_elsewhere(redis, keys.update_stream, EVENTS_GROUP, "c2", after=ids[99])
     assert list(tail) == ids[100:]
+
+
+def test_every_reader_reads_the_same_entries(backend: Backend) -> None:
+    """Raw replies (read off the socket) and redis-py's (fields as dicts) parse alike."""
+    redis, keys = backend.redis, backend.keys
+    stream = keys.update_stream
+    ensure_group(redis, stream, EVENTS_GROUP)
+    added = [
+        redis.xadd(stream, {"payload": b'{"a": 1}'}).decode(),
+        redis.xadd(stream, {"other": b"x", "payload": b'{"b": 2}'}).decode(),
+        redis.xadd(stream, {"data": b"{}"}).decode(),  # no payload field
+    ]
+    expected = [(stream, added[0], b'{"a": 1}'), (stream, added[1], b'{"b": 2}')]
+    expected.append((stream, added[2], None))
+
+    def seen(entries: list[Entry]) -> list[tuple[str, str, bytes | None]]:
+        return [(e.stream, e.entry_id, e.payload) for e in entries]
+
+    assert seen(read_new(redis, EVENTS_GROUP, "raw", [stream], 10, None)) == expected
+    assert seen(read_history(redis, [stream], EVENTS_GROUP, "raw")) == expected
+    assert seen(claim_own(redis, stream, EVENTS_GROUP, "raw", added)) == expected
+    assert seen(entries_of(redis, stream, added)) == expected
+    taken = claim_idle(redis, stream, EVENTS_GROUP, "idle", 0, 10)
+    assert seen(taken) == expected
+    assert [e.deliveries for e in taken] == [4, 4, 4]  # read, history, claimed, taken over
+    more = redis.xadd(stream, {"payload": b"{}"}).decode()
+    parsed = redis.xreadgroup(EVENTS_GROUP, "parsed", {stream: ">"}, count=10)
+    assert seen(to_entries(parsed)) == [(stream, more, b"{}")]
+    assert read_new(redis, EVENTS_GROUP, "raw", [stream], 10, 10) == []
+
+
+def test_an_entry_deleted_while_pending_has_no_payload(backend: Backend) -> None:
+    redis, keys = backend.redis, backend.keys
+    stream = keys.update_stream
+    ensure_group(redis, stream, EVENTS_GROUP)
+    kept = redis.xadd(stream, {"payload": b"1"}).decode()
+    deleted = redis.xadd(stream, {"payload": b"2"}).decode()
+    read_new(redis, EVENTS_GROUP, "c1", [stream], 10, None)
+    redis.xdel(stream, deleted)
+    history = read_history(redis, [stream], EVENTS_GROUP, "c1")
+    assert [(e.entry_id, e.payload) for e in history] == [(kept, b"1"), (deleted, None)]
+    # Claimed again, a deleted entry is left out and acked: nothing is left to apply.
+    claimed = claim_own(redis, stream, EVENTS_GROUP, "c1", [kept, deleted])
+    assert [e.entry_id for e in claimed] == [kept]
+    assert own_pending(redis, stream, EVENTS_GROUP, "c1") == [kept]

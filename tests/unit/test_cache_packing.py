@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from hiredis import pack_command
 
+from usermgmt.domain.auth import UserView
 from usermgmt.domain.games import Player
-from usermgmt.persistence.cache import CommandBatch, PlayerHashes
+from usermgmt.persistence.cache import CommandBatch, PlayerHashes, queue_user
 from usermgmt.persistence.keys import Keys
 
 
@@ -57,3 +58,16 @@ def test_numbers_are_written_as_they_are_now_and_a_renamed_id_is_packed_again() 
     batch = CommandBatch()
     hashes.queue(batch, other, None)
     assert b"".join(batch.parts).startswith(pack_command(("HSET", "um:user:dave", *fields(other))))
+
+
+def test_a_user_view_is_packed_as_a_player_is() -> None:
+    """`queue_user` (registrations, cache misses) writes the event worker's commands."""
+    player = Player(12, "Alice", 5, 1234, 3, 4, 99, rank=7)
+    view = UserView(id=12, username="Alice", wallet=1234, win_count=3, loss_count=4,
+                    earnings=99, rank=7)  # fmt: skip
+    for session in (None, "eu-1:000042"):
+        mine, theirs = CommandBatch(), CommandBatch()
+        queue_user(mine, Keys("um"), view.model_copy(update={"session": session}), ttl=300)
+        PlayerHashes(Keys("um"), ttl=300).queue(theirs, player, session)
+        assert (mine.count, mine.parts) == (theirs.count, theirs.parts)
+        assert mine.count == (3 if session is None else 2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from usermgmt.domain.ranking import competition_ranks, rank_of
+from usermgmt.domain.ranking import competition_ranks
 
 EARNINGS = st.dictionaries(
     st.text(min_size=1, max_size=6), st.integers(0, 1_000_000_000), max_size=60
@@ -30,16 +30,6 @@ def test_no_players_no_ranks() -> None:
     assert competition_ranks({}) == {}
 
 
-def test_rank_of_a_value_among_others() -> None:
-    others = [300, 150, 150, 0]
-    assert rank_of(500, others) == 1
-    assert rank_of(300, others) == 1
-    assert rank_of(150, others) == 2
-    assert rank_of(100, others) == 4
-    assert rank_of(0, others) == 4
-    assert rank_of(0, []) == 1
-
-
 @given(EARNINGS)
 def test_rank_is_one_plus_the_number_with_strictly_more(earnings: dict[str, int]) -> None:
     ranks = competition_ranks(earnings)
@@ -52,7 +42,7 @@ def test_rank_is_one_plus_the_number_with_strictly_more(earnings: dict[str, int]
 def test_ranks_with_many_ties(earnings: dict[int, int]) -> None:
     ranks = competition_ranks(earnings)
     for key, value in earnings.items():
-        assert ranks[key] == rank_of(value, earnings.values())
+        assert ranks[key] == 1 + sum(1 for other in earnings.values() if other > value)
         for other, other_value in earnings.items():
             # Equal earnings share a rank; more earnings is a strictly better rank.
             assert (ranks[key] == ranks[other]) == (value == other_value)

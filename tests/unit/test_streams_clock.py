@@ -6,7 +6,7 @@ import time
 
 import fakeredis
 
-from usermgmt.workers.runtime.streams import RedisClock, redis_time_ms
+from usermgmt.workers.runtime.clock import RedisClock, redis_time_ms
 
 
 class CountingRedis(fakeredis.FakeRedis):

@@ -20,7 +20,9 @@ from datetime import UTC, datetime
 import structlog
 from redis.exceptions import RedisError
 
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence import outbox
+from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
     DATABASE_ERRORS,
@@ -28,7 +30,6 @@ from usermgmt.workers.runtime.connections import (
     database_unreachable,
     redis_unreachable,
 )
-from usermgmt.workers.runtime.streams import Backoff
 
 log = structlog.get_logger("usermgmt.relay")
 
@@ -102,7 +103,7 @@ class Relay:
                 pipe = redis.pipeline(transaction=False)
                 for row in rows:
                     pipe.xadd(keys.event_stream(row.kind), {"payload": row.payload})
-                entry_ids = [_text(entry_id) for entry_id in pipe.execute()]
+                entry_ids = [text_of(entry_id) for entry_id in pipe.execute()]
                 checkpoints = {
                     keys.event_stream(row.kind): entry_id
                     for row, entry_id in zip(rows, entry_ids, strict=True)
@@ -118,7 +119,3 @@ class Relay:
                     break
         self.published += total
         return total
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -81,23 +81,3 @@ class AuthClient:
         """The user a login token belongs to; raises `AuthError("invalid_token")` otherwise."""
         user: dict[str, Any] = self.call("verify_token", token=token)["user"]
         return user
-
-
-def register(redis: Redis, username: str, password: str, **options: Any) -> dict[str, Any]:
-    """Create an account (see `AuthClient.register`)."""
-    return AuthClient(redis, **options).register(username, password)
-
-
-def login(redis: Redis, username: str, password: str, **options: Any) -> tuple[dict[str, Any], str]:
-    """Log in (see `AuthClient.login`)."""
-    return AuthClient(redis, **options).login(username, password)
-
-
-def get_user(redis: Redis, username: str, **options: Any) -> dict[str, Any]:
-    """Look a user up (see `AuthClient.get_user`)."""
-    return AuthClient(redis, **options).get_user(username)
-
-
-def verify_token(redis: Redis, token: str, **options: Any) -> dict[str, Any]:
-    """Check a token (see `AuthClient.verify_token`)."""
-    return AuthClient(redis, **options).verify_token(token)

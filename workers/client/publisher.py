@@ -33,6 +33,7 @@ from redis.client import Pipeline
 
 from usermgmt.domain.auth import describe_validation_error
 from usermgmt.domain.events import EventKind, GameEvent, TerminateEvent, UpdateEvent
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 
 _MODELS: dict[EventKind, type[UpdateEvent] | type[TerminateEvent]] = {
@@ -94,11 +95,6 @@ def _terminate_data(
     }
 
 
-def _text(entry_id: bytes | str) -> str:
-    """An entry id from a Redis reply as text."""
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-
-
 class Batch:
     """Events queued on one MULTI/EXEC pipeline; published when the `with` block ends."""
 
@@ -157,7 +153,7 @@ class Publisher:
             batch = Batch(self.keys, pipe)
             yield batch
             if batch.events:
-                batch.entry_ids = [_text(entry_id) for entry_id in pipe.execute()]
+                batch.entry_ids = [text_of(entry_id) for entry_id in pipe.execute()]
 
     def publish(self, kind: EventKind | str, data: Mapping[str, Any]) -> GameEvent:
         """Validate and publish one event given as a mapping."""

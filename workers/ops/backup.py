@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy import Engine
 
 from usermgmt.domain.events import entry_id_key
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.db import upgrade
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.persistence.replay import clear_backup_marks, load_backup_marks, load_checkpoints
@@ -136,7 +137,7 @@ def live_workers(redis: Redis, keys: Keys) -> list[str]:
     """Consumers whose heartbeat key is alive."""
     pattern = keys.heartbeat_prefix + "*"
     return sorted(
-        _text(key)[len(keys.heartbeat_prefix) :] for key in redis.scan_iter(match=pattern)
+        text_of(key)[len(keys.heartbeat_prefix) :] for key in redis.scan_iter(match=pattern)
     )
 
 
@@ -223,7 +224,7 @@ def trimmed_past(redis: Redis, keys: Keys, engine: Engine) -> list[str]:
         oldest: Any = redis.xrange(stream, count=1)
         if not oldest:
             continue
-        first = entry_id_key(_text(oldest[0][0]))
+        first = entry_id_key(text_of(oldest[0][0]))
         checkpoint = checkpoints.get(stream)
         removed = _removed_entries(redis, stream)
         if checkpoint is None:
@@ -251,7 +252,3 @@ def _removed_entries(redis: Redis, stream: str) -> int:
 
 def _streams(keys: Keys) -> tuple[str, str, str]:
     return keys.accounts_stream, keys.update_stream, keys.terminate_stream
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

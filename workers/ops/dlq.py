@@ -18,8 +18,9 @@ from redis.exceptions import WatchError
 
 from usermgmt.domain.errors import InvalidPayload
 from usermgmt.domain.events import EventKind, parse_event
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
-from usermgmt.workers.runtime.redis_info import text_of, xrange_rows
+from usermgmt.workers.runtime.redis_info import xrange_rows
 
 PAGE = 1_000
 WATCH_ATTEMPTS = 100

@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
 from usermgmt.domain.events import EventKind, entry_id_key, entry_order, parse_event
 from usermgmt.domain.games import Outcome, PlannedEntry
+from usermgmt.domain.payloads import text_of
 from usermgmt.domain.registrations import ACCOUNTS, parse_registration
 from usermgmt.domain.waiting import Limits
 from usermgmt.persistence import cache
@@ -47,8 +48,9 @@ from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from usermgmt.persistence.replay import apply_registrations, fix_sequences, live_sessions
 from usermgmt.workers.events.store import EventStore
+from usermgmt.workers.runtime.backoff import Backoff
+from usermgmt.workers.runtime.clock import redis_time_ms
 from usermgmt.workers.runtime.ranges import FIRST, LAST, EntryKey, xrange_pages
-from usermgmt.workers.runtime.streams import redis_time_ms
 
 log = structlog.get_logger("usermgmt.replay")
 
@@ -186,7 +188,7 @@ class Replayer:
     def last_entry(self, stream: str) -> EntryKey:
         """The stream's newest entry now: a replay under load still comes to an end."""
         newest: Any = self.redis.xrevrange(stream, count=1)
-        return entry_id_key(_text(newest[0][0])) if newest else FIRST
+        return entry_id_key(text_of(newest[0][0])) if newest else FIRST
 
     def report(self, done: int, last_ms: int) -> None:
         if self.progress is not None:
@@ -269,14 +271,21 @@ T = TypeVar("T")
 
 def _attempts(work: Callable[[], T]) -> T:
     """Run a transaction, again after a lost race with a live worker or a locked database."""
+    backoff = Backoff(first=0.1, cap=1.0)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return work()
         except (IntegrityError, OperationalError) as exc:
             if attempt == ATTEMPTS:
                 raise
-            log.warning("replay transaction failed; trying again", attempt=attempt, error=repr(exc))
-            time.sleep(0.1 * attempt)
+            delay = backoff.next_delay()
+            log.warning(
+                "replay transaction failed; trying again",
+                attempt=attempt,
+                retry_in_s=delay,
+                error=repr(exc),
+            )
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -303,10 +312,10 @@ def rebuild_caches(engine: Engine, redis: Redis, keys: Keys) -> dict[str, int]:
     dropped_users = _delete_matching(redis, keys.user("*"))
     dropped_sessions = _delete_matching(redis, keys.session("*"))
     sessions = live_sessions(engine)
-    pipe = redis.pipeline(transaction=False)
+    batch = cache.CommandBatch()
     for session in sessions:
-        cache.write_session(
-            pipe,
+        cache.queue_session(
+            batch,
             keys,
             session.session_id,
             players=session.players,
@@ -315,7 +324,7 @@ def rebuild_caches(engine: Engine, redis: Redis, keys: Keys) -> dict[str, int]:
             created_at=session.created_at.isoformat(),
             updated_at=session.updated_at.isoformat(),
         )
-    pipe.execute()
+    batch.send(redis).wait()
     board = redis.pipeline(transaction=True)  # readers never see it half built
     players = rebuild_leaderboard_cache(engine, board, keys)
     board.execute()
@@ -342,7 +351,3 @@ def _delete_matching(redis: Redis, pattern: str) -> int:
 
 def _when(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.waiting import waiting_summary
 from usermgmt.workers.runtime.connections import database_unreachable, safe_url
@@ -25,7 +26,6 @@ from usermgmt.workers.runtime.redis_info import (
     alive_workers,
     group_infos,
     streams_of,
-    text_of,
     xrange_rows,
 )
 

@@ -21,9 +21,11 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from usermgmt.domain.events import entry_id_key
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.replay import load_checkpoints
 from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.clock import redis_time_ms
 from usermgmt.workers.runtime.connections import (
     DATABASE_ERRORS,
     REDIS_ERRORS,
@@ -37,7 +39,6 @@ from usermgmt.workers.runtime.ranges import (
     successor,
     xrange_pages,
 )
-from usermgmt.workers.runtime.streams import redis_time_ms
 
 log = structlog.get_logger("usermgmt.trim")
 
@@ -62,15 +63,15 @@ def group_floors(client: Redis, stream: str, only: str | None = None) -> list[Fl
         raise
     floors: list[Floor] = []
     for group in groups:
-        name = _text(group["name"])
+        name = text_of(group["name"])
         if only is not None and name != only:
             continue
-        last = _text(group["last-delivered-id"])
+        last = text_of(group["last-delivered-id"])
         floors.append(Floor(successor(last), f"undelivered entries of group {name}"))
         if int(group["pending"]):
             summary: Any = client.xpending(stream, name)
             if summary.get("min"):
-                oldest = entry_id_key(_text(summary["min"]))
+                oldest = entry_id_key(text_of(summary["min"]))
                 floors.append(Floor(oldest, f"pending entries of group {name}"))
     return floors or None
 
@@ -174,7 +175,3 @@ class Trimmer:
                     held_by=result.reason,
                 )
         return results
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

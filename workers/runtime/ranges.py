@@ -8,6 +8,7 @@ from typing import Any
 from redis import Redis
 
 from usermgmt.domain.events import entry_id_key
+from usermgmt.domain.payloads import text_of
 
 EntryKey = tuple[int, int]
 FIRST: EntryKey = (0, 0)
@@ -51,13 +52,9 @@ def xrange_pages(
     cursor = start
     while True:
         raw: Any = client.xrange(stream, min=format_id(cursor), max=format_id(end), count=page)
-        batch = [(_text(entry_id), fields or {}) for entry_id, fields in raw or []]
+        batch = [(text_of(entry_id), fields or {}) for entry_id, fields in raw or []]
         if batch:
             yield batch
         if len(batch) < page:
             return
         cursor = successor(batch[-1][0])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,8 +1,8 @@
-"""Read-only views of Redis that several tools share: reply text, XRANGE rows, the
-project's streams, consumer groups with their lag, and the live workers' heartbeats.
+"""Read-only views of Redis that several tools share: XRANGE rows, the project's
+streams, consumer groups with their lag, and the live workers' heartbeats.
 
 `usermgmt status` shows them, the metrics sample them, the runner and the demo
-consult them, and the dead-letter tools and the publisher read replies with them.
+consult them, and the dead-letter tools read entries with them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import orjson
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 
 # Above this many undelivered entries, a lag Redis cannot report is shown as "at least".
@@ -53,13 +54,6 @@ class WorkerInfo:
     pid: int | None
     only: str
     seconds_since_beat: float | None
-
-
-def text_of(value: bytes | str | None) -> str:
-    """A Redis reply value as text."""
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def xrange_rows(

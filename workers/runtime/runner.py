@@ -23,8 +23,8 @@ from usermgmt.workers.ops.trim import Trimmer
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
+from usermgmt.workers.runtime.pending import remove_idle_consumers
 from usermgmt.workers.runtime.redis_info import alive_workers
-from usermgmt.workers.runtime.streams import remove_idle_consumers
 
 log = structlog.get_logger("usermgmt.worker")
 

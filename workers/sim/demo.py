@@ -41,13 +41,9 @@ from usermgmt.workers.cli.tables import (
 from usermgmt.workers.runtime.connections import REDIS_ERRORS, make_redis, safe_url
 from usermgmt.workers.runtime.redis_info import group_infos
 from usermgmt.workers.runtime.settings import ConfigError, load_settings
-from usermgmt.workers.sim.simulate import (
-    Expected,
-    NoWorker,
-    SimConfig,
-    SimulationReport,
-    run_simulation,
-)
+from usermgmt.workers.sim.matchmaker import Expected, SimConfig
+from usermgmt.workers.sim.players import NoWorker
+from usermgmt.workers.sim.simulate import SimulationReport, run_simulation
 
 DEMO_PASSWORD = "demo-password"  # noqa: S105 - the documented password of the demo's players
 CONSUMER = "demo-worker"

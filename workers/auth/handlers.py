@@ -1,0 +1,170 @@
+"""The four account operations: register, login, get_user and verify_token.
+
+`Handlers.answer` turns a valid request into its reply body. Database trouble and
+bugs become an `internal` error for the client; a Redis failure is raised, for the
+server's loop to back off. See docs/protocol.md, "Accounts".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bcrypt
+from redis.client import Pipeline
+from structlog.typing import FilteringBoundLogger
+
+from usermgmt.domain.auth import (
+    AuthRequest,
+    GetUserRequest,
+    LoginRequest,
+    RegisterRequest,
+    UserView,
+    VerifyTokenRequest,
+    error_reply,
+    ok_reply,
+)
+from usermgmt.domain.errors import ErrorCode
+from usermgmt.persistence import accounts, auth_store, cache
+from usermgmt.workers.auth.relay import Relay
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.connections import (
+    DATABASE_ERRORS,
+    REDIS_ERRORS,
+    database_unreachable,
+)
+
+
+class Handlers:
+    """Answers requests from the database and the Redis caches; thread-safe.
+
+    With a `relay`, a registration's accounts entry is published (the outbox) before
+    its reply is sent.
+    """
+
+    def __init__(
+        self, services: Services, log: FilteringBoundLogger, relay: Relay | None = None
+    ) -> None:
+        self.services = services
+        self.log = log
+        self.relay = relay
+        self.keys = services.keys
+        self.redis = services.redis
+        self.rounds = services.settings.bcrypt_rounds
+        # Unknown users are checked against this hash so both failures cost one bcrypt.
+        self.dummy_hash = bcrypt.hashpw(b"usermgmt-timing-equaliser", bcrypt.gensalt(self.rounds))
+
+    def answer(self, request: AuthRequest, pipe: Pipeline) -> dict[str, Any]:
+        """The reply to a valid request; database trouble becomes an `internal` error.
+
+        Commands a handler queues on `pipe` must run just before the reply is pushed.
+        """
+        try:
+            match request:
+                case RegisterRequest():
+                    return self.register(request)
+                case LoginRequest():
+                    return self.login(request, pipe)
+                case GetUserRequest():
+                    return self.get_user(request)
+                case VerifyTokenRequest():
+                    return self.verify_token(request)
+        except DATABASE_ERRORS as exc:
+            self.log.error(database_unreachable(self.services.settings.database_url, exc))
+        except REDIS_ERRORS:
+            raise
+        except Exception as exc:  # a bug must not kill the server; the client gets told
+            self.log.exception("request failed", op=request.op, error=repr(exc))
+        return error_reply(
+            request.request_id, ErrorCode.INTERNAL, "the request could not be served"
+        )
+
+    def register(self, request: RegisterRequest) -> dict[str, Any]:
+        settings = self.services.settings
+        if accounts.find_credentials(self.services.engine, request.username) is not None:
+            return self._taken(request)
+        password_hash = bcrypt.hashpw(request.password.encode(), bcrypt.gensalt(self.rounds))
+        try:
+            user = accounts.create_user(
+                self.services.engine,
+                request.username,
+                password_hash.decode(),
+                settings.starting_wallet,
+            )
+        except accounts.UsernameTaken:
+            return self._taken(request)
+        if self.relay is not None:
+            # The accounts entry goes out before the reply, so any event a client
+            # publishes about the new player comes after it in entry-id order.
+            self.relay.publish_quietly()
+        batch = cache.CommandBatch()
+        cache.queue_user(batch, self.keys, user, settings.user_cache_ttl)
+        cache.queue_leaderboard_scores(batch, self.keys, {user.username: 0})
+        batch.send(self.redis).wait()
+        return ok_reply(request.request_id, self.with_live_rank(user))
+
+    def _taken(self, request: RegisterRequest) -> dict[str, Any]:
+        return error_reply(
+            request.request_id,
+            ErrorCode.USERNAME_TAKEN,
+            f"the username {request.username!r} is taken",
+        )
+
+    def login(self, request: LoginRequest, pipe: Pipeline) -> dict[str, Any]:
+        """Two Redis round trips besides bcrypt: the lock and the live rank before it,
+        the token with the reply after it (`pipe`)."""
+        found = accounts.find_login(self.services.engine, request.username)
+        check = self.redis.pipeline(transaction=False)
+        auth_store.queue_is_locked(check, self.keys, request.username)
+        if found is not None:
+            cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
+        checked = check.execute()
+        if checked[0]:
+            return error_reply(
+                request.request_id,
+                ErrorCode.LOCKED,
+                "too many failed logins; try again in 15 minutes",
+            )
+        stored = found[0].encode() if found else self.dummy_hash
+        matches = bcrypt.checkpw(request.password.encode(), stored)
+        if found is None or not matches:
+            auth_store.record_failure(self.redis, self.keys, request.username)
+            return error_reply(
+                request.request_id,
+                ErrorCode.INVALID_CREDENTIALS,
+                "unknown username or wrong password",
+            )
+        user = found[1]
+        token = auth_store.queue_session(pipe, self.keys, request.username, user.id)
+        rank = cache.live_rank_reply(self.redis, self.keys, user.username, user.earnings, checked)
+        return ok_reply(request.request_id, _with_rank(user, rank), token=token)
+
+    def get_user(self, request: GetUserRequest) -> dict[str, Any]:
+        user = cache.read_user(self.redis, self.keys, request.username)
+        if user is None:
+            user = accounts.load_user(self.services.engine, username=request.username)
+            if user is None:
+                return error_reply(
+                    request.request_id, ErrorCode.NOT_FOUND, f"no user named {request.username!r}"
+                )
+            batch = cache.CommandBatch()
+            cache.queue_user(batch, self.keys, user, self.services.settings.user_cache_ttl)
+            batch.send(self.redis).wait()
+        return ok_reply(request.request_id, self.with_live_rank(user))
+
+    def verify_token(self, request: VerifyTokenRequest) -> dict[str, Any]:
+        user_id = auth_store.resolve_token(self.redis, self.keys, request.token)
+        user = accounts.load_user(self.services.engine, user_id=user_id) if user_id else None
+        if user is None:
+            return error_reply(
+                request.request_id, ErrorCode.INVALID_TOKEN, "the token is unknown or expired"
+            )
+        return ok_reply(request.request_id, self.with_live_rank(user))
+
+    def with_live_rank(self, user: UserView) -> UserView:
+        """The user with the rank the leaderboard sorted set gives right now."""
+        return _with_rank(user, cache.live_rank(self.redis, self.keys, user.username))
+
+
+def _with_rank(user: UserView, rank: int | None) -> UserView:
+    """`user` with the leaderboard's live rank (the database's when the set lacks it)."""
+    return user if rank is None else user.model_copy(update={"rank": rank})

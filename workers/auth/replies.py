@@ -1,0 +1,67 @@
+"""Ending a request: push its reply or dead-letter it, then ack and delete the entry.
+
+The entry is deleted as well as acked so no password stays in Redis; a dead letter
+keeps the payload only with every password and token redacted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from redis import Redis
+from redis.client import Pipeline
+
+from usermgmt.domain.auth import REPLY_TTL_S, redact
+from usermgmt.persistence.keys import AUTH_GROUP, Keys
+from usermgmt.workers.runtime.streams import Entry, dead_letter
+
+
+def finish(
+    redis: Redis,
+    keys: Keys,
+    entry: Entry,
+    reply: tuple[Any, dict[str, Any]] | None,
+    dead: tuple[str, str] | None = None,
+    pipe: Pipeline | None = None,
+) -> None:
+    """Reply (or dead-letter), then ack and delete the entry, in one round trip.
+
+    `reply` is `(request_id, body)`; `dead` is `(reason, message)`. `pipe` may already
+    hold commands that must run before the reply is pushed.
+    """
+    if pipe is None:
+        pipe = redis.pipeline(transaction=False)
+    if reply is not None:
+        request_id, body = reply
+        key = keys.reply(request_id)
+        pipe.lpush(key, orjson.dumps(body))
+        pipe.expire(key, REPLY_TTL_S)
+    if dead is not None:
+        reason, message = dead
+        dead_letter(
+            pipe,
+            keys.dlq,
+            entry,
+            reason,
+            message,
+            payload_text=redacted_text(entry.payload),
+        )
+    pipe.xack(entry.stream, AUTH_GROUP, entry.entry_id)
+    pipe.xdel(entry.stream, entry.entry_id)
+    pipe.execute()
+
+
+def redacted_text(payload: bytes | None) -> str:
+    """The payload without any password or token, for a dead letter."""
+    if payload is None:
+        return ""
+    try:
+        return orjson.dumps(redact(orjson.loads(payload))).decode()
+    except orjson.JSONDecodeError:
+        # Not JSON: keep it only if it cannot hide a secret.
+        text = payload.decode("utf-8", "replace")
+        lowered = text.lower()
+        if "password" in lowered or "token" in lowered:
+            return "[not JSON; withheld because it may contain a secret]"
+        return text[:4096]

@@ -1,0 +1,90 @@
+"""What a committed batch writes to Redis: its caches, its dead letters, then its acks.
+
+All of it is queued on one `cache.CommandBatch`, acks last, so an entry is never
+acked before its effect is cached and its dead letter written. The batch is sent as
+one write after the next read has gone out, and its replies are read after the next
+commit (`EventConsumer.flush`, `EventConsumer.settle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+from structlog.typing import FilteringBoundLogger
+
+from usermgmt.domain.games import Changes, World
+from usermgmt.persistence import cache
+from usermgmt.persistence.games import session_is_live
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
+from usermgmt.workers.events.batch import DeadLetter
+from usermgmt.workers.runtime.streams import Entry, dead_letter_payload
+
+
+class AfterCommit:
+    """Queues a committed batch's cache writes, dead letters and acks.
+
+    `streams`: the event streams, in the order their acks are queued.
+    """
+
+    def __init__(
+        self,
+        keys: Keys,
+        streams: Sequence[str],
+        player_hashes: cache.PlayerHashes,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.keys = keys
+        self.streams = streams
+        self.player_hashes = player_hashes
+        self.log = log
+
+    def write_caches(self, batch: cache.CommandBatch, world: World, changes: Changes) -> None:
+        """Session hashes, players' user hashes and leaderboard scores, each key once."""
+        players = world.by_id
+        for session_id in changes.touched_sessions:
+            session = world.sessions.get(session_id)
+            if session is None:
+                continue
+            if session_is_live(session):
+                cache.queue_session(
+                    batch,
+                    self.keys,
+                    session_id,
+                    players=[players[uid].username for uid in session.roster if uid in players],
+                    status=session.status,
+                    meta=orjson.dumps(session.meta).decode(),
+                    created_at=session.created_at.isoformat(),
+                    updated_at=session.updated_at.isoformat(),
+                )
+            else:
+                batch.add("DEL", self.keys.session(session_id))
+        scores: dict[str, int] = {}
+        for user_id in changes.touched_users:
+            player = players.get(user_id)
+            if player is None:
+                continue
+            live = world.live_session_of.get(player.id)
+            self.player_hashes.queue(batch, player, live)
+            scores[player.username] = player.earnings
+        cache.queue_leaderboard_scores(batch, self.keys, scores)
+
+    def publish(
+        self, batch: cache.CommandBatch, dead: list[DeadLetter], acks: list[Entry]
+    ) -> cache.CommandBatch:
+        """A committed batch's caches, then its dead letters and acks (acks last)."""
+        for entry, reason, message in dead:
+            letter = dead_letter_payload(entry, reason, message)
+            batch.add("XADD", self.keys.dlq, "*", "payload", letter)
+            self.log.warning(
+                "entry dead-lettered",
+                stream=entry.stream,
+                entry_id=entry.entry_id,
+                reason=str(reason),
+                error=message,
+            )
+        for stream in self.streams:
+            ids = [entry.entry_id for entry in acks if entry.stream == stream]
+            if ids:
+                batch.add("XACK", stream, EVENTS_GROUP, *ids)
+        return batch

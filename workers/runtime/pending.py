@@ -1,0 +1,178 @@
+"""Pending entries: who holds what, taking entries over, keeping them in hand.
+
+An entry a consumer read stays pending on it until acked. These read the pending
+lists (XPENDING), deliver pending entries again (XCLAIM, XAUTOCLAIM), reset their
+idle time, and drop consumers that hold nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import ResponseError
+
+from usermgmt.domain.events import entry_id_key
+from usermgmt.domain.payloads import text_of
+from usermgmt.workers.runtime.entries import Entry, stream_entries
+
+PENDING_PAGE = 500  # XPENDING rows per call, at most
+FIRST_PAGE = 16  # when the first row is usually all that is needed
+
+
+def pending_on_others(summary: Any, consumer: str) -> int:
+    """Entries pending on consumers other than `consumer`, from an XPENDING summary."""
+    if isinstance(summary, ResponseError):
+        raise summary
+    if not summary or not summary[3]:
+        return 0
+    mine = consumer.encode()
+    return sum(int(count) for name, count in summary[3] if name != mine)
+
+
+def pending_elsewhere(
+    client: Redis, stream: str, group: str, consumer: str, after: str | None = None
+) -> Iterator[str]:
+    """Ids of the entries of `stream` pending on other consumers (after `after`), oldest
+    first, read a page at a time: callers usually stop at the first."""
+    name = consumer.encode()
+    for row in _pending(client, stream, group, after, page=FIRST_PAGE):
+        if _raw(row["consumer"]) != name:
+            yield text_of(row["message_id"])
+
+
+def own_pending(client: Redis, stream: str, group: str, consumer: str) -> list[str]:
+    """Ids of this consumer's pending entries of `stream`, oldest first (nothing delivered)."""
+    return [text_of(row["message_id"]) for row in _pending(client, stream, group, None, consumer)]
+
+
+def keep_fresh(client: Redis, group: str, consumer: str, held: dict[str, list[str]]) -> set[str]:
+    """Reset the idle time of entries in hand (XCLAIM JUSTID: no delivery is counted).
+
+    `held`: entry ids by stream. Returns the ids that are no longer pending (another
+    worker decided and acked them, or they were trimmed).
+    """
+    pipe = client.pipeline(transaction=False)
+    asked = [(stream, ids) for stream, ids in held.items() if ids]
+    for stream, ids in asked:
+        pipe.xclaim(stream, group, consumer, 0, list[Any](ids), justid=True)
+    gone: set[str] = set()
+    for (_, ids), claimed in zip(asked, pipe.execute(), strict=True):
+        still = {text_of(entry_id) for entry_id in claimed}
+        gone.update(entry_id for entry_id in ids if entry_id not in still)
+    return gone
+
+
+def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[str]) -> list[Entry]:
+    """Deliver this consumer's own pending entries again (a retry counts as a delivery)."""
+    if not ids:
+        return []
+    messages = client.xclaim(stream, group, consumer, 0, list[Any](ids))
+    entries = stream_entries(stream, [m for m in messages if m is not None and m[1] is not None])
+    fill_deliveries(client, group, entries)
+    gone = set(ids) - {entry.entry_id for entry in entries}
+    if gone:  # trimmed or deleted meanwhile: nothing left to apply
+        client.xack(stream, group, *gone)
+    return entries
+
+
+def claim_idle(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    count: int,
+    keep: Collection[str] = (),
+) -> list[Entry]:
+    """Take over entries another consumer left pending for longer than `min_idle_ms`.
+
+    XAUTOCLAIM also takes this consumer's own idle entries. Those in `keep` (already
+    in hand: scheduled for a retry, or buffered) are claimed with JUSTID, which does
+    not count as a delivery, and are not returned; the rest are delivered with XCLAIM.
+    """
+    if keep:
+        claimed = client.xautoclaim(
+            stream, group, consumer, min_idle_ms, "0-0", count=count, justid=True
+        )
+        ids = [text_of(entry_id) for entry_id in claimed]
+        return claim_own(client, stream, group, consumer, [i for i in ids if i not in keep])
+    reply = client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
+    messages = reply[1]
+    deleted = reply[2] if len(reply) > 2 else []
+    if deleted:
+        client.xack(stream, group, *deleted)
+    entries = stream_entries(stream, messages)
+    fill_deliveries(client, group, entries)
+    return entries
+
+
+def remove_idle_consumers(
+    client: Redis, stream: str, group: str, idle_ms: int, keep: Collection[str] = ()
+) -> list[str]:
+    """Delete consumers idle for more than `idle_ms` with nothing pending; returns their names.
+
+    A consumer with pending entries is never deleted (that would drop its entries from
+    the group), nor one named in `keep` (the caller and workers with a live heartbeat:
+    on Redis 7.0 an idle time only counts deliveries, so a quiet live worker looks idle).
+    """
+    try:
+        consumers: list[dict[str, Any]] = client.xinfo_consumers(stream, group)
+    except ResponseError:  # the stream or the group does not exist (yet)
+        return []
+    removed: list[str] = []
+    for consumer in consumers:
+        name = text_of(consumer["name"])
+        if name in keep or int(consumer["pending"]) > 0 or int(consumer["idle"]) <= idle_ms:
+            continue
+        client.xgroup_delconsumer(stream, group, name)
+        removed.append(name)
+    return removed
+
+
+def fill_deliveries(client: Redis, group: str, entries: Iterable[Entry]) -> None:
+    """Set each entry's delivery count from XPENDING (one round trip)."""
+    entries = list(entries)
+    if not entries:
+        return
+    pipe = client.pipeline(transaction=False)
+    for entry in entries:
+        pipe.xpending_range(entry.stream, group, min=entry.entry_id, max=entry.entry_id, count=1)
+    for entry, rows in zip(entries, pipe.execute(), strict=True):
+        if rows:
+            entry.deliveries = int(rows[0]["times_delivered"])
+
+
+def _pending(
+    client: Redis,
+    stream: str,
+    group: str,
+    after: str | None,
+    consumer: str | None = None,
+    page: int = PENDING_PAGE,
+) -> Iterator[dict[str, Any]]:
+    """XPENDING rows of `stream` (of one consumer, or all) after `after`, oldest first.
+
+    Pages start at `page` rows and grow to `PENDING_PAGE`.
+    """
+    start = "-" if after is None else _next_id(after)
+    while True:
+        rows = client.xpending_range(
+            stream, group, min=start, max="+", count=page, consumername=consumer
+        )
+        yield from rows
+        if len(rows) < page:
+            return
+        start = _next_id(text_of(rows[-1]["message_id"]))
+        page = min(page * 4, PENDING_PAGE)
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest entry id after `entry_id` (XPENDING ranges are inclusive)."""
+    ms, seq = entry_id_key(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _raw(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
