@@ -46,6 +46,7 @@ class Batch:
     outcomes: list[tuple[str, str]] = field(default_factory=list)  # (stream, outcome)
     applied: int = 0
     duplicates: int = 0
+    applied_ms: list[tuple[str, int]] = field(default_factory=list)  # (stream, entry-id ms)
 
 
 class Applier:
@@ -162,6 +163,7 @@ class Applier:
                     batch.duplicates += 1
                 else:
                     batch.applied += 1
+                    batch.applied_ms.append((entry.stream, item.ms))
         held.update(batch.parsed)  # what was not decided waits
 
     def stranger(self, item: PlannedEntry) -> Entry:

@@ -49,6 +49,7 @@ from usermgmt.workers.runtime.connections import (
     database_unreachable,
     redis_unreachable,
 )
+from usermgmt.workers.runtime.lag import LagWindow
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
 from usermgmt.workers.runtime.streams import Backoff, Entry, ensure_group, is_missing_group
 
@@ -117,6 +118,11 @@ class EventConsumer:
         # the next batch's commit, so Redis works on them while Python works on that.
         self.unsent: cache.CommandBatch | None = None
         self.in_flight: cache.InFlight | None = None
+        # The applied entries of those writes, (stream, entry-id ms): their lag is
+        # measured once the acks are confirmed (`settle`).
+        self.unsent_applied: list[tuple[str, int]] = []
+        self.in_flight_applied: list[tuple[str, int]] = []
+        self.lag = LagWindow()
         self.limits = self.settings.limits()
         self.store = EventStore(self.engine, self.stream_of, self.limits)
         self.stats = ConsumerStats()
@@ -160,6 +166,7 @@ class EventConsumer:
                 # Writes not confirmed are dropped: their entries, committed but not
                 # acked, come back and are acked as duplicates (caches refreshed).
                 self.unsent, self.in_flight = None, None
+                self.unsent_applied, self.in_flight_applied = [], []
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
                 self.store.close()
@@ -290,6 +297,7 @@ class EventConsumer:
         self.stats.duplicates += batch.duplicates
         self.stats.waiting = len(self.held)
         self.unsent = self.after_commit.publish(writes, batch.dead, batch.acks)
+        self.unsent_applied = batch.applied_ms
         for result in results:
             self.store.known.release_ended(result.plan.changes)
         self.stats.batches += 1
@@ -346,12 +354,31 @@ class EventConsumer:
         if unsent is not None:
             self.settle()
             self.in_flight = unsent.send(self.redis)
+            self.in_flight_applied, self.unsent_applied = self.unsent_applied, []
 
     def settle(self) -> None:
-        """Read the replies of the batch sent last; an error reply is raised here."""
+        """Read the replies of the batch sent last; an error reply is raised here.
+
+        Its applied entries are then committed and acked: their lag is observed.
+        """
         in_flight, self.in_flight = self.in_flight, None
         if in_flight is not None:
             in_flight.wait()
+            applied, self.in_flight_applied = self.in_flight_applied, []
+            self.observe_lag(applied)
+
+    def observe_lag(self, applied: list[tuple[str, int]]) -> None:
+        """Each entry's lag on the server's clock: now, estimated from the last read's
+        `TIME`, minus the entry id's millisecond."""
+        if not applied:
+            return
+        now_ms = time.time() * 1000 + self.intake.clock_offset_ms
+        lags: dict[str, list[float]] = {}
+        for stream, ms in applied:
+            lags.setdefault(stream, []).append(max(0.0, now_ms - ms))
+        for stream, lags_ms in lags.items():
+            self.lag.record(lags_ms)
+            self.metrics.observe_event_lag(stream, [lag / 1000 for lag in lags_ms])
 
     def settle_on_exit(self) -> None:
         try:

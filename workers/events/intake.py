@@ -74,6 +74,7 @@ class Intake:
         self.held: dict[Key, Entry] = {}  # this consumer's entries that wait
         self.pause_ms: int | None = None  # the next read's block when nothing could be decided
         self.clock_ms = 0  # the server's clock at the last read
+        self.clock_offset_ms = 0.0  # the server's clock minus this process's (ms)
         self.horizon_ms = 0  # every entry of an earlier millisecond is decided or in hand
         self.last_claim = 0.0
         self.last_fresh = time.monotonic()
@@ -91,6 +92,7 @@ class Intake:
         size = self.settings.batch_size
         buffered = Counter(entry.stream for entry in self.buffer)
         wanted = [s for s in self.streams if buffered[s] < size]
+        sent = time.time()
         read = read_group(
             self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms, self.streams
         )
@@ -101,6 +103,8 @@ class Intake:
             self.horizon[stream] = mine[-1].entry_id if len(mine) >= size else None
         self.buffer += read.entries
         self.clock_ms = read.clock_ms
+        # TIME ran as the read arrived, before any block: within a one-way trip of `sent`.
+        self.clock_offset_ms = read.clock_ms - sent * 1000
         return read
 
     def take_ready(self, read: GroupRead) -> list[Entry]:

@@ -9,13 +9,14 @@ heartbeat thread, off the event path.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis import Redis
 
 from usermgmt.persistence.keys import Keys
+from usermgmt.workers.runtime.lag import BOUNDS_S
 from usermgmt.workers.runtime.redis_info import group_infos, streams_of
 
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000)
@@ -42,6 +43,9 @@ class Metrics:
 
     def observe_waiting(self, count: int, oldest_age_s: float) -> None:
         """The entries waiting for what they depend on, and how long the oldest has."""
+
+    def observe_event_lag(self, stream: str, lags_s: Sequence[float]) -> None:
+        """Applied entries of `stream` now committed and acked: each one's end-to-end lag."""
 
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         """One auth request answered (or dropped / dead-lettered)."""
@@ -100,6 +104,14 @@ class PrometheusMetrics(Metrics):
             "Entry-id age of the oldest waiting game event",
             registry=r,
         )
+        self.event_lag = Histogram(
+            "usermgmt_event_lag_seconds",
+            "From an applied entry's id (its millisecond, on the Redis server's clock) to its "
+            "batch being committed and acked, by stream",
+            ["stream"],
+            buckets=BOUNDS_S,
+            registry=r,
+        )
         self.auth_requests = Counter(
             "usermgmt_auth_requests",
             "Auth requests handled, by op and outcome (ok or an error code)",
@@ -155,6 +167,11 @@ class PrometheusMetrics(Metrics):
     def observe_waiting(self, count: int, oldest_age_s: float) -> None:
         self.waiting.set(count)
         self.waiting_age.set(oldest_age_s)
+
+    def observe_event_lag(self, stream: str, lags_s: Sequence[float]) -> None:
+        histogram = self.event_lag.labels(stream_kind(stream))
+        for lag in lags_s:
+            histogram.observe(lag)
 
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         self.auth_requests.labels(op, outcome).inc()

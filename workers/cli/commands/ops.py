@@ -124,7 +124,8 @@ def print_status(console: Console, report: status.Status) -> None:
     console.print(f"dead letters: {report.dlq_length}" + (f" ({reasons})" if reasons else ""))
     if report.workers:
         alive = ", ".join(
-            f"{w.consumer} ({w.only}, beat {w.seconds_since_beat} s ago)" for w in report.workers
+            f"{w.consumer} ({w.only}, beat {w.seconds_since_beat} s ago{lag_text(w)})"
+            for w in report.workers
         )
         console.print(f"workers alive: {len(report.workers)}: {alive}")
     else:
@@ -203,3 +204,14 @@ def cmd_acl(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def lag_text(worker: redis_info.WorkerInfo) -> str:
+    """The worker's event lag over the last minute, when it applied anything."""
+    lag = worker.event_lag
+    if not lag or not lag.get("count"):
+        return ""
+    return (
+        f"; event lag over the last minute: p50 {lag['p50_ms']:g} ms, p99 {lag['p99_ms']:g} ms, "
+        f"max {lag['max_ms']:g} ms ({int(lag['count']):,} entries)"
+    )
