@@ -48,3 +48,28 @@ def test_latency_samples_are_summarised_and_time_series_thinned() -> None:
     assert len(thinned) == SAMPLES_KEPT
     assert thinned[0] == series[0] and thinned[-1] == series[-1]
     assert summarised([1, 2, 3]) == [1, 2, 3]  # short lists stay as they are
+
+
+def test_the_bench_reads_latency_off_the_workers_histogram() -> None:
+    """Two scrapes of `usermgmt_event_lag_seconds`: the window's buckets and quantiles."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bench import lag_scrape
+    from usermgmt.workers.runtime.metrics import PrometheusMetrics
+
+    metrics = PrometheusMetrics(CollectorRegistry())
+
+    def scraped() -> lag_scrape.Histogram:
+        text = generate_latest(metrics.registry).decode()
+        return lag_scrape.parse(text)
+
+    metrics.observe_event_lag("um:{events}:update", [0.5])  # before the window
+    before = scraped()
+    metrics.observe_event_lag("um:{events}:update", [0.004] * 60)
+    metrics.observe_event_lag("um:{events}:terminate", [0.004] * 38 + [0.045] * 2)
+    buckets = lag_scrape.window(before, scraped())
+    figures = lag_scrape.summary(buckets)
+    assert figures["samples"] == 100
+    assert 3 < figures["p50_ms"] <= 5
+    assert 40 < figures["p99_ms"] <= 50
+    assert figures["max_ms"] == 50
