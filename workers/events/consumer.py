@@ -123,6 +123,7 @@ class EventConsumer:
         self.unsent_applied: list[tuple[str, int]] = []
         self.in_flight_applied: list[tuple[str, int]] = []
         self.lag = LagWindow()
+        self.waited_for_entries = False  # the last read blocked (`on_idle`)
         self.limits = self.settings.limits()
         self.store = EventStore(self.engine, self.stream_of, self.limits)
         self.stats = ConsumerStats()
@@ -223,12 +224,17 @@ class EventConsumer:
         """Make ranks exact while nothing arrives; in burst mode, say whether we are done.
 
         `next_entries` sent the last batch's writes before its read blocked; their
-        replies are read here, so an idle worker has nothing in flight.
+        replies are read here, so an idle worker has nothing in flight. Idle means a
+        read that waited (`BLOCK_MS`) and got nothing: the quick read that follows
+        every batch often finds nothing yet under a steady trickle of traffic, and a
+        full re-rank and collection there would hold up the entries arriving next.
         """
         self.settle()
         if self.buffer:
             if self.intake.pause_ms is None:
                 time.sleep(CLOCK_PAUSE_S)  # the clock has to leave the buffer's millisecond
+            return False
+        if not self.burst and not self.waited_for_entries:
             return False
         if self.ranks_dirty:
             self.refresh_ranks()
@@ -254,6 +260,7 @@ class EventConsumer:
             block_ms = None if self.burst else BLOCK_MS
             if block_ms is not None and intake.held:  # keep them fresh in time
                 block_ms = max(1, min(block_ms, self.settings.claim_idle_ms // 3))
+        self.waited_for_entries = bool(block_ms)
         read = intake.read_new(block_ms)
         self.flush()
         self.keep_fresh()
