@@ -57,8 +57,8 @@ def test_the_same_event_id_published_twice_applies_once(
     client = Publisher(backend.redis, prefix=backend.prefix)
     client.update("eu-2", ["alice", "bob"])
     event_id = uuid.uuid4()
-    publisher.terminate(backend.redis, "eu-2", RESULTS, event_id=event_id, prefix=backend.prefix)
-    publisher.terminate(backend.redis, "eu-2", RESULTS, event_id=event_id, prefix=backend.prefix)
+    client.terminate("eu-2", RESULTS, event_id=event_id)
+    client.terminate("eu-2", RESULTS, event_id=event_id)
     worker = drain(services)
 
     assert worker.stats.duplicates == 1

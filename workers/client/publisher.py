@@ -182,28 +182,3 @@ class Publisher:
         """Publish a terminate; returns the event."""
         data = _terminate_data(session_id, results, reason, event_id)
         return self.publish(EventKind.TERMINATE, data)
-
-
-def update(
-    redis: Redis,
-    session_id: str,
-    players: Sequence[str],
-    status: str = "in_progress",
-    meta: Mapping[str, Any] | None = None,
-    event_id: str | uuid.UUID | None = None,
-    prefix: str = "um",
-) -> GameEvent:
-    """Publish one update event (see `Publisher.update`)."""
-    return Publisher(redis, prefix).update(session_id, players, status, meta, event_id)
-
-
-def terminate(
-    redis: Redis,
-    session_id: str,
-    results: Sequence[Mapping[str, Any]],
-    reason: str = "completed",
-    event_id: str | uuid.UUID | None = None,
-    prefix: str = "um",
-) -> GameEvent:
-    """Publish one terminate event (see `Publisher.terminate`)."""
-    return Publisher(redis, prefix).terminate(session_id, results, reason, event_id)
