@@ -334,12 +334,15 @@ def drain_with_crashes(
             threads.append((threading.Thread(target=_live, args=(worker,)), worker))
         for thread, _ in threads:
             thread.start()
-        for thread, worker in threads:
+        for thread, _ in threads:
             thread.join(timeout=30)
-            if thread.is_alive():  # stuck: say where, and let it go
-                worker.stop.set()
-                thread.join()
-                raise AssertionError(f"consumer stuck: {_state(worker)}")
+            if thread.is_alive():  # stuck: say where (every live one), and let them go
+                states = [_state(other) for _, other in threads]
+                for _, other in threads:
+                    other.stop.set()
+                for other_thread, _ in threads:
+                    other_thread.join()
+                raise AssertionError("consumer stuck:\n" + "\n".join(states))
         if _settled(backend):
             break
         threading.Event().wait(0.2)  # a dead consumer's entries are taken after claim_idle_ms

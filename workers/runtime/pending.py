@@ -86,24 +86,32 @@ def claim_idle(
     count: int,
     keep: Collection[str] = (),
 ) -> list[Entry]:
-    """Take over entries another consumer left pending for longer than `min_idle_ms`.
+    """Take over up to `count` entries left pending for longer than `min_idle_ms`.
 
-    XAUTOCLAIM also takes this consumer's own idle entries. Those in `keep` (already
-    in hand: scheduled for a retry, or buffered) are claimed with JUSTID, which does
-    not count as a delivery, and are not returned; the rest are delivered with XCLAIM.
+    The pending list is searched oldest first for idle entries only (XPENDING IDLE), so
+    entries kept fresh never hide idle ones behind them: XAUTOCLAIM looks at no more
+    than ten times COUNT entries per call, and a consumer holding that many waiting
+    entries at the front of the list made every entry behind them unreachable. This
+    consumer's own idle entries in `keep` (already in hand) are claimed with JUSTID,
+    which counts no delivery, and not returned; the rest are delivered with XCLAIM,
+    which takes each only if it is still idle (another consumer may have been first).
     """
-    if keep:
-        claimed = client.xautoclaim(
-            stream, group, consumer, min_idle_ms, "0-0", count=count, justid=True
-        )
-        ids = [text_of(entry_id) for entry_id in claimed]
-        return claim_own(client, stream, group, consumer, [i for i in ids if i not in keep])
-    reply = client.xautoclaim(stream, group, consumer, min_idle_ms, "0-0", count=count)
-    messages = reply[1]
-    deleted = reply[2] if len(reply) > 2 else []
-    if deleted:
+    kept: list[str] = []
+    wanted: list[str] = []
+    for row in _pending(client, stream, group, None, idle_ms=min_idle_ms):
+        entry_id = text_of(row["message_id"])
+        (kept if entry_id in keep else wanted).append(entry_id)
+        if len(wanted) >= count:
+            break
+    if kept:
+        client.xclaim(stream, group, consumer, min_idle_ms, list[Any](kept), justid=True)
+    if not wanted:
+        return []
+    messages = client.xclaim(stream, group, consumer, min_idle_ms, list[Any](wanted))
+    deleted = [text_of(m[0]) for m in messages if m is not None and m[1] is None]
+    if deleted:  # deleted while pending: nothing left to apply
         client.xack(stream, group, *deleted)
-    entries = stream_entries(stream, messages)
+    entries = stream_entries(stream, [m for m in messages if m is not None and m[1] is not None])
     fill_deliveries(client, group, entries)
     return entries
 
@@ -151,15 +159,17 @@ def _pending(
     after: str | None,
     consumer: str | None = None,
     page: int = PENDING_PAGE,
+    idle_ms: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """XPENDING rows of `stream` (of one consumer, or all) after `after`, oldest first.
+    """XPENDING rows of `stream` (of one consumer, or all; idle for `idle_ms` at least)
+    after `after`, oldest first.
 
     Pages start at `page` rows and grow to `PENDING_PAGE`.
     """
     start = "-" if after is None else _next_id(after)
     while True:
         rows = client.xpending_range(
-            stream, group, min=start, max="+", count=page, consumername=consumer
+            stream, group, min=start, max="+", count=page, consumername=consumer, idle=idle_ms
         )
         yield from rows
         if len(rows) < page:
