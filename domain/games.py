@@ -31,7 +31,6 @@ class Player:
     loss_count: int
     earnings: int
     rank: int = 1
-    board_id: int = 0  # the leaderboard row's id, as loaded (0: not loaded from SQL)
 
 
 @dataclass(slots=True)

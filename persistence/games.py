@@ -15,7 +15,7 @@ from usermgmt.persistence.sql import CHUNK, Driver, chunks, marks
 
 _PLAYER_COLUMNS = (
     "SELECT u.id, u.username, u.username_key, u.wallet, s.id, s.win_count, s.loss_count, "
-    "s.earnings, l.rank, l.id FROM users u JOIN stats s ON s.user_id = u.id "
+    "s.earnings, l.rank FROM users u JOIN stats s ON s.user_id = u.id "
     "JOIN leaderboard l ON l.stats_id = s.id WHERE "
 )
 _SESSION_COLUMNS = (
@@ -128,8 +128,8 @@ def _load_players(
         query = f"{_PLAYER_COLUMNS}{column} IN ({marks(len(chunk))}) ORDER BY u.id"
         if lock:
             query += " FOR UPDATE"
-        for uid, name, key, wallet, sid, wins, losses, earned, rank, board in db.rows(query, chunk):
-            player = Player(uid, name, sid, wallet, wins, losses, earned, rank, board)
+        for uid, name, key, wallet, sid, wins, losses, earned, rank in db.rows(query, chunk):
+            player = Player(uid, name, sid, wallet, wins, losses, earned, rank)
             world.add_player(key, player)
             loaded.append(player)
     return loaded
@@ -257,10 +257,9 @@ def _write_stats(db: Driver, world: World, changes: Changes) -> None:
         "UPDATE users SET wallet = wallet + ? WHERE id = ?",
         [(d.earnings, uid) for uid, d in deltas],
     )
-    db.many(
-        "UPDATE leaderboard SET earnings = earnings + ? WHERE id = ?",
-        [(d.earnings, players[uid].board_id) for uid, d in deltas],
-    )
+    # `leaderboard` (rank and earnings) is a snapshot of `stats` that the rank refresh
+    # brings up to date (persistence/ranking.py): writing its earnings here too dirtied
+    # a row and an index page per player per batch.
 
 
 def _meta(session: Session) -> str:

@@ -10,16 +10,20 @@ from sqlalchemy import Connection, Engine, text
 
 from usermgmt.persistence.keys import Keys
 
-# One statement on SQLite (>= 3.33) and PostgreSQL; only rows whose rank moved are written.
+# One statement on SQLite (>= 3.33) and PostgreSQL: the snapshot of `stats` (earnings and
+# competition rank); only rows whose earnings or rank moved are written.
 _REFRESH = text(
-    "UPDATE leaderboard SET rank = ranked.new_rank "
-    "FROM (SELECT id, RANK() OVER (ORDER BY earnings DESC) AS new_rank FROM leaderboard) "
-    "AS ranked WHERE leaderboard.id = ranked.id AND leaderboard.rank <> ranked.new_rank"
+    "UPDATE leaderboard SET earnings = ranked.earnings, rank = ranked.new_rank "
+    "FROM (SELECT l.id AS id, s.earnings AS earnings, "
+    "RANK() OVER (ORDER BY s.earnings DESC) AS new_rank "
+    "FROM leaderboard l JOIN stats s ON s.id = l.stats_id) AS ranked "
+    "WHERE leaderboard.id = ranked.id "
+    "AND (leaderboard.rank <> ranked.new_rank OR leaderboard.earnings <> ranked.earnings)"
 )
 
 
 def refresh_ranks(conn: Connection) -> int:
-    """Recompute every rank; returns how many rows changed."""
+    """Bring every leaderboard row up to `stats`; returns how many rows changed."""
     return conn.execute(_REFRESH).rowcount or 0
 
 

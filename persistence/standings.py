@@ -1,7 +1,8 @@
 """Read-side queries for people: the leaderboard's top, a player's neighbourhood, one
-player's record. Ranks are computed here from earnings (1 + the number of players
-with strictly more: docs/protocol.md, "SQL tables"), so they are exact even between
-the worker's refreshes of `leaderboard.rank`. Every query walks the
+player's record. Ranks are computed here from `leaderboard.earnings` (1 + the number
+of players with strictly more: docs/protocol.md, "SQL tables"): the leaderboard as of
+the worker's last rank refresh, exact whenever the worker is idle and at most
+`USERMGMT_RANK_REFRESH_S` behind `stats` under continuous load. Every query walks the
 `leaderboard.earnings` index, so it stays cheap with millions of players.
 """
 

@@ -178,6 +178,7 @@ class EventConsumer:
                 self.log.warning("consumer group missing (Redis restarted?); recreating it")
                 self.needs_setup = True
         self.settle_on_exit()
+        self.refresh_ranks_on_exit()
         self.store.close()
         gc.enable()
         self.log.info(
@@ -394,6 +395,16 @@ class EventConsumer:
         except (*REDIS_ERRORS, ResponseError) as exc:
             # Committed but maybe not acked: redelivered later and acked as a duplicate.
             self.log.warning("last batch's acks not confirmed", error=repr(exc))
+
+    def refresh_ranks_on_exit(self) -> None:
+        """Leave the `leaderboard` table exact: a worker stopped under load (or right after
+        a backlog) may never have been idle since its last batch."""
+        if not self.ranks_dirty:
+            return
+        try:
+            self.refresh_ranks()
+        except DATABASE_ERRORS as exc:
+            self.log.warning("ranks not refreshed on exit", error=repr(exc))
 
     def refresh_ranks(self) -> None:
         started = time.perf_counter()

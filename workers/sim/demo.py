@@ -285,6 +285,12 @@ def run(args: argparse.Namespace) -> None:
         drained_at = time.monotonic()
         print(f"streams drained {drain_wait:.1f} s after the last event was published")
 
+        # Stopped first: a stopping worker leaves the leaderboard table exact.
+        code = worker.stop()
+        if code != 0:
+            raise DemoFailed(
+                f"the worker exited with code {code}; last log lines:\n{worker.tail()}"
+            )
         engine = make_engine(database_url)
         stack.callback(engine.dispose)
         total = standings.count_players(engine)
@@ -295,11 +301,6 @@ def run(args: argparse.Namespace) -> None:
             standings.player_totals(engine), report.expected, settings.starting_wallet
         )
 
-        code = worker.stop()
-        if code != 0:
-            raise DemoFailed(
-                f"the worker exited with code {code}; last log lines:\n{worker.tail()}"
-            )
         elapsed = drained_at - publish_started
         check = (
             f"all {total:,} players match"
