@@ -13,7 +13,8 @@ from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
 from usermgmt.domain.payloads import load_object
 
 REQUEST_MAX_AGE_S = 30
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CANONICAL_UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_CANONICAL_UUID = re.compile(CANONICAL_UUID_PATTERN)
 REPLY_TTL_S = 60
 
 

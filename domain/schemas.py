@@ -30,7 +30,7 @@ from pydantic import AwareDatetime, Field, TypeAdapter
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
 from usermgmt.domain.accounts import PASSWORD_MAX_BYTES, PASSWORD_MIN_BYTES, Username
-from usermgmt.domain.auth import AuthRequest
+from usermgmt.domain.auth import CANONICAL_UUID_PATTERN, AuthRequest
 from usermgmt.domain.errors import DeadLetterReason, ErrorCode
 from usermgmt.domain.events import MAX_EARNINGS, MAX_META_FIELDS, TerminateEvent, UpdateEvent
 from usermgmt.domain.registrations import Registration
@@ -39,7 +39,6 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = "urn:usermgmt:schema:"
 
 # The only spelling `domain.auth.parse_request` takes: the reply key is built from it.
-CANONICAL_UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 ENTRY_ID_PATTERN = r"^[0-9]+-[0-9]+$"
 # secrets.token_urlsafe(32): 43 characters
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{43,}$"  # noqa: S105 - a pattern, not a secret
