@@ -98,7 +98,7 @@ def claim_idle(
     """
     kept: list[str] = []
     wanted: list[str] = []
-    for row in _pending(client, stream, group, None, idle_ms=min_idle_ms):
+    for row in _pending(client, stream, group, None, idle_ms=min_idle_ms or None):
         entry_id = text_of(row["message_id"])
         (kept if entry_id in keep else wanted).append(entry_id)
         if len(wanted) >= count:
