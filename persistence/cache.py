@@ -2,7 +2,8 @@
 
 Every write is queued on a `CommandBatch`, packed as it is queued: `PlayerHashes` /
 `queue_user` for user hashes, `queue_session`, `queue_leaderboard_scores`. Reads use
-redis-py (`read_user`, `live_rank`).
+redis-py (`read_user`, `live_rank`). `CommandBatch` and the `InFlight` replies it
+gives are `usermgmt.persistence.command_batch`'s, named here for the callers.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import orjson
-from hiredis import Reader, pack_command
 from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import ResponseError
 
 from usermgmt.domain.auth import UserView
 from usermgmt.domain.payloads import text_of
+from usermgmt.persistence.command_batch import ClusterInFlight, CommandBatch, InFlight
 from usermgmt.persistence.keys import Keys
 
 _USER_FIELDS = ("id", "username", "wallet", "win_count", "loss_count", "earnings", "rank")
@@ -74,108 +74,6 @@ def live_rank_reply(
 # -- writes: commands packed on a batch ------------------------------------------------
 
 
-class CommandBatch:
-    """Commands packed as they are queued, sent in one write, replies parsed by hiredis.
-
-    The event worker writes thousands of cache keys per second; redis-py's pipeline
-    spends several microseconds of Python per command (command stack, callbacks,
-    one `read_response` per reply). Replies come back raw (bytes, ints); an error
-    reply does not stop the others from being read, and is raised after them.
-    """
-
-    __slots__ = ("count", "parts")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.count = 0
-
-    def add(self, *args: str | bytes | int) -> None:
-        self.parts.append(pack_command(args))  # type: ignore[arg-type]  # stub: 1-tuple
-        self.count += 1
-
-    def add_packed(self, commands: bytes, count: int) -> None:
-        """Queue `count` commands already in RESP form."""
-        self.parts.append(commands)
-        self.count += count
-
-    def send(self, client: Redis) -> InFlight:
-        """Write every queued command now; read the replies later with `InFlight.wait`.
-
-        The connection stays out of the pool until then, so the caller can do other
-        work (the next batch's SQL) while Redis runs these commands.
-        """
-        pool = client.connection_pool
-        if not self.count:
-            return InFlight(pool, None, 0)
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command([b"".join(self.parts)], check_health=True)  # type: ignore[no-untyped-call]
-        except BaseException:
-            conn.disconnect()  # type: ignore[no-untyped-call]
-            pool.release(conn)
-            raise
-        in_flight = InFlight(pool, conn, self.count)
-        self.parts.clear()
-        self.count = 0
-        return in_flight
-
-
-class InFlight:
-    """Commands written to a connection whose replies have not been read yet."""
-
-    __slots__ = ("conn", "count", "pool")
-
-    def __init__(self, pool: Any, conn: Any, count: int) -> None:
-        self.pool, self.conn, self.count = pool, conn, count
-
-    def wait(self) -> list[Any]:
-        """Read every reply (once), hand the connection back; raise the first error reply."""
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return []
-        try:
-            replies = _read_replies(conn, self.count)
-        except BaseException:
-            conn.disconnect()  # replies may be left unread
-            raise
-        finally:
-            self.pool.release(conn)
-        error = next((r for r in replies if isinstance(r, Exception)), None)
-        if error is not None:
-            raise ResponseError(str(error))
-        return replies
-
-
-def _read_replies(conn: Any, count: int) -> list[Any]:
-    """Parse `count` replies straight off the connection's socket with hiredis.
-
-    redis-py's `read_response` costs several microseconds per reply; one hiredis
-    reader fed whole socket reads parses them for a fraction of that.
-    """
-    sock: Any = getattr(conn, "_sock", None)
-    if not hasattr(sock, "recv"):  # not a socket connection (fakeredis in tests)
-        return [_read_one(conn) for _ in range(count)]
-    reader = Reader()  # error replies come back as ReplyError values, not raised
-    replies: list[Any] = []
-    while len(replies) < count:
-        reply = reader.gets()
-        if reply is False:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("Redis closed the connection while replies were pending")
-            reader.feed(data)
-        else:
-            replies.append(reply)
-    return replies
-
-
-def _read_one(conn: Any) -> Any:
-    try:
-        return conn.read_response(disable_decoding=True)
-    except ResponseError as exc:
-        return exc
-
-
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
@@ -220,9 +118,9 @@ class PlayerHashes:
     def __init__(self, keys: Keys, ttl: int, limit: int = 200_000) -> None:
         self.keys, self.limit = keys, limit
         self.ttl_text = b"%d" % ttl
-        self.fixed: dict[int, tuple[str, bytes, bytes, bytes, bytes]] = {}
+        self.fixed: dict[int, tuple[str, bytes, bytes, bytes, bytes, bytes]] = {}
 
-    def _fixed(self, player: CachedUser) -> tuple[str, bytes, bytes, bytes, bytes]:
+    def _fixed(self, player: CachedUser) -> tuple[str, bytes, bytes, bytes, bytes, bytes]:
         fixed = self.fixed.get(player.id)
         if fixed is None or fixed[0] != player.username:
             if len(self.fixed) >= self.limit:
@@ -230,7 +128,7 @@ class PlayerHashes:
             fixed = self.fixed[player.id] = self._pack_fixed(player)
         return fixed
 
-    def _pack_fixed(self, player: CachedUser) -> tuple[str, bytes, bytes, bytes, bytes]:
+    def _pack_fixed(self, player: CachedUser) -> tuple[str, bytes, bytes, bytes, bytes, bytes]:
         """A player's first write: one format per part (players met once are common)."""
         key = self.keys.user(player.username).encode()
         name = player.username.encode()
@@ -239,6 +137,7 @@ class PlayerHashes:
         expire = _EXPIRE % (len(key), key, len(self.ttl_text), self.ttl_text)
         return (
             player.username,
+            key,
             b"*%d\r\n" % _HSET_ARGS + head,
             b"*%d\r\n" % (_HSET_ARGS + 2) + head,
             _HDEL_SESSION % (len(key), key) + expire,
@@ -247,7 +146,7 @@ class PlayerHashes:
 
     def queue(self, batch: CommandBatch, player: CachedUser, session: str | None) -> None:
         """Queue the writes of one player's hash: 3 commands, or 2 in a live session."""
-        _, head, head_live, free_tail, live_tail = self._fixed(player)
+        _, key, head, head_live, free_tail, live_tail = self._fixed(player)
         wallet, wins, losses, earnings, rank = (
             b"%d" % player.wallet,
             b"%d" % player.win_count,
@@ -260,11 +159,11 @@ class PlayerHashes:
             len(earnings), earnings, len(rank), rank,
         )  # fmt: skip
         if session is None:
-            batch.add_packed(head + numbers + free_tail, 3)
+            batch.add_packed(head + numbers + free_tail, 3, key)
         else:
             live = session.encode()
             batch.add_packed(
-                head_live + numbers + b"$7\r\nsession\r\n" + _bulk(live) + live_tail, 2
+                head_live + numbers + b"$7\r\nsession\r\n" + _bulk(live) + live_tail, 2, key
             )
 
 
@@ -314,3 +213,19 @@ def queue_leaderboard_scores(batch: CommandBatch, keys: Keys, scores: dict[str, 
         for member, score in scores.items():
             args += (score, member)
         batch.add(*args)
+
+
+__all__ = [
+    "CachedUser",
+    "ClusterInFlight",
+    "CommandBatch",
+    "InFlight",
+    "PlayerHashes",
+    "live_rank",
+    "live_rank_reply",
+    "queue_leaderboard_scores",
+    "queue_live_rank",
+    "queue_session",
+    "queue_user",
+    "read_user",
+]

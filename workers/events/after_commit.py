@@ -83,6 +83,7 @@ class AfterCommit:
                 reason=str(reason),
                 error=message,
             )
+        batch.barrier()  # on a cluster the acks' node is not the caches' one
         for stream in self.streams:
             ids = [entry.entry_id for entry in acks if entry.stream == stream]
             if ids:

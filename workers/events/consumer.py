@@ -23,6 +23,7 @@ entries, one batch, when its writes go out and their replies are read, and ranks
 from __future__ import annotations
 
 import gc
+import random
 import threading
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
     DATABASE_ERRORS,
     REDIS_ERRORS,
+    conflict_of,
     database_unreachable,
     redis_unreachable,
 )
@@ -72,6 +74,7 @@ class ConsumerStats:
     expired_sessions: int = 0
     batches: int = 0
     dead: Counter[str] = field(default_factory=Counter)
+    conflicts: Counter[str] = field(default_factory=Counter)  # by `conflict_of` kind
 
 
 class EventConsumer:
@@ -117,7 +120,7 @@ class EventConsumer:
         # read has gone out (`next_entries`), then sent, and their replies read after
         # the next batch's commit, so Redis works on them while Python works on that.
         self.unsent: cache.CommandBatch | None = None
-        self.in_flight: cache.InFlight | None = None
+        self.in_flight: cache.InFlight | cache.ClusterInFlight | None = None
         # The applied entries of those writes, (stream, entry-id ms): their lag is
         # measured once the acks are confirmed (`settle`).
         self.unsent_applied: list[tuple[str, int]] = []
@@ -171,7 +174,11 @@ class EventConsumer:
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
                 self.store.close()
-                self.wait_backoff(database_unreachable(self.settings.database_url, exc))
+                conflict = conflict_of(exc)
+                if conflict is None:
+                    self.wait_backoff(database_unreachable(self.settings.database_url, exc))
+                else:
+                    self.retry_conflict(conflict, exc)
             except ResponseError as exc:
                 if not is_missing_group(exc):
                     raise
@@ -215,6 +222,16 @@ class EventConsumer:
         pipe.execute()
         if players:
             self.log.info("leaderboard cache rebuilt from the database", players=players)
+
+    def retry_conflict(self, kind: str, exc: BaseException) -> None:
+        """Another worker's transaction won (a deadlock, a lock wait): count it, wait a
+        few random milliseconds so the two do not meet again, and take the batch again
+        (its entries are still pending on this consumer: `keep_fresh` takes them back)."""
+        self.stats.conflicts[kind] += 1
+        self.metrics.observe_conflict(kind)
+        self.log.warning("transaction conflicted with another one; retrying", kind=kind)
+        self.log.debug("conflict", error=repr(exc))
+        self.stop.wait(random.uniform(0.005, 0.05))
 
     def wait_backoff(self, message: str) -> None:
         delay = self.backoff.next_delay()
@@ -264,6 +281,11 @@ class EventConsumer:
         self.waited_for_entries = bool(block_ms)
         read = intake.read_new(block_ms)
         self.flush()
+        if len(read.entries) < self.settings.batch_size:
+            # Not saturated: the writes' replies are read now rather than after the next
+            # batch's SQL, so their entries count as acked (and their lag is observed)
+            # within a round trip. Under a backlog the overlap is worth more.
+            self.settle()
         self.keep_fresh()
         return intake.take_ready(read)
 
@@ -291,8 +313,12 @@ class EventConsumer:
     def handle(self, entries: list[Entry]) -> None:
         """Validate, decide in one transaction, then write caches, dead letters and acks."""
         started = time.perf_counter()
-        batch = self.applier.check(entries)
-        results = self.applier.apply(batch)
+        try:
+            batch = self.applier.check(entries)
+            results = self.applier.apply(batch)
+        except DATABASE_ERRORS:
+            self.intake.give_back(entries)  # rolled back: decided again on the next pass
+            raise
         self.settle()  # the previous batch's replies, read while this one's SQL ran
         writes = cache.CommandBatch()
         for result in results:

@@ -253,6 +253,10 @@ class Intake:
         self.release_decided()
         return held
 
+    def give_back(self, entries: list[Entry]) -> None:
+        """Entries taken as ready whose transaction failed: back in the buffer, first."""
+        self.buffer[:0] = entries
+
     def release_decided(self) -> None:
         """Held entries no longer recorded as waiting go back to the buffer.
 

@@ -19,6 +19,7 @@ from redis.exceptions import WatchError
 from usermgmt.domain.errors import InvalidPayload
 from usermgmt.domain.events import EventKind, parse_event
 from usermgmt.domain.payloads import text_of
+from usermgmt.persistence import nodes
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.runtime.redis_info import xrange_rows
 
@@ -141,7 +142,14 @@ def retry(client: Redis, keys: Keys, letter_id: str) -> str:
 
     Returns the new entry id. Raises `LetterNotFound` when the letter is gone (already
     retried or purged) and `NotRetryable` when it may not be re-published.
+
+    On a single server both happen in one transaction. On a cluster the letter and the
+    event streams live on different slots: the payload is published first, then the
+    letter deleted, so a crash in between can publish it twice, which its `event_id`
+    makes harmless.
     """
+    if nodes.is_cluster(client):
+        return _retry_across_slots(client, keys, letter_id)
     with client.pipeline(transaction=True) as pipe:
         for _ in range(WATCH_ATTEMPTS):
             try:
@@ -162,6 +170,16 @@ def retry(client: Redis, keys: Keys, letter_id: str) -> str:
         f"{letter_id}: the dead-letter stream kept changing during {WATCH_ATTEMPTS} attempts; "
         "try again"
     )
+
+
+def _retry_across_slots(client: Redis, keys: Keys, letter_id: str) -> str:
+    rows = xrange_rows(client, keys.dlq, letter_id, letter_id, 1)
+    if not rows:
+        raise LetterNotFound(f"no dead letter {letter_id} in {keys.dlq}")
+    letter = Letter.from_fields(*rows[0])
+    entry_id = client.xadd(retry_target(keys, letter), {"payload": letter.payload.encode()})
+    client.xdel(keys.dlq, letter_id)
+    return text_of(entry_id)
 
 
 def purge(client: Redis, keys: Keys, reason: str | None = None) -> int:

@@ -30,14 +30,14 @@ class Services:
 
 
 def bootstrap(settings: Settings, background_checkpoints: bool = False) -> Services:
-    """Build the clients (lazily connected: nothing is contacted yet).
+    """Build the clients (the database lazily; Redis is asked whether it is a cluster).
 
     `background_checkpoints`: SQLite's WAL is checkpointed by the caller's own thread
     (the worker's), never by a commit (`usermgmt.persistence.db.make_engine`).
     """
     return Services(
         settings=settings,
-        redis=make_redis(settings.redis_url),
+        redis=make_redis(settings.redis_url, settings.redis_cluster),
         engine=make_engine(settings.database_url, background_checkpoints=background_checkpoints),
         keys=Keys(settings.key_prefix),
     )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal, cast
+
 from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -14,17 +18,46 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSErro
 # Transient: the database is away, locked or restarting. Other errors are not retried blindly.
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 
+ClusterMode = Literal["auto", "on", "off"]
 
-def make_redis(url: str) -> Redis:
-    """A thread-safe client (bytes replies) that fails fast enough to notice an outage."""
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry_on_timeout=False,
-    )
+# SQLSTATEs of a transaction that lost a race with another one (PostgreSQL).
+_CONFLICTS = {"40P01": "deadlock", "40001": "serialization", "55P03": "lock_timeout"}
+
+
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    "socket_timeout": 30,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+    "retry_on_timeout": False,
+}
+
+
+def make_redis(url: str, cluster: ClusterMode = "auto") -> Redis:
+    """A thread-safe client (bytes replies) that fails fast enough to notice an outage.
+
+    `cluster`: "on" makes a Redis Cluster client (the URL names any node), "off" a
+    single-server one; "auto" asks the server (`INFO cluster`) and makes the right one.
+    When nothing answers, "auto" makes a single-server client, which reports the outage
+    on first use. The cluster client offers the same commands: it is typed as `Redis`.
+    """
+    single = Redis.from_url(url, **_CLIENT_OPTIONS)
+    if cluster == "off" or (cluster == "auto" and not _is_cluster(single)):
+        return single
+    single.close()
+    try:
+        client = RedisCluster.from_url(url, **_CLIENT_OPTIONS)
+    except RedisClusterException as exc:  # no node answered: an outage, said as one
+        raise RedisConnectionError(str(exc)) from None
+    return cast(Redis, client)
+
+
+def _is_cluster(client: Redis) -> bool:
+    try:
+        info = client.info("cluster")
+    except REDIS_ERRORS:
+        return False
+    return bool(info.get("cluster_enabled"))
 
 
 def safe_url(url: str) -> str:
@@ -57,6 +90,18 @@ def _reason(exc: BaseException) -> str:
     return text_[:200]
 
 
+def conflict_of(exc: BaseException) -> str | None:
+    """`deadlock`, `serialization`, `lock_timeout` or `locked` (SQLite) when the error
+    is another transaction's doing, not an outage: the batch is simply tried again."""
+    original = getattr(exc, "orig", None)
+    state = getattr(original, "sqlstate", None)
+    if state in _CONFLICTS:
+        return _CONFLICTS[state]
+    if state is None and "database is locked" in str(original or exc):
+        return "locked"
+    return None
+
+
 def check_database(engine: Engine) -> None:
     """Open a connection and run `SELECT 1`; raises the driver's error when it cannot."""
     with engine.connect() as conn:
@@ -66,7 +111,9 @@ def check_database(engine: Engine) -> None:
 __all__ = [
     "DATABASE_ERRORS",
     "REDIS_ERRORS",
+    "ClusterMode",
     "check_database",
+    "conflict_of",
     "database_unreachable",
     "make_engine",
     "make_redis",

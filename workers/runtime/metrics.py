@@ -50,6 +50,9 @@ class Metrics:
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         """One auth request answered (or dropped / dead-lettered)."""
 
+    def observe_conflict(self, kind: str) -> None:
+        """A batch's transaction lost to another worker's (`conflict_of`) and is retried."""
+
     def sample_streams(self, client: Redis, keys: Keys) -> None:
         """Refresh the stream gauges (called periodically, not per entry)."""
 
@@ -80,6 +83,13 @@ class PrometheusMetrics(Metrics):
             "usermgmt_events_dead_lettered",
             "Game events moved to the dead-letter stream, by type and reason",
             ["type", "reason"],
+            registry=r,
+        )
+        self.conflicts = Counter(
+            "usermgmt_db_conflicts",
+            "Event batches whose transaction lost to another one's and was retried, by kind "
+            "(deadlock, serialization, lock_timeout, locked)",
+            ["kind"],
             registry=r,
         )
         self.batch_size = Histogram(
@@ -172,6 +182,9 @@ class PrometheusMetrics(Metrics):
         histogram = self.event_lag.labels(stream_kind(stream))
         for lag in lags_s:
             histogram.observe(lag)
+
+    def observe_conflict(self, kind: str) -> None:
+        self.conflicts.labels(kind).inc()
 
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         self.auth_requests.labels(op, outcome).inc()

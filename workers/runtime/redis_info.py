@@ -56,6 +56,8 @@ class WorkerInfo:
     seconds_since_beat: float | None
     # The last minute's end-to-end lag of applied entries: count, p50_ms, p99_ms, max_ms.
     event_lag: dict[str, float] | None = None
+    # Batches retried since the worker started because another transaction won, by kind.
+    conflicts: dict[str, int] | None = None
 
 
 def xrange_rows(
@@ -142,6 +144,7 @@ def alive_workers(client: Redis, keys: Keys) -> list[WorkerInfo]:
             info = {}
         beat = info.get("at")
         lag = info.get("event_lag")
+        conflicts = info.get("conflicts")
         workers.append(
             WorkerInfo(
                 consumer=consumer,
@@ -150,6 +153,7 @@ def alive_workers(client: Redis, keys: Keys) -> list[WorkerInfo]:
                 only=str(info.get("only", "?")),
                 seconds_since_beat=round(now - beat, 1) if isinstance(beat, int | float) else None,
                 event_lag=lag if isinstance(lag, dict) else None,
+                conflicts=conflicts if isinstance(conflicts, dict) else None,
             )
         )
     return workers

@@ -187,6 +187,7 @@ class Worker:
             if self.events is not None:
                 info["applied"] = self.events.stats.applied
                 info["event_lag"] = self.events.lag.summary().as_dict()
+                info["conflicts"] = dict(self.events.stats.conflicts)
             try:
                 self.services.redis.set(key, orjson.dumps(info), ex=HEARTBEAT_TTL_S)
             except REDIS_ERRORS:

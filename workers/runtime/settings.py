@@ -12,7 +12,7 @@ from sqlalchemy.exc import ArgumentError
 
 from usermgmt.domain.waiting import Limits
 from usermgmt.persistence.db import normalize_url
-from usermgmt.workers.runtime.connections import safe_url
+from usermgmt.workers.runtime.connections import ClusterMode, safe_url
 
 ENV_PREFIX = "USERMGMT_"
 
@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://localhost:6379/0"
+    redis_cluster: ClusterMode = "auto"  # auto: asked at connect time
     database_url: str = "sqlite:///usermgmt.db"
     key_prefix: str = Field("um", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
     bcrypt_rounds: int = Field(12, ge=4, le=31)

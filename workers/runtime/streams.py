@@ -8,6 +8,8 @@ claims (`pending`), dead letters (`dead_letters`), the server's clock (`clock`) 
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from usermgmt.persistence import nodes
+from usermgmt.persistence.command_batch import MAX_REDIRECTS
 from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.clock import RedisClock, redis_time_ms
 from usermgmt.workers.runtime.dead_letters import dead_letter, dead_letter_payload
@@ -78,7 +82,7 @@ def read_group(
     if streams:
         commands.append(_xreadgroup(group, consumer, streams, count, block_ms))
     commands += [("XPENDING", stream, group) for stream in watched]
-    clock, *replies = _round_trip(client, commands)
+    clock, *replies = _round_trip(client, watched[0] if watched else streams[0], commands)
     reply = replies.pop(0) if streams else None
     others = {
         stream: pending_on_others(summary, consumer)
@@ -97,7 +101,8 @@ def read_new(
     block_ms: int | None,
 ) -> list[Entry]:
     """XREADGROUP of new entries (`>`) of `streams`, read as `read_group` reads them."""
-    (reply,) = _round_trip(client, [_xreadgroup(group, consumer, streams, count, block_ms)])
+    command = _xreadgroup(group, consumer, streams, count, block_ms)
+    (reply,) = _round_trip(client, streams[0], [command])
     return to_entries(reply)
 
 
@@ -110,23 +115,35 @@ def _xreadgroup(
     return (*args, "STREAMS", *streams, *(">" for _ in streams))
 
 
-def _round_trip(client: Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send `commands` in one write and read their replies raw; an error reply is raised.
+def _round_trip(client: Redis, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send `commands` (all on `key`'s server) in one write and read their replies raw;
+    an error reply is raised.
 
     Straight off a connection: redis-py's reply callback builds a dict per entry,
     which cost as much as the read itself on the event path; the raw reply (nested
-    lists, parsed by hiredis) is turned into entries by `to_entries` instead.
+    lists, parsed by hiredis) is turned into entries by `to_entries` instead. On a
+    cluster, a MOVED or ASK reply (the slot moving) refreshes the slot map and the
+    commands go again: a redirected command did not run.
     """
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
-        return [conn.read_response(disable_decoding=True) for _ in commands]
-    except BaseException:
-        conn.disconnect()  # type: ignore[no-untyped-call]
-        raise
-    finally:
-        pool.release(conn)
+    for attempt in itertools.count():
+        pool = nodes.pool_for(client, key)
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            return [conn.read_response(disable_decoding=True) for _ in commands]
+        except ResponseError as exc:
+            conn.disconnect()  # later replies may be left unread
+            if nodes.redirect_of(exc) is None or attempt >= MAX_REDIRECTS:
+                raise
+            nodes.refresh(client, force=True)
+            time.sleep(min(0.05 * attempt, 0.5))  # ASK: the slot's migration to end
+        except BaseException:
+            conn.disconnect()
+            nodes.refresh(client)
+            raise
+        finally:
+            pool.release(conn)
+    raise AssertionError("unreachable")
 
 
 def read_history(

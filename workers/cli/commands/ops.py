@@ -124,7 +124,8 @@ def print_status(console: Console, report: status.Status) -> None:
     console.print(f"dead letters: {report.dlq_length}" + (f" ({reasons})" if reasons else ""))
     if report.workers:
         alive = ", ".join(
-            f"{w.consumer} ({w.only}, beat {w.seconds_since_beat} s ago{lag_text(w)})"
+            f"{w.consumer} ({w.only}, beat {w.seconds_since_beat} s ago{lag_text(w)}"
+            f"{conflicts_text(w)})"
             for w in report.workers
         )
         console.print(f"workers alive: {len(report.workers)}: {alive}")
@@ -204,6 +205,14 @@ def cmd_acl(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def conflicts_text(worker: redis_info.WorkerInfo) -> str:
+    """Batches the worker retried because another worker's transaction won, if any."""
+    if not worker.conflicts:
+        return ""
+    kinds = ", ".join(f"{count:,} {kind}" for kind, count in sorted(worker.conflicts.items()))
+    return f"; batches retried after conflicts: {kinds}"
 
 
 def lag_text(worker: redis_info.WorkerInfo) -> str:
