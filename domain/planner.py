@@ -8,7 +8,8 @@ An entry is applied once what it depends on has been applied, and no sooner:
   update (a terminate that comes first waits for the session's first update);
 - an update that puts a player into its session waits until that player's previous
   live session has ended (or dropped them), unless that session has been silent
-  for `session_timeout_ms`: then it is ended as `expired`;
+  for `session_timeout_ms`: then it is ended as `expired` (its own waiting entries
+  are then decided again at once: `session_ended`);
 - nothing overtakes an earlier waiting entry it depends on: later entries of the
   same session, and later updates wanting the same player, queue behind it.
 
@@ -331,6 +332,11 @@ class _Planner:
             touched.add(uid)
 
     def _end(self, session: Session, reason: str, at_ms: int) -> None:
+        """End `session`; its waiting entries are decided again (as `session_ended`), at
+        once, as a new worker restoring them would: an update of a session expired while
+        it waited must not wait on for the players it wanted."""
+        for order in self.waiters.of_session(session.session_id):
+            heapq.heappush(self.woken, order)
         for user_id in session.roster:
             self._set_membership(user_id, None)
         at = self._time(at_ms)

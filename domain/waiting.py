@@ -111,6 +111,11 @@ class Waiters:
                     found.append(order)
         return found
 
+    def of_session(self, session_id: str) -> list[Order]:
+        """The waiters that hold `session_id` (its waiting entries, but for a terminate
+        waiting for the first update and a second copy of an event)."""
+        return list(self._sessions.get(session_id, ()))
+
     def copy_before(self, entry: PlannedEntry) -> Waiter | None:
         """An earlier waiting entry with the same event id (a producer published it twice)."""
         orders = self._events.get(entry.event_id)

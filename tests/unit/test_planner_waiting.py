@@ -400,6 +400,30 @@ def test_an_expired_session_frees_its_players_for_other_waiters() -> None:
     assert world.live_session_of == {1: "s1", 2: "s2"}
 
 
+@RESTART
+def test_waiting_entries_of_a_session_that_expires_are_dead_at_once(restart: bool) -> None:
+    """s0's update waits for carol (in s9, never ending), its terminate behind it. An
+    update needing alice expires s0: both are then `session_ended` at once, as a new
+    worker restoring them would decide, not `wait_timeout` later (hypothesis found it)."""
+    world = silent_world()
+    add_session(world, "s9", "carol", updated_at=at(T + 10_000))
+    worker = Worker(world, restart, Limits(max_wait_ms=60_000, session_timeout_ms=10_000))
+    first = worker.batch(
+        entry(update("s0", "carol"), ms=T + 10_000),  # waits for carol
+        entry(terminate("s0", reason="aborted"), ms=T + 10_000),  # queued behind it
+    )
+    assert first.outcomes == [WAITING] * 2
+    waiting, end = first.entries
+    run = worker.batch(entry(update("s1", "alice"), ms=T + 10_001))  # expires s0
+    assert run.plan.expired_sessions == ["s0"]
+    assert [(p.entry_id, d.reason) for p, d in run.plan.decided] == [
+        (run.entries[0].entry_id, None),
+        (waiting.entry_id, DeadLetterReason.SESSION_ENDED),
+        (end.entry_id, DeadLetterReason.SESSION_ENDED),
+    ]
+    assert run.plan.waits_removed == [waiting, end] and worker.table.rows == {}
+
+
 # -- the same decisions however the entries are cut into batches ----------------------------
 
 SOUP = ["pl0", "pl1", "pl2"]
