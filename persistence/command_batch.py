@@ -148,6 +148,12 @@ class ClusterInFlight:
             self.sent = self._send(self.stages.pop(0))
         return _raise_first_error([reply for part in self.replies for reply in part])
 
+    def abandon(self) -> None:
+        """Drop every connection unread and the stages not sent (a crash in tests)."""
+        for in_flight, _ in self.sent:
+            in_flight.abandon()
+        self.stages.clear()
+
     def _send(self, indices: range | list[int]) -> list[tuple[InFlight, list[int]]]:
         by_node: dict[str, list[int]] = defaultdict(list)
         try:

@@ -5,6 +5,9 @@
 - PostgreSQL is `USERMGMT_TEST_POSTGRES_URL` (default the machine's `test` database);
   each test gets its own schema. Set `USERMGMT_TEST_POSTGRES=off` to leave the
   PostgreSQL variants out of the run (they are deselected and reported, not skipped).
+- The Redis Cluster variant (`sqlite-cluster`) runs on a local cluster of three masters
+  and three replicas started from `redis-server` for the session (`tests/cluster.py`).
+  `USERMGMT_TEST_CLUSTER=off` deselects it the same way.
 """
 
 from __future__ import annotations
@@ -14,25 +17,35 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote
 
 import fakeredis
 import pytest
 import sqlalchemy as sa
 from redis import Redis
+from redis.cluster import RedisCluster
 
 from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.settings import Settings
 
+pytest_plugins = ["tests.cluster"]  # the `redis_cluster` fixture
+
 REDIS_URL = os.environ.get("USERMGMT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
     "USERMGMT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 POSTGRES_ON = os.environ.get("USERMGMT_TEST_POSTGRES", "on") != "off"
+CLUSTER_ON = os.environ.get("USERMGMT_TEST_CLUSTER", "on") != "off"
 
-BACKENDS = ["sqlite-redis", "sqlite-fakeredis"] + (["postgres-redis"] if POSTGRES_ON else [])
+BACKENDS = [
+    "sqlite-redis",
+    "sqlite-fakeredis",
+    *(["postgres-redis"] if POSTGRES_ON else []),
+    *(["sqlite-cluster"] if CLUSTER_ON else []),
+]
 
 
 def pytest_report_header() -> list[str]:
@@ -63,6 +76,10 @@ class Backend:
     @property
     def real_redis(self) -> bool:
         return not isinstance(self.redis, fakeredis.FakeRedis)
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.redis, RedisCluster)
 
     @property
     def keys(self) -> Keys:
@@ -126,6 +143,9 @@ def backend(request: pytest.FixtureRequest, prefix: str, tmp_path: Path) -> Iter
     if name.endswith("fakeredis"):
         client: Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer(version=(7,)))
         redis_url = "redis://fakeredis"
+    elif name.endswith("cluster"):
+        redis_url = request.getfixturevalue("redis_cluster").url
+        client = cast(Redis, RedisCluster.from_url(redis_url))  # the same commands
     else:
         client = _real_redis()
         redis_url = REDIS_URL

@@ -6,11 +6,13 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
+import fakeredis
 import orjson
 import sqlalchemy as sa
 from redis import Redis
+from redis.cluster import RedisCluster
 
 from tests.conftest import Backend, make_settings
 from usermgmt.persistence.db import make_engine
@@ -28,6 +30,16 @@ def publish(redis: Redis, keys: Keys, kind: str, **payload: Any) -> str:
     payload.setdefault("event_id", str(uuid.uuid4()))
     raw = redis.xadd(keys.event_stream(kind), {"payload": orjson.dumps(payload)})
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def another_client(backend: Backend) -> Redis:
+    """A Redis connection of its own, to the backend's server (or cluster, or fake one)."""
+    if backend.cluster:
+        return cast(Redis, RedisCluster.from_url(backend.redis_url))
+    if backend.real_redis:
+        return Redis.from_url(backend.redis_url)
+    server = backend.redis.connection_pool.connection_kwargs["server"]
+    return fakeredis.FakeRedis(server=server)
 
 
 def drain(services: Services, consumer: str = "test-consumer") -> EventConsumer:

@@ -31,7 +31,14 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from tests.conftest import Backend, make_settings
-from tests.integration.helpers import add_players, dead_letters, pending_count, rows, standings
+from tests.integration.helpers import (
+    add_players,
+    another_client,
+    dead_letters,
+    pending_count,
+    rows,
+    standings,
+)
 from tests.integration.replay_helpers import table_rows
 from usermgmt.persistence import cache
 from usermgmt.persistence.db import make_engine, upgrade
@@ -306,9 +313,8 @@ def die(consumer: EventConsumer) -> None:
 
     gc.enable()
     consumer.store.close()
-    in_flight = consumer.in_flight
-    if in_flight is not None and in_flight.conn is not None:
-        in_flight.conn.disconnect()
+    if consumer.in_flight is not None:
+        consumer.in_flight.abandon()
 
 
 def drain_with_crashes(
@@ -520,9 +526,7 @@ def test_every_valid_history_ends_as_the_model_says(
     finally:
         services.engine.dispose()
     clients = (
-        [backend.redis]
-        if not backend.real_redis
-        else [Redis.from_url(backend.redis_url) for _ in range(3)]
+        [backend.redis] if not backend.real_redis else [another_client(backend) for _ in range(3)]
     )
     ids = publish(clients, keys, publication)
     consumers = 2 if backend.name.startswith("postgres") else rng.choice([1, 1, 2])

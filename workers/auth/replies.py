@@ -13,6 +13,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from usermgmt.domain.auth import REPLY_TTL_S, redact
+from usermgmt.persistence import nodes
 from usermgmt.persistence.keys import AUTH_GROUP, Keys
 from usermgmt.workers.runtime.streams import Entry, dead_letter
 
@@ -29,9 +30,16 @@ def finish(
 
     `reply` is `(request_id, body)`; `dead` is `(reason, message)`. `pipe` may already
     hold commands that must run before the reply is pushed.
+
+    On a Redis Cluster these keys live on different nodes, and a pipeline runs on each
+    node independently: the order is kept by waiting for each step's replies (the
+    handler's commands, then the reply or dead letter, then the ack): three round trips.
     """
+    cluster = nodes.is_cluster(redis)
     if pipe is None:
         pipe = redis.pipeline(transaction=False)
+    elif cluster and len(pipe):
+        pipe.execute()  # a login's token exists before its reply can be read
     if reply is not None:
         request_id, body = reply
         key = keys.reply(request_id)
@@ -47,6 +55,8 @@ def finish(
             message,
             payload_text=redacted_text(entry.payload),
         )
+    if cluster:
+        pipe.execute()
     pipe.xack(entry.stream, AUTH_GROUP, entry.entry_id)
     pipe.xdel(entry.stream, entry.entry_id)
     pipe.execute()

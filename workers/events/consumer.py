@@ -279,13 +279,10 @@ class EventConsumer:
             if block_ms is not None and intake.held:  # keep them fresh in time
                 block_ms = max(1, min(block_ms, self.settings.claim_idle_ms // 3))
         self.waited_for_entries = bool(block_ms)
+        if block_ms:
+            self.settle()  # about to wait: the replies (on a cluster, the acks) go first
         read = intake.read_new(block_ms)
         self.flush()
-        if len(read.entries) < self.settings.batch_size:
-            # Not saturated: the writes' replies are read now rather than after the next
-            # batch's SQL, so their entries count as acked (and their lag is observed)
-            # within a round trip. Under a backlog the overlap is worth more.
-            self.settle()
         self.keep_fresh()
         return intake.take_ready(read)
 
