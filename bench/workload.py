@@ -19,15 +19,18 @@ import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import bcrypt
 import orjson
 from redis import Redis
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
 
-from usermgmt.persistence.db import upgrade
+from usermgmt.persistence.db import normalize_url, upgrade
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 
 PLAYERS_PER_GAME = 4
@@ -279,7 +282,9 @@ def publish(
     total = 0
     pipe = redis.pipeline(transaction=False)
     for kind, payload in entries:
-        pipe.execute_command("XADD", streams[kind], f"{first_ms + total}-0", "payload", payload)
+        pipe.execute_command(  # type: ignore[no-untyped-call]
+            "XADD", streams[kind], f"{first_ms + total}-0", "payload", payload
+        )
         total += 1
         if total % chunk == 0:
             pipe.execute()
@@ -362,7 +367,7 @@ def competition_ranks(earnings: dict[int, int], population: int) -> dict[int, in
 
 
 def verify(
-    db_path: Path,
+    database_url: str,
     redis: Redis,
     keys: Keys,
     expected: Expected,
@@ -372,14 +377,13 @@ def verify(
 ) -> list[str]:
     """Compare SQL and Redis with what was published; returns every mismatch found.
 
-    Totals (rows, dead letters, pending entries) come first, then players, then caches.
+    `database_url` is the worker's SQLAlchemy URL, SQLite or PostgreSQL: the same
+    queries read both (through the driver's own cursor). Totals (rows, dead letters,
+    pending entries) come first, then players, then caches.
     """
-    conn = sqlite3.connect(db_path)
-    try:
+    with reading(database_url) as conn:
         problems = _verify_counts(conn, expected)
         players = _verify_players(conn, expected, population, check_ranks)
-    finally:
-        conn.close()
     problems += _verify_streams(redis, keys)
     problems += players
     if check_caches:
@@ -387,7 +391,30 @@ def verify(
     return problems
 
 
-def _verify_counts(conn: sqlite3.Connection, expected: Expected) -> list[str]:
+@contextmanager
+def reading(database_url: str) -> Iterator[Any]:
+    """A DB-API connection to the database of `database_url` (SQLite or PostgreSQL)."""
+    engine = create_engine(normalize_url(database_url), poolclass=NullPool)
+    try:
+        conn = engine.raw_connection()
+        try:
+            yield conn
+        finally:
+            conn.close()
+    finally:
+        engine.dispose()
+
+
+def _scalar(conn: Any, query: str) -> Any:
+    cursor = conn.cursor()
+    try:
+        cursor.execute(query)
+        return cursor.fetchone()[0]
+    finally:
+        cursor.close()
+
+
+def _verify_counts(conn: Any, expected: Expected) -> list[str]:
     wanted = {
         "processed_events": ("SELECT count(*) FROM processed_events", expected.entries),
         "game_results": ("SELECT count(*) FROM game_results", expected.results),
@@ -396,21 +423,24 @@ def _verify_counts(conn: sqlite3.Connection, expected: Expected) -> list[str]:
     }
     problems: list[str] = []
     for name, (query, want) in wanted.items():
-        value = conn.execute(query).fetchone()[0]
+        value = _scalar(conn, query)
         if value != want:
             problems.append(f"{name}: {value} rows, expected {want}")
     return problems
 
 
-def _verify_players(
-    conn: sqlite3.Connection, expected: Expected, population: int, check_ranks: bool
-) -> list[str]:
+def _verify_players(conn: Any, expected: Expected, population: int, check_ranks: bool) -> list[str]:
     """Every player's stats, wallet and leaderboard row (and rank); 20 mismatches at most."""
-    rows = conn.execute(
-        "SELECT u.id, s.win_count, s.loss_count, s.earnings, u.wallet, l.earnings, l.rank "
-        "FROM users u JOIN stats s ON s.user_id = u.id "
-        "JOIN leaderboard l ON l.stats_id = s.id"
-    ).fetchall()
+    cursor = conn.cursor()
+    try:
+        cursor.execute(
+            "SELECT u.id, s.win_count, s.loss_count, s.earnings, u.wallet, l.earnings, l.rank "
+            "FROM users u JOIN stats s ON s.user_id = u.id "
+            "JOIN leaderboard l ON l.stats_id = s.id"
+        )
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
     problems: list[str] = []
     if len(rows) != population:
         problems.append(f"{len(rows)} players in SQL, {population} inserted")
@@ -507,15 +537,14 @@ def describe_counts(counts: Counter[str]) -> str:
     return ", ".join(f"{name}: {count}" for name, count in counts.most_common()) or "none"
 
 
-def waiting_rows(db_path: Path) -> int | None:
-    """Rows of the worker's `waiting_events` table (None when it has none)."""
-    conn = sqlite3.connect(db_path)
+def waiting_rows(database_url: str) -> int | None:
+    """Rows of the worker's `waiting_events` table (None when it has none, or the
+    database cannot be read): a diagnostic for a drain that did not finish."""
     try:
-        return int(conn.execute("SELECT count(*) FROM waiting_events").fetchone()[0])
-    except sqlite3.Error:
+        with reading(database_url) as conn:
+            return int(_scalar(conn, "SELECT count(*) FROM waiting_events"))
+    except Exception:
         return None
-    finally:
-        conn.close()
 
 
 def group_state(redis: Redis, keys: Keys) -> tuple[int, int, int]:
