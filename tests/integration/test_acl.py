@@ -10,11 +10,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from tests.conftest import REDIS_URL, _delete_prefix, _real_redis
@@ -36,32 +37,52 @@ RESULTS = [
 ]
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    """The real Redis, and the local cluster (where ACLs are set on every node)."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    _real_redis().close()  # fails the test, with the reason, when it does not answer
+    return REDIS_URL
+
+
+def connect(url: str, **options: Any) -> Redis:
+    if url == REDIS_URL:
+        return Redis.from_url(url, **options)
+    return cast(Redis, RedisCluster.from_url(url, **options))
+
+
+def on_every_node(admin: Redis, *command: Any) -> None:
+    if isinstance(admin, RedisCluster):
+        admin.execute_command(*command, target_nodes=RedisCluster.ALL_NODES)
+    else:
+        admin.execute_command(*command)
+
+
 @pytest.fixture
-def admin(prefix: str) -> Iterator[Redis]:
-    client = _real_redis()
+def admin(server_url: str, prefix: str) -> Iterator[Redis]:
+    client = connect(server_url)
     yield client
     _delete_prefix(client, prefix)
     client.close()
 
 
 @pytest.fixture
-def clients(admin: Redis, prefix: str) -> Iterator[dict[str, Redis]]:
+def clients(admin: Redis, server_url: str, prefix: str) -> Iterator[dict[str, Redis]]:
     """One connection per role, logged in as a user made from `usermgmt acl`'s rules."""
     roles = acl.roles(Keys(prefix), user_prefix=f"{prefix}-")
     connections: dict[str, Redis] = {}
     try:
         for role in roles:
-            admin.execute_command("ACL", "SETUSER", role.user, *role.rules)
-            admin.execute_command("ACL", "SETUSER", role.user, "on", f">{PASSWORD}")
-            connections[role.role] = Redis.from_url(
-                REDIS_URL, username=role.user, password=PASSWORD
-            )
+            on_every_node(admin, "ACL", "SETUSER", role.user, *role.rules)
+            on_every_node(admin, "ACL", "SETUSER", role.user, "on", f">{PASSWORD}")
+            connections[role.role] = connect(server_url, username=role.user, password=PASSWORD)
         yield connections
     finally:
         for client in connections.values():
             client.close()
         for role in roles:
-            admin.execute_command("ACL", "DELUSER", role.user)
+            on_every_node(admin, "ACL", "DELUSER", role.user)
 
 
 def refused(call: Callable[[], Any]) -> bool:
@@ -151,13 +172,13 @@ def test_an_auth_client_may_only_send_requests_and_pop_replies(
 
 
 def test_the_worker_role_runs_the_worker_and_nothing_outside_the_prefix(
-    clients: dict[str, Redis], admin: Redis, prefix: str, tmp_path: Path
+    clients: dict[str, Redis], admin: Redis, server_url: str, prefix: str, tmp_path: Path
 ) -> None:
     keys = Keys(prefix)
     database_url = f"sqlite:///{tmp_path / 'usermgmt.db'}"
     upgrade(database_url)
     settings = Settings(
-        redis_url=REDIS_URL,
+        redis_url=server_url,
         database_url=database_url,
         key_prefix=prefix,
         bcrypt_rounds=4,

@@ -7,6 +7,10 @@ from the configured prefix, so deployments sharing a Redis stay apart. A role th
 needs different commands on different keys gets a selector (in parentheses, Redis
 7.0+), so e.g. an auth client can pop reply keys but never XADD to them.
 
+On a Redis Cluster, ACLs are per node: apply the lines on every node (masters and
+replicas). Every role may read the slot map (`CLUSTER SLOTS`) and the command table
+(`COMMAND`), which cluster clients such as redis-py ask for when they connect.
+
 Known limit: Redis ACLs restrict commands and keys, not a command's options, so a
 producer allowed XADD on its stream could also pass `MAXLEN` to trim it.
 """
@@ -19,8 +23,9 @@ from usermgmt.persistence.keys import Keys
 
 ROLES = ("matchmaking", "game-server", "auth-client", "worker")
 
-# Every line starts from nothing; PING and HELLO let a client check its connection.
-_BASE = ("reset", "+ping", "+hello")
+# Every line starts from nothing; PING and HELLO let a client check its connection,
+# CLUSTER SLOTS and COMMAND let a cluster client find which node holds which key.
+_BASE = ("reset", "+ping", "+hello", "+cluster|slots", "+command")
 _HASH_READS = "+hget +hmget +hgetall +hexists +exists"
 
 
