@@ -49,6 +49,12 @@ class Keys:
         return f"{self.prefix}:dlq"
 
     @property
+    def events_reader(self) -> str:
+        """`um:{events}:reader`: the consumer name of the worker reading new events (a
+        lease, `usermgmt.workers.events.lease`); beside the streams, in their slot."""
+        return f"{self.prefix}:{{events}}:reader"
+
+    @property
     def leaderboard(self) -> str:
         return f"{self.prefix}:leaderboard"
 

@@ -165,6 +165,8 @@ def make_settings(backend: Backend, **overrides: object) -> Settings:
         "bcrypt_rounds": 4,
         "retry_delay_ms": 50,
         "claim_idle_ms": 1_000,
+        # Tests drive several consumers by hand; the reader lease has tests of its own.
+        "events_lease": False,
         "auth_concurrency": 2,
         "log_format": "json",
     }

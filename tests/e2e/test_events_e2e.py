@@ -442,13 +442,18 @@ def _result(name: str, outcome: str, earnings: int) -> dict[str, Any]:
 
 
 def test_two_workers_in_one_group_on_postgresql(stack: Stack, postgres_url: str) -> None:
+    """Both read (no reader lease): they share the entries and take turns deciding."""
     migrated = stack.cli("migrate", USERMGMT_DATABASE_URL=postgres_url)
     assert migrated.returncode == 0, migrated.stderr
     keys = stack_keys(stack)
     names = [f"pg{i:03d}" for i in range(60)]
     register(postgres_url, names)
     games = make_games(random.Random(11), names, waves=20)  # 300 games, 600 events
-    env = {"USERMGMT_DATABASE_URL": postgres_url, "USERMGMT_BATCH_SIZE": "25"}
+    env = {
+        "USERMGMT_DATABASE_URL": postgres_url,
+        "USERMGMT_BATCH_SIZE": "25",
+        "USERMGMT_EVENTS_LEASE": "false",
+    }
     first = start(stack, "--only", "events", "--consumer", "a", **env)
     second = start(stack, "--only", "events", "--consumer", "b", **env)
     publish_games(stack.redis, keys, games)
@@ -468,3 +473,47 @@ def test_two_workers_in_one_group_on_postgresql(stack: Stack, postgres_url: str)
     for worker in (first, second):
         assert sum(b["applied"] for b in worker.output.events("batch done")) > 0
         assert stack.stop_worker(worker.process) == 0
+
+
+def test_a_standby_worker_takes_over_when_the_reader_is_killed(
+    stack: Stack, postgres_url: str
+) -> None:
+    """With the reader lease (the default), the second worker stands by; SIGKILL the
+    reader halfway and the standby finishes the backlog, exactly."""
+    migrated = stack.cli("migrate", USERMGMT_DATABASE_URL=postgres_url)
+    assert migrated.returncode == 0, migrated.stderr
+    keys = stack_keys(stack)
+    names = [f"sb{i:03d}" for i in range(60)]
+    register(postgres_url, names)
+    games = make_games(random.Random(12), names, waves=20)
+    env = {
+        "USERMGMT_DATABASE_URL": postgres_url,
+        "USERMGMT_BATCH_SIZE": "10",
+        "USERMGMT_CLAIM_IDLE_MS": "1000",
+    }
+    reader = start(stack, "--only", "events", "--consumer", "reader", **env)
+    patiently(lambda: stack.redis.get(keys.events_reader) == b"reader", reader, timeout=30)
+    standby = start(stack, "--only", "events", "--consumer", "standby", **env)
+    patiently(
+        lambda: standby.output.events("standing by: another worker reads new entries"),
+        standby,
+        timeout=30,
+    )
+    database = Database(postgres_url)
+    try:
+        publish_games(stack.redis, keys, games)
+        patiently(lambda: database.processed() >= len(games) // 2, reader, timeout=60)
+        reader.process.kill()
+        reader.process.wait(10)
+        patiently(
+            lambda: database.processed() == len(games) * 2 and pending(stack.redis, keys) == 0,
+            standby,
+            timeout=120,
+        )
+        patiently(database.ranks_exact, standby, timeout=30)
+        assert_everything_applied(stack, stack.redis, database, names, games)
+    finally:
+        database.close()
+    assert standby.output.events("reading new entries (holding the reader lease)")
+    assert sum(b["applied"] for b in standby.output.events("batch done")) > 0
+    assert stack.stop_worker(standby.process) == 0

@@ -42,6 +42,7 @@ from usermgmt.workers.events.after_commit import AfterCommit
 from usermgmt.workers.events.batch import Applier, Interrupted
 from usermgmt.workers.events.gc_policy import collect_garbage, tune_gc
 from usermgmt.workers.events.intake import Intake, Key
+from usermgmt.workers.events.lease import STANDBY_POLL_S, Lease
 from usermgmt.workers.events.store import EventStore
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
@@ -133,6 +134,14 @@ class EventConsumer:
         self.log: FilteringBoundLogger = log.bind(consumer=consumer)
         self.intake = Intake(self.redis, self.engine, self.settings, consumer, self.kinds, self.log)
         self.applier = Applier(self.store, self.intake, self.settings, stop, self.log)
+        # One worker reads new entries at a time (`lease`); a burst run is a one-off.
+        self.lease = Lease(
+            self.redis,
+            self.keys.events_reader,
+            consumer,
+            enabled=self.settings.events_lease and not burst,
+        )
+        self.standing_by = False
         player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.after_commit = AfterCommit(self.keys, self.streams, player_hashes, self.log)
 
@@ -185,6 +194,7 @@ class EventConsumer:
                 self.log.warning("consumer group missing (Redis restarted?); recreating it")
                 self.needs_setup = True
         self.settle_on_exit()
+        self.release_lease()
         self.refresh_ranks_on_exit()
         self.store.close()
         gc.enable()
@@ -269,6 +279,12 @@ class EventConsumer:
         parsed, planned and written. A read only blocks once nothing is left unsent.
         """
         intake = self.intake
+        if not intake.buffer and not intake.held and not self.lease.held():
+            self.stand_by()
+            return []
+        if self.standing_by:
+            self.standing_by = False
+            self.log.info("reading new entries (holding the reader lease)")
         intake.buffer += intake.claim_abandoned()
         if self.unsent is not None:
             block_ms = None
@@ -285,6 +301,18 @@ class EventConsumer:
         self.flush()
         self.keep_fresh()
         return intake.take_ready(read)
+
+    def stand_by(self) -> None:
+        """Another worker reads new entries: stay ready, with nothing in hand."""
+        if not self.standing_by:
+            self.standing_by = True
+            self.log.info(
+                "standing by: another worker reads new entries", reader=self.lease.holder()
+            )
+        self.flush()
+        self.settle()
+        self.waited_for_entries = False
+        self.stop.wait(STANDBY_POLL_S)
 
     def keep_fresh(self) -> None:
         """Keep the entries in hand from looking abandoned, and take back what a lost read
@@ -410,6 +438,12 @@ class EventConsumer:
         for stream, lags_ms in lags.items():
             self.lag.record(lags_ms)
             self.metrics.observe_event_lag(stream, [lag / 1000 for lag in lags_ms])
+
+    def release_lease(self) -> None:
+        try:
+            self.lease.release()  # a standby takes over at its next look, not after the ttl
+        except (*REDIS_ERRORS, ResponseError) as exc:
+            self.log.warning("reader lease not released; it expires by itself", error=repr(exc))
 
     def settle_on_exit(self) -> None:
         try:

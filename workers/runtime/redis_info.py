@@ -58,6 +58,7 @@ class WorkerInfo:
     event_lag: dict[str, float] | None = None
     # Batches retried since the worker started because another transaction won, by kind.
     conflicts: dict[str, int] | None = None
+    standing_by: bool = False  # another worker holds the reader lease
 
 
 def xrange_rows(
@@ -154,6 +155,7 @@ def alive_workers(client: Redis, keys: Keys) -> list[WorkerInfo]:
                 seconds_since_beat=round(now - beat, 1) if isinstance(beat, int | float) else None,
                 event_lag=lag if isinstance(lag, dict) else None,
                 conflicts=conflicts if isinstance(conflicts, dict) else None,
+                standing_by=info.get("standing_by") is True,
             )
         )
     return workers

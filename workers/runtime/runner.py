@@ -188,6 +188,7 @@ class Worker:
                 info["applied"] = self.events.stats.applied
                 info["event_lag"] = self.events.lag.summary().as_dict()
                 info["conflicts"] = dict(self.events.stats.conflicts)
+                info["standing_by"] = self.events.standing_by
             try:
                 self.services.redis.set(key, orjson.dumps(info), ex=HEARTBEAT_TTL_S)
             except REDIS_ERRORS:

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rank_refresh_s: float = Field(30.0, gt=0)
     batch_size: int = Field(2_000, ge=1, le=10_000)
+    # One event worker reads new entries at a time, the others stand by (`events.lease`).
+    events_lease: bool = True
     auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
     auth_nice: int = Field(10, ge=0, le=19)
     retry_delay_ms: int = Field(1_000, ge=10)

@@ -124,7 +124,8 @@ def print_status(console: Console, report: status.Status) -> None:
     console.print(f"dead letters: {report.dlq_length}" + (f" ({reasons})" if reasons else ""))
     if report.workers:
         alive = ", ".join(
-            f"{w.consumer} ({w.only}, beat {w.seconds_since_beat} s ago{lag_text(w)}"
+            f"{w.consumer} ({w.only}{', standing by' if w.standing_by else ''}, "
+            f"beat {w.seconds_since_beat} s ago{lag_text(w)}"
             f"{conflicts_text(w)})"
             for w in report.workers
         )

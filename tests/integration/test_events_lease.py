@@ -1,0 +1,54 @@
+"""The reader lease: one worker reads new entries, the others stand by and take over."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import Backend
+from tests.integration.helpers import add_players, publish, services_for
+from tests.integration.test_events_delivery import (
+    PLAYERS,
+    burst,
+    check_history,
+    rematch_history,
+    running,
+    wait_for,
+)
+from usermgmt.workers.events.lease import TTL_MS
+
+
+def test_one_worker_reads_while_the_other_stands_by_then_takes_over(backend: Backend) -> None:
+    keys = backend.keys
+    first_half = rematch_history(PLAYERS, 100, "a", seed=3)
+    second_half = rematch_history(PLAYERS, 100, "b", seed=4)
+    with services_for(backend, events_lease=True, batch_size=64) as services:
+        add_players(services, *PLAYERS)
+        with running(services, consumer="A") as first:
+            wait_for(lambda: backend.redis.get(keys.events_reader) == b"A")
+            with running(services, consumer="B") as second:
+                burst(backend.redis, backend, first_half)
+                wait_for(lambda: first.stats.applied == len(first_half))
+                time.sleep(0.3)
+                assert second.stats.applied == 0 and second.standing_by
+            # B stopped: A reads on.
+        assert backend.redis.get(keys.events_reader) is None  # released on a clean stop
+        with running(services, consumer="B") as second:
+            burst(backend.redis, backend, second_half)
+            wait_for(lambda: second.stats.applied == len(second_half))
+        check_history(services, backend, first_half + second_half)
+
+
+def test_a_standby_takes_over_when_the_readers_lease_runs_out(backend: Backend) -> None:
+    """The reader died without a word: its lease lasts TTL_MS, then another reads."""
+    keys = backend.keys
+    backend.redis.set(keys.events_reader, "dead-worker", px=TTL_MS)
+    with services_for(backend, events_lease=True) as services:
+        add_players(services, "alice", "bob")
+        with running(services, consumer="B") as standby:
+            publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+            time.sleep(0.5)
+            assert standby.stats.applied == 0
+            started = time.monotonic()
+            wait_for(lambda: standby.stats.applied == 1, timeout=TTL_MS / 1000 + 5)
+            assert time.monotonic() - started < TTL_MS / 1000 + 1
+            assert backend.redis.get(keys.events_reader) == b"B"
