@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.conftest import Backend
 from tests.integration.helpers import add_players, publish, services_for
 from tests.integration.test_events_delivery import (
@@ -14,7 +16,9 @@ from tests.integration.test_events_delivery import (
     running,
     wait_for,
 )
+from usermgmt.workers.events import lease
 from usermgmt.workers.events.lease import TTL_MS
+from usermgmt.workers.runtime.streams import Entry
 
 
 def test_one_worker_reads_while_the_other_stands_by_then_takes_over(backend: Backend) -> None:
@@ -52,3 +56,27 @@ def test_a_standby_takes_over_when_the_readers_lease_runs_out(backend: Backend) 
             wait_for(lambda: standby.stats.applied == 1, timeout=TTL_MS / 1000 + 5)
             assert time.monotonic() - started < TTL_MS / 1000 + 1
             assert backend.redis.get(keys.events_reader) == b"B"
+
+
+def test_a_busy_reader_keeps_its_lease(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader renews while it always has entries in hand: the standby never reads,
+    though the backlog lasts many times the (shortened) lease."""
+    monkeypatch.setattr(lease, "TTL_MS", 300)
+    monkeypatch.setattr(lease, "RENEW_EVERY_S", 0.1)
+    events = rematch_history(PLAYERS, 150, "k", seed=5)
+    with services_for(backend, events_lease=True, batch_size=8) as services:
+        add_players(services, *PLAYERS)
+        burst(backend.redis, backend, events)
+        with running(services, consumer="A") as reader:
+            wait_for(lambda: reader.stats.applied > 0)
+            handle = reader.handle
+
+            def slow_handle(entries: list[Entry]) -> None:
+                time.sleep(0.02)  # the backlog now lasts seconds
+                handle(entries)
+
+            reader.handle = slow_handle  # type: ignore[method-assign]
+            with running(services, consumer="B") as standby:
+                wait_for(lambda: reader.stats.applied == len(events), timeout=60)
+                assert standby.stats.applied == 0
+        check_history(services, backend, events)

@@ -279,7 +279,8 @@ class EventConsumer:
         parsed, planned and written. A read only blocks once nothing is left unsent.
         """
         intake = self.intake
-        if not intake.buffer and not intake.held and not self.lease.held():
+        reading = self.lease.held()  # renewed here, busy or not: a reader keeps it
+        if not reading and not intake.buffer and not intake.held:
             self.stand_by()
             return []
         if self.standing_by:
