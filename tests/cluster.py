@@ -298,23 +298,23 @@ class LocalCluster:
         return " | ".join(lines[-3:])
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[LocalCluster]:
-    """One started local cluster for the whole session; keep it whole (use prefixes)."""
+def started_cluster() -> Iterator[LocalCluster]:
+    """A started local cluster, stopped afterwards; fails (never skips) without redis-server."""
     if not cluster_available():
         pytest.fail(MISSING, pytrace=False)
     cluster = LocalCluster()
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """One started local cluster for the whole session; keep it whole (use prefixes)."""
+    yield from started_cluster()
 
 
 @pytest.fixture
 def private_redis_cluster() -> Iterator[LocalCluster]:
     """A cluster of the test's own, for tests that kill or restart nodes (~2 s to start)."""
-    if not cluster_available():
-        pytest.fail(MISSING, pytrace=False)
-    cluster = LocalCluster()
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    yield from started_cluster()
