@@ -1206,8 +1206,8 @@ def main_rows(r: dict[str, Any], mode: Mode) -> list[Row]:
             (
                 "3. usermgmt / floor",
                 f"{100 * rate / floor_rate:.1f}%",
-                ">= 5%",
-                verdict(rate / floor_rate >= 0.05),
+                ">= 8%",
+                verdict(rate / floor_rate >= 0.08),
             )
         )
     return rows + main_pg_rows(r, mode)
@@ -1236,14 +1236,16 @@ def population_rows(r: dict[str, Any], mode: Mode) -> list[Row]:
     if "population" not in r:
         return []
     big, rate = r["population"]["entries_per_s"], r["usermgmt"]["entries_per_s"]
+    full = mode.big_population >= 1_000_000
+    target = 0.8 if full else 0.9  # the issue's: 1M >= 0.8x, 200k (quick) >= 0.9x
     return [
         (
             "4. population",
             f"{big:,.0f} entries/s at {mode.big_population:,} players = "
             f"{big / rate:.2f}x the {mode.population:,}-player figure"
-            + ("" if mode.big_population >= 1_000_000 else " (quick mode: 200k, not 1M)"),
-            ">= 0.8x",
-            verdict(big / rate >= 0.8),
+            + ("" if full else " (quick mode: 200k, not 1M)"),
+            f">= {target}x",
+            verdict(big / rate >= target),
         )
     ]
 
