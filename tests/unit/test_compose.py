@@ -24,9 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-APP_SERVICES = [
-    name for name, service in SERVICES.items() if service.get("image") != "redis:7.2-alpine"
-]
+APP_SERVICES = [name for name, service in SERVICES.items() if service.get("build") == "."]
+SCALE = ["postgres", "migrate-pg", "events-1", "events-2", "auth"]
 
 
 def argv(command: str | list[str]) -> list[str]:
@@ -86,7 +85,7 @@ def test_every_usermgmt_command_is_real(where: str, words: list[str]) -> None:
 
 
 def test_every_app_service_runs_a_usermgmt_command() -> None:
-    assert set(APP_SERVICES) == {"migrate", "worker", "simulate"}
+    assert set(APP_SERVICES) == {"migrate", "worker", "simulate", *SCALE} - {"postgres"}
     for name in APP_SERVICES:
         assert argv(SERVICES[name]["command"])[0] == "usermgmt", name
         assert SERVICES[name]["image"] == "usermgmt:local"
@@ -135,6 +134,42 @@ def test_simulate_is_an_optional_profile_after_a_healthy_worker() -> None:
     assert parse_usermgmt(argv(simulate["command"])).command == "simulate"
     assert simulate["depends_on"] == {"worker": {"condition": "service_healthy"}}
     assert all("profiles" not in SERVICES[name] for name in ("redis", "migrate", "worker"))
+
+
+def test_the_scale_profile_runs_postgres_two_event_workers_and_an_auth_worker() -> None:
+    """`docker compose --profile scale up`: the default services are untouched, and the
+    profile's own are PostgreSQL, its migration and three workers on it."""
+    profiled = {name for name, service in SERVICES.items() if "profiles" in service}
+    assert profiled == {"simulate", *SCALE}
+    assert all(SERVICES[name]["profiles"] == ["scale"] for name in SCALE)
+    postgres = SERVICES["postgres"]
+    assert postgres["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(argv(postgres["healthcheck"]["test"]))
+    assert any(volume.endswith(":/var/lib/postgresql/data") for volume in postgres["volumes"])
+    assert "pg-data" in COMPOSE["volumes"]
+    env = postgres["environment"]
+    url = f"postgresql+psycopg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/"
+    for name in SCALE[1:]:
+        service = SERVICES[name]
+        assert service["environment"]["USERMGMT_DATABASE_URL"] == url + env["POSTGRES_DB"]
+        # Keys apart from the SQLite worker's: one consumer group per database.
+        assert service["environment"]["USERMGMT_KEY_PREFIX"] != "um"
+    assert SERVICES["migrate-pg"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert parse_usermgmt(argv(SERVICES["migrate-pg"]["command"])).command == "migrate"
+    consumers = set()
+    for name, only in (("events-1", "events"), ("events-2", "events"), ("auth", "auth")):
+        service = SERVICES[name]
+        args = parse_usermgmt(argv(service["command"]))
+        assert (args.command, args.only) == ("worker", only)
+        consumers.add(args.consumer)
+        assert service["depends_on"] == {
+            "redis": {"condition": "service_healthy"},
+            "migrate-pg": {"condition": "service_completed_successfully"},
+        }
+        assert parse_usermgmt(argv(service["healthcheck"]["test"])).command == "health"
+        assert int(str(service["stop_grace_period"]).rstrip("s")) > args.drain_timeout
+        assert "ports" not in service  # the default worker has the metrics port
+    assert len(consumers) == 3
 
 
 def test_environment_variables_are_real_settings_with_valid_values(
