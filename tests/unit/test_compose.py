@@ -164,6 +164,7 @@ def test_the_scale_profile_runs_postgres_two_event_workers_and_an_auth_worker() 
         consumers.add(args.consumer)
         assert service["depends_on"] == {
             "redis": {"condition": "service_healthy"},
+            "postgres": {"condition": "service_healthy"},
             "migrate-pg": {"condition": "service_completed_successfully"},
         }
         assert parse_usermgmt(argv(service["healthcheck"]["test"])).command == "health"
@@ -172,13 +173,52 @@ def test_the_scale_profile_runs_postgres_two_event_workers_and_an_auth_worker() 
     assert len(consumers) == 3
 
 
+def test_the_default_services_are_unchanged_by_the_profiles() -> None:
+    """`docker compose up` (no profile) starts exactly what it did before `scale` existed."""
+    default = {name for name, service in SERVICES.items() if "profiles" not in service}
+    assert default == {"redis", "migrate", "worker"}
+    app = {
+        "build": ".",
+        "image": "usermgmt:local",
+        "environment": {
+            "USERMGMT_REDIS_URL": "redis://redis:6379/0",
+            "USERMGMT_DATABASE_URL": "sqlite:////data/usermgmt.db",
+            "USERMGMT_KEY_PREFIX": "um",
+            "USERMGMT_LOG_FORMAT": "json",
+        },
+        "volumes": ["app-data:/data"],
+    }
+    assert SERVICES["migrate"] == {**app, "command": ["usermgmt", "migrate"], "restart": "no"}
+    assert SERVICES["worker"] == {
+        **app,
+        "command": ["usermgmt", "worker", "--metrics-port", "9108", "--drain-timeout", "30"],
+        "depends_on": {
+            "redis": {"condition": "service_healthy"},
+            "migrate": {"condition": "service_completed_successfully"},
+        },
+        "healthcheck": {
+            "test": ["CMD", "usermgmt", "health", "--this-host"],
+            "interval": "10s",
+            "timeout": "5s",
+            "retries": 3,
+            "start_period": "20s",
+        },
+        "restart": "unless-stopped",
+        "stop_grace_period": "40s",
+        "ports": ["9108:9108"],
+    }
+    assert SERVICES["redis"]["image"] == "redis:7.2-alpine"
+    assert SERVICES["redis"]["ports"] == ["6379:6379"]
+    assert "depends_on" not in SERVICES["redis"]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
 def test_environment_variables_are_real_settings_with_valid_values(
-    monkeypatch: pytest.MonkeyPatch,
+    name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env: dict[str, str] = {}
-    for name in APP_SERVICES:
-        env.update({k: str(v) for k, v in SERVICES[name]["environment"].items()})
-    env.update(dict(re.findall(r"(USERMGMT_[A-Z_]+)=(\S+)", DOCKERFILE)))
+    image_env = dict(re.findall(r"(USERMGMT_[A-Z_]+)=(\S+)", DOCKERFILE))
+    service_env = {k: str(v) for k, v in SERVICES[name]["environment"].items()}
+    env = {**image_env, **service_env}  # compose's environment overrides the image's ENV
     fields = set(Settings.model_fields)
     for variable in env:
         assert variable.startswith(ENV_PREFIX)
@@ -187,9 +227,25 @@ def test_environment_variables_are_real_settings_with_valid_values(
         monkeypatch.setenv(variable, value)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.redis_url == "redis://redis:6379/0"
-    assert settings.database_url == "sqlite:////data/usermgmt.db"
-    app_volumes = {tuple(v.split(":")) for n in APP_SERVICES for v in SERVICES[n]["volumes"]}
-    assert app_volumes == {("app-data", "/data")}  # the SQLite file lives on the volume
+    if name in SCALE:
+        assert settings.database_url.startswith("postgresql+psycopg://")
+        assert settings.database_url.split("@", 1)[1].startswith("postgres:5432/")
+        assert settings.key_prefix == "ums"
+        assert SERVICES[name]["volumes"] == []  # nothing of the SQLite volume
+    else:
+        assert settings.database_url == "sqlite:////data/usermgmt.db"
+        assert settings.key_prefix == "um"
+        # The SQLite file lives on the volume.
+        assert SERVICES[name]["volumes"] == ["app-data:/data"]
+
+
+def test_the_postgres_driver_is_a_dependency_of_the_image() -> None:
+    """The image installs the wheel, so `postgresql+psycopg://` needs psycopg in
+    pyproject's runtime dependencies (not an extra)."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.MULTILINE | re.DOTALL)
+    assert dependencies is not None
+    assert re.search(r'"psycopg(\[[a-z,]+\])?>=3', dependencies.group(1))
 
 
 def test_the_image_holds_every_package_and_the_build_context_keeps_them() -> None:
