@@ -52,6 +52,16 @@ class Stack:
         self.workers.append(process)
         return process
 
+    def close(self) -> None:
+        """Kill the workers still running and close their pipes."""
+        for process in self.workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+
     def stop_worker(self, process: subprocess.Popen[bytes], timeout: float = 30) -> int:
         """SIGTERM, then wait for the exit code."""
         process.send_signal(signal.SIGTERM)
@@ -88,12 +98,6 @@ def stack(tmp_path: Path, prefix: str) -> Iterator[Stack]:
     migrated = built.cli("migrate")
     assert migrated.returncode == 0, migrated.stderr
     yield built
-    for process in built.workers:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+    built.close()
     _delete_prefix(redis, prefix)
     redis.close()

@@ -40,13 +40,7 @@ def cluster_stack(redis_cluster: LocalCluster, tmp_path: Path, prefix: str) -> I
     built = Stack(env=env, redis=client, prefix=prefix, database_url=database_url)
     assert built.cli("migrate").returncode == 0
     yield built
-    for process in built.workers:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+    built.close()
     _delete_prefix(client, prefix)
     client.close()
 
