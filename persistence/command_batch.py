@@ -180,7 +180,7 @@ class ClusterInFlight:
                     for index in group:
                         count = self.counts[index]
                         self.replies[index], replies = replies[:count], replies[count:]
-                        if any(nodes.redirect_of(r) for r in self.replies[index]):
+                        if any(_redirected(reply) for reply in self.replies[index]):
                             moved.append(index)
             except (RedisConnectionError, ConnectionError, OSError):
                 for in_flight, _ in sent:
@@ -196,7 +196,7 @@ class ClusterInFlight:
         asked: list[tuple[InFlight, list[int]]] = []
         moved: list[int] = []
         for index in indices:
-            kind, address = next(r for r in map(nodes.redirect_of, self.replies[index]) if r)
+            kind, address = next(r for r in map(_redirected, self.replies[index]) if r)
             if kind == "MOVED":
                 moved.append(index)
                 continue
@@ -206,6 +206,12 @@ class ClusterInFlight:
         if moved:
             nodes.refresh(self.client, force=True)
         return asked + (self._send(moved) if moved else [])
+
+
+def _redirected(reply: Any) -> tuple[str, str] | None:
+    """A MOVED or ASK error reply's (kind, address); any other reply, even a value that
+    reads like one, is None."""
+    return nodes.redirect_of(reply) if isinstance(reply, Exception) else None
 
 
 def _asking_each(part: bytes) -> bytes:
