@@ -11,7 +11,7 @@ results). Updated rows go in primary-key order on both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -178,8 +178,7 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
         (world.sessions[r.session_id].pk, r.user_id, r.outcome, r.earnings) for r in changes.results
     ]
     if _postgres(db):
-        _unnest(
-            db,
+        db.unnest(
             "INSERT INTO game_results (session_pk, user_id, outcome, earnings) "
             "SELECT * FROM unnest(?::bigint[], ?::bigint[], ?::text[], ?::bigint[])",
             results,
@@ -191,8 +190,7 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
         )
     at = db.time(now)
     if _postgres(db):
-        _unnest(
-            db,
+        db.unnest(
             "INSERT INTO processed_events (event_id, stream, entry_id, processed_at, touched) "
             "SELECT v.event_id, v.stream, v.entry_id, ?::timestamptz, v.touched "
             "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[]) "
@@ -213,13 +211,6 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
 
 def _postgres(db: Driver) -> bool:
     return bool(db.dialect.name == "postgresql")
-
-
-def _unnest(db: Driver, statement: str, rows: Sequence[Sequence[Any]], *first: Any) -> None:
-    """One PostgreSQL statement for all `rows`: its parameters are `first`, then one
-    array per column (`unnest(?::type[], ...)` in the statement, in column order)."""
-    if rows:
-        db.run(statement, (*first, *(list(column) for column in zip(*rows, strict=True))))
 
 
 _SESSION_ROW = 7  # columns of one inserted session
@@ -252,8 +243,7 @@ def _write_sessions(db: Driver, changes: Changes) -> None:
             changes.sessions[session_id].pk = pk
     old.sort(key=_pk)
     if _postgres(db):
-        _unnest(
-            db,
+        db.unnest(
             "UPDATE game_sessions SET status = v.status, meta = v.meta, "
             "end_reason = v.end_reason, updated_at = v.updated_at, ended_at = v.ended_at "
             "FROM unnest(?::bigint[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], "
@@ -292,8 +282,7 @@ def _write_membership(db: Driver, world: World, changes: Changes) -> None:
     if _postgres(db):
         if gone:
             db.run("DELETE FROM session_players WHERE user_id = ANY(?::bigint[])", (gone,))
-        _unnest(
-            db,
+        db.unnest(
             "INSERT INTO session_players (user_id, session_pk) "
             "SELECT * FROM unnest(?::bigint[], ?::bigint[])",
             joined,
@@ -316,16 +305,14 @@ def _write_stats(db: Driver, world: World, changes: Changes) -> None:
     players = world.by_id
     deltas = sorted(changes.stats.items())  # by user id
     if _postgres(db):
-        _unnest(
-            db,
+        db.unnest(
             "UPDATE stats SET win_count = stats.win_count + v.wins, "
             "loss_count = stats.loss_count + v.losses, earnings = stats.earnings + v.earnings "
             "FROM unnest(?::bigint[], ?::integer[], ?::integer[], ?::bigint[]) "
             "AS v(id, wins, losses, earnings) WHERE stats.id = v.id",
             sorted((players[uid].stats_id, d.wins, d.losses, d.earnings) for uid, d in deltas),
         )
-        _unnest(
-            db,
+        db.unnest(
             "UPDATE users SET wallet = users.wallet + v.earnings "
             "FROM unnest(?::bigint[], ?::bigint[]) AS v(id, earnings) WHERE users.id = v.id",
             [(uid, d.earnings) for uid, d in deltas],

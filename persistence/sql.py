@@ -70,6 +70,12 @@ class Driver:
         if rows:
             self._call(True, statement, rows)
 
+    def unnest(self, statement: str, rows: Sequence[Sequence[Any]], *first: Any) -> None:
+        """One PostgreSQL statement for all `rows`: its parameters are `first`, then one
+        array per column (`unnest(?::type[], ...)` in the statement, in column order)."""
+        if rows:
+            self.run(statement, (*first, *(list(column) for column in zip(*rows, strict=True))))
+
     def _call(self, many: bool, statement: str, params: Any) -> None:
         sql = self.sql(statement)
         try:
