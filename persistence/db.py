@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
@@ -125,7 +128,8 @@ def checkpoint_wal(engine: Engine, restart_pages: int = RESTART_PAGES) -> tuple[
       of flush and PASSIVE catch up until one is quick, then a RESTART copies the
       little left and makes the next writer start the WAL over. Only the RESTART
       keeps writers waiting: it used to take 30-60 ms with tens of MB unsynced, and
-      now takes a few.
+      now takes a few. It waits for every reader of an older snapshot, so it is
+      skipped while a `long_read` runs (the WAL grows meanwhile).
 
     Returns (pages in the WAL, pages copied) as of the first PASSIVE checkpoint.
     """
@@ -135,15 +139,38 @@ def checkpoint_wal(engine: Engine, restart_pages: int = RESTART_PAGES) -> tuple[
     with engine.connect() as conn:
         _flush(wal)
         _, wal_pages, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
-        if wal_pages >= restart_pages:
-            for _ in range(CATCH_UP_ROUNDS):
-                started = time.perf_counter()
-                _flush(wal)
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
-                if time.perf_counter() - started < CAUGHT_UP_S:
-                    break
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()
+        # A long read holds an old snapshot that a RESTART would wait for, with the
+        # writers held up behind it: skipped until the read is done.
+        if wal_pages >= restart_pages and _RESTARTS.acquire(blocking=False):
+            try:
+                _restart(conn, wal)
+            finally:
+                _RESTARTS.release()
     return int(wal_pages), int(copied)
+
+
+# Held by a WAL checkpoint's RESTART, and by a long read for as long as it runs.
+_RESTARTS = threading.Lock()
+
+
+@contextmanager
+def long_read() -> Iterator[None]:
+    """Around a read that holds a SQLite WAL snapshot for seconds (a rank snapshot at a
+    million players): no checkpoint RESTARTs meanwhile, so the writers never wait for
+    it. A RESTART under way finishes first (a few milliseconds)."""
+    with _RESTARTS:
+        yield
+
+
+def _restart(conn: Connection, wal: Path | None) -> None:
+    """Catch up with PASSIVE rounds until one is quick, then RESTART the WAL."""
+    for _ in range(CATCH_UP_ROUNDS):
+        started = time.perf_counter()
+        _flush(wal)
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        if time.perf_counter() - started < CAUGHT_UP_S:
+            break
+    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()
 
 
 def _wal_file(engine: Engine) -> Path | None:

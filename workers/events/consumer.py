@@ -43,6 +43,7 @@ from usermgmt.workers.events.batch import Applier, Interrupted
 from usermgmt.workers.events.gc_policy import collect_garbage, tune_gc
 from usermgmt.workers.events.intake import Intake, Key
 from usermgmt.workers.events.lease import STANDBY_POLL_S, Lease
+from usermgmt.workers.events.ranks import READING_POLL_MS, RankRefresher
 from usermgmt.workers.events.store import EventStore
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
@@ -110,12 +111,6 @@ class EventConsumer:
         self.stream_of = {str(kind): stream for stream, kind in self.kinds.items()}
         self.needs_setup = True
         self.logged_waits: set[Order] = set()
-        # Dirty at start-up: a previous worker may have stopped before its refresh.
-        # The clock starts now, so a backlog met at start-up is not held up by a
-        # full re-rank before its first batch; the first idle moment (or
-        # `rank_refresh_s` of continuous load) makes ranks exact.
-        self.ranks_dirty = True
-        self.last_rank_refresh = time.monotonic()
         self.backoff = Backoff()
         # A committed batch's dead letters, cache writes and acks: held until the next
         # read has gone out (`next_entries`), then sent, and their replies read after
@@ -132,6 +127,7 @@ class EventConsumer:
         self.store = EventStore(self.engine, self.stream_of, self.limits)
         self.stats = ConsumerStats()
         self.log: FilteringBoundLogger = log.bind(consumer=consumer)
+        self.ranks = RankRefresher(self.store, self.settings.rank_refresh_s, self.log, metrics)
         self.intake = Intake(self.redis, self.engine, self.settings, consumer, self.kinds, self.log)
         self.applier = Applier(self.store, self.intake, self.settings, stop, self.log)
         # One worker reads new entries at a time (`lease`); a burst run is a one-off.
@@ -172,6 +168,7 @@ class EventConsumer:
                     collect_garbage(self.stats.batches)
                 elif self.on_idle():
                     break
+                self.step_ranks()
                 self.backoff.reset()
             except Interrupted:
                 break
@@ -195,6 +192,7 @@ class EventConsumer:
                 self.needs_setup = True
         self.settle_on_exit()
         self.release_lease()
+        self.ranks.abandon()
         self.refresh_ranks_on_exit()
         self.store.close()
         gc.enable()
@@ -249,7 +247,8 @@ class EventConsumer:
         self.stop.wait(delay)
 
     def on_idle(self) -> bool:
-        """Make ranks exact while nothing arrives; in burst mode, say whether we are done.
+        """Make ranks exact while nothing arrives (a refresh in slices, `step_ranks`,
+        then none while nothing changes); in burst mode, say whether we are done.
 
         `next_entries` sent the last batch's writes before its read blocked; their
         replies are read here, so an idle worker has nothing in flight. Idle means a
@@ -264,8 +263,8 @@ class EventConsumer:
             return False
         if not self.burst and not self.waited_for_entries:
             return False
-        if self.ranks_dirty:
-            self.refresh_ranks()
+        if not self.burst and self.ranks.due(idle=True):
+            self.ranks.start()
         gc.collect()  # also the auth threads' garbage: automatic collection is off
         return self.burst  # drained: what still waits stays recorded, and pending
 
@@ -287,7 +286,7 @@ class EventConsumer:
             self.standing_by = False
             self.log.info("reading new entries (holding the reader lease)")
         intake.buffer += intake.claim_abandoned()
-        if self.unsent is not None:
+        if self.unsent is not None or self.ranks.writing:
             block_ms = None
         elif intake.buffer:
             block_ms = intake.pause_ms
@@ -295,6 +294,8 @@ class EventConsumer:
             block_ms = None if self.burst else BLOCK_MS
             if block_ms is not None and intake.held:  # keep them fresh in time
                 block_ms = max(1, min(block_ms, self.settings.claim_idle_ms // 3))
+            if block_ms is not None and self.ranks.reading:  # its slices start soon
+                block_ms = min(block_ms, READING_POLL_MS)
         self.waited_for_entries = bool(block_ms)
         if block_ms:
             self.settle()  # about to wait: the replies (on a cluster, the acks) go first
@@ -351,7 +352,7 @@ class EventConsumer:
             self.after_commit.write_caches(writes, result.world, result.plan.changes)
             self.stats.expired_sessions += len(result.plan.expired_sessions)
             if result.plan.changes.stats:
-                self.ranks_dirty = True
+                self.ranks.dirty = True
         self.applier.sort_out(batch, results)
         self.stats.applied += batch.applied
         self.stats.duplicates += batch.duplicates
@@ -366,11 +367,8 @@ class EventConsumer:
         self.observe_waiting()
         for _, reason, _ in batch.dead:
             self.stats.dead[str(reason)] += 1
-        if (
-            self.ranks_dirty
-            and time.monotonic() - self.last_rank_refresh >= self.settings.rank_refresh_s
-        ):
-            self.refresh_ranks()
+        if self.ranks.due(idle=False):
+            self.ranks.start()
         self.log.info(
             "batch done",
             entries=len(entries),
@@ -454,10 +452,14 @@ class EventConsumer:
             # Committed but maybe not acked: redelivered later and acked as a duplicate.
             self.log.warning("last batch's acks not confirmed", error=repr(exc))
 
+    def step_ranks(self) -> None:
+        """One slice of a rank refresh under way, between batches (`RankRefresher`)."""
+        self.ranks.step()
+
     def refresh_ranks_on_exit(self) -> None:
         """Leave the `leaderboard` table exact: a worker stopped under load (or right after
         a backlog) may never have been idle since its last batch."""
-        if not self.ranks_dirty:
+        if not self.ranks.dirty:
             return
         try:
             self.refresh_ranks()
@@ -465,12 +467,13 @@ class EventConsumer:
             self.log.warning("ranks not refreshed on exit", error=repr(exc))
 
     def refresh_ranks(self) -> None:
+        """Every rank exact now, in one statement (on the way out: no batch waits for it)."""
+        self.ranks.abandon()
         started = time.perf_counter()
         with self.store.transaction() as conn:
             changed = refresh_ranks(conn)
         self.store.known.forget()  # cached players hold the ranks of before
-        self.ranks_dirty = False
-        self.last_rank_refresh = time.monotonic()
+        self.ranks.dirty = False
         self.log.info(
             "ranks refreshed",
             changed=changed,

@@ -21,6 +21,24 @@ from usermgmt.workers.runtime.redis_info import group_infos, streams_of
 
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000)
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+RANK_STEP_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1,
+)
+RANK_REFRESH_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 AUTH_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -52,6 +70,12 @@ class Metrics:
 
     def observe_conflict(self, kind: str) -> None:
         """A batch's transaction lost to another worker's (`conflict_of`) and is retried."""
+
+    def observe_rank_step(self, seconds: float) -> None:
+        """One slice of a rank refresh written, between event batches."""
+
+    def observe_rank_refresh(self, seconds: float) -> None:
+        """A rank refresh done: from its snapshot's start to its last slice."""
 
     def sample_streams(self, client: Redis, keys: Keys) -> None:
         """Refresh the stream gauges (called periodically, not per entry)."""
@@ -122,6 +146,20 @@ class PrometheusMetrics(Metrics):
             buckets=BOUNDS_S,
             registry=r,
         )
+        self.rank_step = Histogram(
+            "usermgmt_rank_refresh_step_seconds",
+            "One slice of a leaderboard rank refresh, written between event batches "
+            "(event application stands still meanwhile)",
+            buckets=RANK_STEP_BUCKETS,
+            registry=r,
+        )
+        self.rank_refresh = Histogram(
+            "usermgmt_rank_refresh_seconds",
+            "A whole leaderboard rank refresh: its snapshot read beside the event path, "
+            "then its slices written",
+            buckets=RANK_REFRESH_BUCKETS,
+            registry=r,
+        )
         self.auth_requests = Counter(
             "usermgmt_auth_requests",
             "Auth requests handled, by op and outcome (ok or an error code)",
@@ -185,6 +223,12 @@ class PrometheusMetrics(Metrics):
 
     def observe_conflict(self, kind: str) -> None:
         self.conflicts.labels(kind).inc()
+
+    def observe_rank_step(self, seconds: float) -> None:
+        self.rank_step.observe(seconds)
+
+    def observe_rank_refresh(self, seconds: float) -> None:
+        self.rank_refresh.observe(seconds)
 
     def observe_auth(self, op: str, outcome: str, seconds: float) -> None:
         self.auth_requests.labels(op, outcome).inc()
