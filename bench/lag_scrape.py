@@ -20,20 +20,21 @@ METRIC = "usermgmt_event_lag_seconds"
 Histogram = dict[float, float]  # upper bound (s) -> cumulative count
 
 
-def scrape(port: int) -> Histogram:
-    """The lag histogram of the worker serving metrics on `port`, summed over streams."""
+def scrape(port: int, metric: str = METRIC) -> Histogram:
+    """A histogram (the lag unless `metric` says) of the worker serving metrics on
+    `port`, summed over its labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return parse(reply.read().decode())
+        return parse(reply.read().decode(), metric)
 
 
-def parse(text: str) -> Histogram:
-    """The lag histogram in a Prometheus text exposition, summed over streams."""
+def parse(text: str, metric: str = METRIC) -> Histogram:
+    """A histogram in a Prometheus text exposition, summed over its labels."""
     cumulative: Histogram = {}
     for family in text_string_to_metric_families(text):
-        if family.name != METRIC:
+        if family.name != metric:
             continue
         for sample in family.samples:
-            if sample.name == f"{METRIC}_bucket":
+            if sample.name == f"{metric}_bucket":
                 bound = float(sample.labels["le"])
                 cumulative[bound] = cumulative.get(bound, 0.0) + sample.value
     return cumulative

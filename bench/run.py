@@ -64,6 +64,11 @@ DRAIN_SLOWEST = 1_000  # entries/s: the slowest drain the bound still waits for
 REMATCH_SEED = 8
 REMATCH_TARGET = 0.85  # rematch throughput / main throughput, measured in the same run
 LATENCY_TARGET_MS = 50.0  # p99, on either backend
+RANK_STEP_TARGET_MS = 50.0  # longest stand-still of event application for a rank refresh
+RANK_REFRESH_S = 2  # scenario 10: the worker's USERMGMT_RANK_REFRESH_S
+RANK_STEP_METRIC = "usermgmt_rank_refresh_step_seconds"
+RANK_REFRESH_METRIC = "usermgmt_rank_refresh_seconds"
+BATCH_SECONDS_METRIC = "usermgmt_event_batch_duration_seconds"
 SQLITE, POSTGRES = "sqlite", "postgresql"
 SCALEOUT_WORKERS = (1, 2, 4)
 BACKEND_NAMES = {SQLITE: "SQLite", POSTGRES: "PostgreSQL"}
@@ -209,6 +214,7 @@ class Bench:
         prefix: str,
         batch_size: int | None = None,
         log_level: str = "warning",
+        extra_env: dict[str, str] | None = None,
     ) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -221,6 +227,7 @@ class Bench:
         )
         if batch_size is not None:
             env["USERMGMT_BATCH_SIZE"] = str(batch_size)
+        env.update(extra_env or {})
         return env
 
     def worker(
@@ -231,11 +238,12 @@ class Bench:
         batch_size: int | None = None,
         log_level: str = "warning",
         log_name: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         with (self.work / f"worker-{log_name or prefix}.log").open("wb") as log_file:
             return subprocess.Popen(
                 [str(USERMGMT), "worker", *args],
-                env=self.env(db_url, prefix, batch_size, log_level),
+                env=self.env(db_url, prefix, batch_size, log_level, extra_env),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
@@ -588,6 +596,68 @@ class Bench:
                 publisher.halt.set()
             end_worker(proc)
 
+    def run_ranks(self, rate: float) -> dict[str, Any]:
+        """Rank refreshes at the big population under a steady load (scenario 10).
+
+        Every player starts with nothing earned, so once some have earned, every rank
+        of the others moves: a refresh rewrites nearly every row (as at a million
+        players, where nearly every rank moves between two refreshes). The worker
+        refreshes every `RANK_REFRESH_S` under load; the figures are its own histograms,
+        from the load's start until two refreshes have finished under it: the slices
+        written between batches (each a stand-still of event application) and the
+        event lag meanwhile.
+        """
+        prefix = self.prefix("ranks")
+        keys = Keys(prefix)
+        players = self.mode.big_population
+        result: dict[str, Any] = {"rate": rate, "players": players}
+        port = free_port()
+        url = self.fresh_db(players, "ranks")
+        proc = self.worker(
+            url,
+            prefix,
+            *("--only", "events", "--metrics-port", str(port)),
+            extra_env={"USERMGMT_RANK_REFRESH_S": str(RANK_REFRESH_S)},
+        )
+        publisher: Publisher | None = None
+        try:
+            wait_for(lambda: _groups_ready(self.redis, keys, False), 60, "the consumer groups")
+            # The worker's start-up refresh, while idle: nothing to rewrite yet.
+            wait_for(lambda: refreshes(port) >= 1, 60, "the start-up rank refresh")
+            games = Games(players, 10, "rk")
+            publisher = Publisher(self.redis, keys, games, rate)
+            lag_before = lag_scrape.scrape(port)
+            steps_before = lag_scrape.scrape(port, RANK_STEP_METRIC)
+            batches_before = lag_scrape.scrape(port, BATCH_SECONDS_METRIC)
+            done_before = refreshes(port)
+            started = time.perf_counter()
+            publisher.start()
+            wait_for(
+                lambda: refreshes(port) >= done_before + 2,
+                drain_timeout(players),
+                "two rank refreshes under load",
+            )
+            result["seconds"] = time.perf_counter() - started
+            result["refreshes"] = refreshes(port) - done_before
+            steps = lag_scrape.window(steps_before, lag_scrape.scrape(port, RANK_STEP_METRIC))
+            result.update(slices(steps))
+            batches = lag_scrape.window(
+                batches_before, lag_scrape.scrape(port, BATCH_SECONDS_METRIC)
+            )
+            result["longest_batch_ms"] = max(bound for bound, count in batches if count)
+            result["lag"] = measured(lag_before, lag_scrape.scrape(port))
+            publisher.finish()
+            ids = publisher.ids
+            wait_for(lambda: all_acked(self.redis, keys, ids), 120, "the ranks run's entries")
+            stop_worker(proc)
+            self.check("ranks", url, keys, games, players)
+        finally:
+            if publisher is not None:
+                publisher.halt.set()
+            end_worker(proc)
+            self.cleanup(prefix)
+        return result
+
     def run_raw_bcrypt(self, threads: int) -> float:
         hashed = bcrypt.hashpw(workload.PASSWORD.encode(), bcrypt.gensalt(self.mode.bcrypt_rounds))
         per_thread = max(4, self.mode.logins // threads // 2)
@@ -736,6 +806,22 @@ def measured(before: lag_scrape.Histogram, after: lag_scrape.Histogram) -> dict[
     if not sum(count for _, count in buckets):
         raise BenchFailure("no entry was acked in the measured window")
     return {**lag_scrape.summary(buckets), "buckets": buckets}
+
+
+def slices(buckets: list[tuple[float, int]]) -> dict[str, Any]:
+    """The rank refresh's slices in a window: how many, p99, the longest, how many too long."""
+    return {
+        "steps": sum(count for _, count in buckets),
+        "p99_step_ms": lag_scrape.quantile(buckets, 0.99),
+        "longest_step_ms": max(bound for bound, count in buckets if count),
+        "steps_over_target": sum(c for bound, c in buckets if bound > RANK_STEP_TARGET_MS),
+        "step_buckets": buckets,
+    }
+
+
+def refreshes(port: int) -> int:
+    """Rank refreshes the worker serving metrics on `port` has finished."""
+    return round(lag_scrape.scrape(port, RANK_REFRESH_METRIC).get(math.inf, 0.0))
 
 
 def free_port() -> int:
@@ -1004,6 +1090,16 @@ def step_logins(bench: Bench) -> None:
     r["auth"]["flood"] = bench.run_latency(r["usermgmt"]["entries_per_s"] / 2, with_logins=True)
 
 
+def step_ranks(bench: Bench) -> None:
+    """At a quarter of the main drain's rate: a load the worker keeps up with."""
+    r = bench.results
+    r["ranks"] = bench.run_ranks(r["usermgmt"]["entries_per_s"] / 4)
+    log(
+        f"rank refresh at {r['ranks']['players']:,} players: {r['ranks']['steps']} slices, "
+        f"longest <= {r['ranks']['longest_step_ms']:.0f} ms"
+    )
+
+
 def step_memory(bench: Bench) -> None:
     mode = bench.mode
     bench.results["memory"] = bench.drain("mem", mode.population, mode.memory_entries, seed=6)
@@ -1031,6 +1127,7 @@ STEPS: dict[str, Callable[[Bench], None]] = {
     "population": step_population,
     "latency": step_latency,
     "logins": step_logins,
+    "ranks": step_ranks,
     "memory": step_memory,
     "scaleout": step_scaleout,
     "profile": step_profile,
@@ -1041,6 +1138,7 @@ NEEDS: dict[str, frozenset[str]] = {
     "population": frozenset({"main"}),
     "latency": frozenset({"main", "main_pg"}),
     "logins": frozenset({"main"}),
+    "ranks": frozenset({"main"}),
 }
 
 
@@ -1144,6 +1242,7 @@ def render(r: dict[str, Any], mode: Mode) -> str:
         *population_rows(r, mode),
         *latency_rows(r),
         *auth_rows(r, mode),
+        *ranks_rows(r),
         *memory_rows(r),
         *rematch_rows(r),
         *scaleout_rows(r),
@@ -1273,6 +1372,27 @@ def latency_rows(r: dict[str, Any]) -> list[Row]:
                 )
             )
     return rows
+
+
+def ranks_rows(r: dict[str, Any]) -> list[Row]:
+    if "ranks" not in r:
+        return []
+    ranks, lag = r["ranks"], r["ranks"]["lag"]
+    return [
+        (
+            "10. rank refresh at a big population",
+            f"{ranks['players']:,} players under {ranks['rate']:,.0f} entries/s: "
+            f"{ranks['refreshes']} refreshes (every {RANK_REFRESH_S} s, nearly every row "
+            f"rewritten) in {ranks['seconds']:.1f} s, {ranks['steps']:,} slices between "
+            f"batches, p99 {ranks['p99_step_ms']:.1f} ms, the longest <= "
+            f"{ranks['longest_step_ms']:.0f} ms ({ranks['steps_over_target']} over "
+            f"{RANK_STEP_TARGET_MS:.0f} ms; the longest event batch meanwhile <= "
+            f"{ranks['longest_batch_ms']:.0f} ms); event lag meanwhile p50 "
+            f"{lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, max <= {lag['max_ms']:.0f} ms",
+            f"each slice <= {RANK_STEP_TARGET_MS:.0f} ms",
+            verdict(ranks["longest_step_ms"] <= RANK_STEP_TARGET_MS),
+        )
+    ]
 
 
 def auth_rows(r: dict[str, Any], mode: Mode) -> list[Row]:
