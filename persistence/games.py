@@ -31,6 +31,8 @@ _SESSION_COLUMNS = (
     "SELECT id, session_id, status, meta, end_reason, created_at, updated_at, ended_at "
     "FROM game_sessions WHERE "
 )
+# The types of the columns rows are looked up by (`Driver.member_of` on PostgreSQL).
+_COLUMN_TYPES = {"u.username_key": "text", "u.id": "bigint", "session_id": "text", "id": "bigint"}
 
 
 # Event transactions on PostgreSQL take this lock first: decisions are made one batch
@@ -69,12 +71,8 @@ def load_world(
         world = new_world()
     world.processed = set()
     world.also_touched = {}
-    for chunk in chunks(sorted(set(event_ids))):
-        rows = db.rows(
-            "SELECT event_id, touched FROM processed_events "  # noqa: S608
-            f"WHERE event_id IN ({marks(len(chunk))})",
-            chunk,
-        )
+    for where, params in db.member_of("event_id", sorted(set(event_ids)), "text"):
+        rows = db.rows(f"SELECT event_id, touched FROM processed_events WHERE {where}", params)  # noqa: S608
         for event_id, touched in rows:
             world.processed.add(event_id)
             if touched:
@@ -114,12 +112,11 @@ def load_world(
 def _memberships(db: Driver, column: str, values: list[int]) -> list[tuple[int, int, str]]:
     """(user id, session pk, session id) of live rosters, by user or by session."""
     found: list[tuple[int, int, str]] = []
-    for chunk in chunks(values):
+    for where, params in db.member_of(f"p.{column}", values, "bigint"):
         found += db.rows(
             "SELECT p.user_id, p.session_pk, g.session_id FROM session_players p "  # noqa: S608
-            f"JOIN game_sessions g ON g.id = p.session_pk "
-            f"WHERE p.{column} IN ({marks(len(chunk))})",
-            chunk,
+            f"JOIN game_sessions g ON g.id = p.session_pk WHERE {where}",
+            params,
         )
     return found
 
@@ -133,11 +130,11 @@ def _load_players(
     db: Driver, world: World, column: str, values: list[Any], lock: bool
 ) -> list[Player]:
     loaded: list[Player] = []
-    for chunk in chunks(values):
-        query = f"{_PLAYER_COLUMNS}{column} IN ({marks(len(chunk))}) ORDER BY u.id"
+    for where, params in db.member_of(column, values, _COLUMN_TYPES[column]):
+        query = f"{_PLAYER_COLUMNS}{where} ORDER BY u.id"
         if lock:
             query += " FOR UPDATE"
-        for uid, name, key, wallet, sid, wins, losses, earned, rank in db.rows(query, chunk):
+        for uid, name, key, wallet, sid, wins, losses, earned, rank in db.rows(query, params):
             player = Player(uid, name, sid, wallet, wins, losses, earned, rank)
             world.add_player(key, player)
             loaded.append(player)
@@ -148,11 +145,11 @@ def _load_sessions(
     db: Driver, world: World, column: str, values: list[Any], lock: bool
 ) -> list[Session]:
     loaded: list[Session] = []
-    for chunk in chunks(values):
-        query = f"{_SESSION_COLUMNS}{column} IN ({marks(len(chunk))}) ORDER BY id"
+    for where, params in db.member_of(column, values, _COLUMN_TYPES[column]):
+        query = f"{_SESSION_COLUMNS}{where} ORDER BY id"
         if lock:
             query += " FOR UPDATE"
-        for pk, session_id, status, meta, reason, created, updated, ended in db.rows(query, chunk):
+        for pk, session_id, status, meta, reason, created, updated, ended in db.rows(query, params):
             session = world.sessions[session_id] = Session(
                 session_id=session_id,
                 status=status,
@@ -219,28 +216,8 @@ _SESSION_ROW = 7  # columns of one inserted session
 def _write_sessions(db: Driver, changes: Changes) -> None:
     new = [s for s in changes.sessions.values() if s.pk is None]
     old = [s for s in changes.sessions.values() if s.pk is not None]
-    # One multi-row INSERT ... RETURNING per chunk: the new primary keys in one trip.
-    for chunk in chunks(new, CHUNK // _SESSION_ROW):
-        values: list[Any] = []
-        for s in chunk:
-            values += (
-                s.session_id,
-                s.status,
-                _meta(s),
-                s.end_reason,
-                db.time(s.created_at),
-                db.time(s.updated_at),
-                db.time(s.ended_at),
-            )
-        row_marks = f"({marks(_SESSION_ROW)})"
-        rows = db.rows(
-            "INSERT INTO game_sessions (session_id, status, meta, end_reason, created_at, "  # noqa: S608
-            f"updated_at, ended_at) VALUES {', '.join([row_marks] * len(chunk))} "
-            "RETURNING id, session_id",
-            values,
-        )
-        for pk, session_id in rows:
-            changes.sessions[session_id].pk = pk
+    for pk, session_id in _insert_sessions(db, new):
+        changes.sessions[session_id].pk = pk
     old.sort(key=_pk)
     if _postgres(db):
         db.unnest(
@@ -263,6 +240,46 @@ def _write_sessions(db: Driver, changes: Changes) -> None:
             for s in old
         ],
     )
+
+
+def _insert_sessions(db: Driver, sessions: list[Session]) -> list[tuple[int, str]]:
+    """Insert new sessions; their (primary key, session id) in one trip per statement:
+    one `INSERT ... SELECT FROM unnest(...)` on PostgreSQL, multi-row `VALUES` chunks on
+    SQLite."""
+    rows = [
+        (
+            s.session_id,
+            s.status,
+            _meta(s),
+            s.end_reason,
+            db.time(s.created_at),
+            db.time(s.updated_at),
+            db.time(s.ended_at),
+        )
+        for s in sessions
+    ]
+    if not rows:
+        return []
+    insert = (
+        "INSERT INTO game_sessions (session_id, status, meta, end_reason, created_at, "
+        "updated_at, ended_at) "
+    )
+    if _postgres(db):
+        return list(
+            db.rows(
+                f"{insert}SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], "  # noqa: S608
+                "?::timestamptz[], ?::timestamptz[], ?::timestamptz[]) RETURNING id, session_id",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+        )
+    inserted: list[tuple[int, str]] = []
+    row_marks = f"({marks(_SESSION_ROW)})"
+    for chunk in chunks(rows, CHUNK // _SESSION_ROW):
+        inserted += db.rows(
+            f"{insert}VALUES {', '.join([row_marks] * len(chunk))} RETURNING id, session_id",
+            [value for row in chunk for value in row],
+        )
+    return inserted
 
 
 def _write_membership(db: Driver, world: World, changes: Changes) -> None:

@@ -7,7 +7,7 @@ SQLAlchemy Core, where a statement's cost does not matter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -69,6 +69,24 @@ class Driver:
     def many(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
         if rows:
             self._call(True, statement, rows)
+
+    def member_of(
+        self, column: str, values: Sequence[Any], pg_type: str
+    ) -> Iterator[tuple[str, Sequence[Any]]]:
+        """`column IN (values)` as conditions with their parameters, for one query each.
+
+        PostgreSQL: one `column = ANY(?::pg_type[])`, whatever the count, so the
+        statement's text never changes: psycopg prepares it once, and neither the
+        server plans it nor the driver parses it again (an `IN` list of another length
+        is another statement, planned and parsed anew). SQLite: chunks of `?` marks.
+        """
+        if not values:
+            return
+        if self.dialect.name == "postgresql":
+            yield f"{column} = ANY(?::{pg_type}[])", (list(values),)
+            return
+        for chunk in chunks(values):
+            yield f"{column} IN ({marks(len(chunk))})", chunk
 
     def unnest(self, statement: str, rows: Sequence[Sequence[Any]], *first: Any) -> None:
         """One PostgreSQL statement for all `rows`: its parameters are `first`, then one
