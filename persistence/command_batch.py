@@ -123,6 +123,10 @@ class InFlight:
             conn.disconnect()
             self.pool.release(conn)
 
+    def answered(self) -> bool:
+        """Whether the server has begun to answer: reading the replies will not wait long."""
+        return self.conn is None or bool(self.conn.can_read(timeout=0))
+
     def wait(self) -> list[Any]:
         """Every reply; the first error reply is raised once all were read."""
         return _raise_first_error(self.replies())
@@ -147,6 +151,10 @@ class ClusterInFlight:
                 break
             self.sent = self._send(self.stages.pop(0))
         return _raise_first_error([reply for part in self.replies for reply in part])
+
+    def answered(self) -> bool:
+        """Whether every node has begun to answer, with no stage left to send."""
+        return not self.stages and all(in_flight.answered() for in_flight, _ in self.sent)
 
     def abandon(self) -> None:
         """Drop every connection unread and the stages not sent (a crash in tests)."""

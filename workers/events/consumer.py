@@ -342,9 +342,13 @@ class EventConsumer:
         started = time.perf_counter()
         try:
             batch = self.applier.check(entries)
+            if self.in_flight is not None and self.in_flight.answered():
+                # The last batch's writes are done: their acks count from now, not from
+                # after this batch's SQL (an entry's lag is measured when they are read).
+                self.settle()
             results = self.applier.apply(batch)
-        except DATABASE_ERRORS:
-            self.intake.give_back(entries)  # rolled back: decided again on the next pass
+        except (*DATABASE_ERRORS, *REDIS_ERRORS):
+            self.intake.give_back(entries)  # not committed: decided again on the next pass
             raise
         self.settle()  # the previous batch's replies, read while this one's SQL ran
         writes = cache.CommandBatch()
