@@ -283,7 +283,7 @@ def publish(
 # -- draining, with crashes -----------------------------------------------------------
 
 
-STEPS = ("next_entries", "handle", "flush", "settle", "keep_fresh", "refresh_ranks")
+STEPS = ("next_entries", "handle", "flush", "settle", "keep_fresh", "step_ranks", "refresh_ranks")
 
 
 def crash_at(consumer: EventConsumer, points: set[int], counter: Iterator[int]) -> None:
