@@ -1572,6 +1572,13 @@ NOTES = """Notes:
   cores busy in that window: the workers, every `postgres` process (reaped backends
   included), `redis-server`, the bench itself, and the rest of the (shared) machine;
   per-worker counts come from the workers' logs. No target: a measurement.
+- Rank refreshes (10) run at the big population (200k quick, 1M full) with
+  `USERMGMT_RANK_REFRESH_S=2`, under a steady quarter of the main drain's rate, until two
+  refreshes have finished under load. Everyone starts with nothing earned, so once some
+  have earned nearly every other rank moves and a refresh rewrites nearly every row. A
+  slice is one transaction of rank writes between two batches: event application stands
+  still that long (`usermgmt_rank_refresh_step_seconds`; the longest is the bound of its
+  bucket). The event lag is measured over the same window, refreshes back to back.
 """
 
 
