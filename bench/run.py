@@ -617,7 +617,12 @@ class Bench:
             url,
             prefix,
             *("--only", "events", "--metrics-port", str(port)),
-            extra_env={"USERMGMT_RANK_REFRESH_S": str(RANK_REFRESH_S)},
+            # At a million players the run outlasts the user hashes' 5 minutes, and the
+            # check reads every player's hash.
+            extra_env={
+                "USERMGMT_RANK_REFRESH_S": str(RANK_REFRESH_S),
+                "USERMGMT_USER_CACHE_TTL": "3600",
+            },
         )
         publisher: Publisher | None = None
         try:
