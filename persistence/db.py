@@ -64,7 +64,7 @@ def _configure_sqlite(engine: Engine, autocheckpoint_pages: int) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # A batch of games touches thousands of random player rows in three tables: a
         # 64 MiB page cache (default 2 MiB) and a checkpoint every ~80 MB of WAL (default
@@ -81,6 +81,11 @@ def _configure_sqlite(engine: Engine, autocheckpoint_pages: int) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+BUSY_TIMEOUT_MS = 5_000
+# A RESTART holds new writers while it waits for readers of older snapshots: it gives
+# up after this long (a long read in another process, which `long_read` cannot see),
+# and a later one copies what is left.
+RESTART_WAIT_MS = 50
 RESTART_PAGES = 16_000  # ~64 MB of WAL (`journal_size_limit`): then start it over
 CATCH_UP_ROUNDS = 6
 CAUGHT_UP_S = 0.003  # a round this short left the WAL nearly all copied
@@ -170,7 +175,11 @@ def _restart(conn: Connection, wal: Path | None) -> None:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
         if time.perf_counter() - started < CAUGHT_UP_S:
             break
-    conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()
+    conn.exec_driver_sql(f"PRAGMA busy_timeout={RESTART_WAIT_MS:d}")
+    try:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)").one()
+    finally:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
 
 
 def _wal_file(engine: Engine) -> Path | None:

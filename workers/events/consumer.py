@@ -264,7 +264,7 @@ class EventConsumer:
         if not self.burst and not self.waited_for_entries:
             return False
         if not self.burst and self.ranks.due(idle=True):
-            self.ranks.start()
+            self.begin_rank_refresh()
         gc.collect()  # also the auth threads' garbage: automatic collection is off
         return self.burst  # drained: what still waits stays recorded, and pending
 
@@ -284,6 +284,7 @@ class EventConsumer:
             return []
         if self.standing_by:
             self.standing_by = False
+            self.ranks.dirty = True  # the worker that read meanwhile may have left them so
             self.log.info("reading new entries (holding the reader lease)")
         intake.buffer += intake.claim_abandoned()
         if self.unsent is not None or self.ranks.writing:
@@ -308,6 +309,9 @@ class EventConsumer:
         """Another worker reads new entries: stay ready, with nothing in hand."""
         if not self.standing_by:
             self.standing_by = True
+            # The new reader refreshes ranks: an older snapshot written after its newer
+            # one would leave the table stale once idle.
+            self.ranks.abandon(wait=False)
             self.log.info(
                 "standing by: another worker reads new entries", reader=self.lease.holder()
             )
@@ -372,7 +376,7 @@ class EventConsumer:
         for _, reason, _ in batch.dead:
             self.stats.dead[str(reason)] += 1
         if self.ranks.due(idle=False):
-            self.ranks.start()
+            self.begin_rank_refresh()
         self.log.info(
             "batch done",
             entries=len(entries),
@@ -455,6 +459,15 @@ class EventConsumer:
         except (*REDIS_ERRORS, ResponseError) as exc:
             # Committed but maybe not acked: redelivered later and acked as a duplicate.
             self.log.warning("last batch's acks not confirmed", error=repr(exc))
+
+    def begin_rank_refresh(self) -> None:
+        """In slices beside the hot path when this worker is the one reader (the lease);
+        in one statement now when several may read (no lease, or a burst run): two
+        workers' snapshots written in slices could interleave, an older one last."""
+        if self.lease.enabled:
+            self.ranks.start()
+        else:
+            self.refresh_ranks()
 
     def step_ranks(self) -> None:
         """One slice of a rank refresh under way, between batches (`RankRefresher`)."""

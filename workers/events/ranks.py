@@ -70,7 +70,9 @@ class RankRefresher:
         self.started = 0.0
         self.last_duration = 0.0  # of the last refresh, from its snapshot to its last slice
         self.reader: threading.Thread | None = None
-        self.read: RankSnapshot | BaseException | None = None  # what the reader left
+        # What the reader leaves: one list per read, so a read dropped by `abandon(wait=
+        # False)` that ends later writes only to its own.
+        self.read: list[RankSnapshot | BaseException] = []
         self.snapshot: RankSnapshot | None = None  # read, being written
         self.written = 0
         self.step_rows = FIRST_STEP_ROWS
@@ -98,11 +100,13 @@ class RankRefresher:
         self.dirty = False  # a batch committed from now on is not in this snapshot
         self.last_snapshot = time.monotonic()
         self.started = time.perf_counter()
-        self.read = None
-        self.reader = threading.Thread(target=self._read, name="rank-snapshot", daemon=True)
+        self.read = []
+        self.reader = threading.Thread(
+            target=self._read, args=(self.read,), name="rank-snapshot", daemon=True
+        )
         self.reader.start()
 
-    def _read(self) -> None:
+    def _read(self, into: list[RankSnapshot | BaseException]) -> None:
         try:
             sqlite = is_sqlite(self.engine)
             with long_read() if sqlite else nullcontext(), self.engine.connect() as conn:
@@ -113,9 +117,9 @@ class RankRefresher:
                 if sqlite:
                     conn.invalidate()  # not pooled: its page cache filled with every row
         except BaseException as exc:  # handed to the consumer's thread by `step`
-            self.read = exc
+            into.append(exc)
         else:
-            self.read = snapshot
+            into.append(snapshot)
 
     def step(self) -> bool:
         """Write the next slice of a snapshot already read; returns whether one was.
@@ -128,7 +132,7 @@ class RankRefresher:
                 return False
             self.reader.join()
             self.reader = None
-            read, self.read = self.read, None
+            read = self.read[0] if self.read else None
             if not isinstance(read, RankSnapshot):
                 self.dirty = True  # taken again at the next chance
                 self.log.warning("rank snapshot failed; ranks refreshed later", error=repr(read))
@@ -178,10 +182,11 @@ class RankRefresher:
         self.metrics.observe_rank_refresh(seconds)
         self.log.info("ranks refreshed", changed=len(snapshot), duration_ms=round(seconds * 1000))
 
-    def abandon(self) -> None:
-        """Drop a refresh under way (after its read, if one runs); the ranks stay dirty."""
+    def abandon(self, wait: bool = True) -> None:
+        """Drop a refresh under way; the ranks stay dirty. `wait`: for a read that runs
+        (else it ends on its own, its snapshot unused)."""
         if self.reader is not None or self.snapshot is not None:
             self.dirty = True
-        if self.reader is not None:
+        if self.reader is not None and wait:
             self.reader.join()
-        self.reader, self.read, self.snapshot = None, None, None
+        self.reader, self.read, self.snapshot = None, [], None
