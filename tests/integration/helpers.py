@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,3 +118,20 @@ def roster(services: Services, session_id: str) -> list[str]:
             s=session_id,
         )
     ]
+
+
+def apply_available(worker: EventConsumer) -> None:
+    """Apply what the streams hold, batch by batch, as the run loop does but without its
+    rank steps or idle pass, keeping the consumer's connection and world."""
+    if worker.needs_setup:
+        worker.setup()
+    for _ in range(1_000):
+        entries = worker.next_entries()
+        if entries:
+            worker.handle(entries)
+        elif not worker.buffer:
+            break
+        else:  # entries of the server's current millisecond wait for the next one
+            time.sleep(0.001)
+    worker.flush()
+    worker.settle()

@@ -18,7 +18,13 @@ import pytest
 from sqlalchemy import Connection, text
 
 from tests.conftest import Backend
-from tests.integration.helpers import add_players, dead_letters, publish, services_for
+from tests.integration.helpers import (
+    add_players,
+    apply_available,
+    dead_letters,
+    publish,
+    services_for,
+)
 from usermgmt.domain.ranking import competition_ranks
 from usermgmt.persistence.ranking import (
     RankSnapshot,
@@ -219,24 +225,6 @@ def play_one(backend: Backend, session_id: str, winner: str, loser: str, earned:
             {"username": loser, "outcome": "loss", "earnings": 0},
         ],
     )
-
-
-def apply_available(worker: EventConsumer) -> None:
-    """Apply what the streams hold, batch by batch, as the run loop does but without its
-    rank steps or idle pass (a burst worker's reads never block)."""
-    assert worker.burst
-    if worker.needs_setup:
-        worker.setup()
-    for _ in range(1_000):
-        entries = worker.next_entries()
-        if entries:
-            worker.handle(entries)
-        elif not worker.buffer:
-            break
-        else:  # entries of the server's current millisecond wait for the next one
-            time.sleep(0.001)
-    worker.flush()
-    worker.settle()
 
 
 def idle_refresh(worker: EventConsumer) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 
 from tests.conftest import Backend
-from tests.integration.helpers import add_players, publish, rows, services_for
+from tests.integration.helpers import add_players, apply_available, publish, rows, services_for
 from tests.integration.replay_helpers import results
 from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.persistence.games import new_world
@@ -29,23 +28,6 @@ def play(backend: Backend, session_id: str, *outcomes: tuple[str, str, int]) -> 
     names = [name for name, _, _ in outcomes]
     publish(redis, keys, "update", session_id=session_id, players=names)
     publish(redis, keys, "terminate", session_id=session_id, results=results(*outcomes))
-
-
-def apply_available(worker: EventConsumer) -> None:
-    """Apply what the streams hold, keeping the consumer's connection and world (no idle
-    step: its rank refresh would make the worker forget its world anyway)."""
-    if worker.needs_setup:
-        worker.setup()
-    for _ in range(1_000):
-        entries = worker.next_entries()
-        if entries:
-            worker.handle(entries)
-        elif not worker.buffer:
-            break
-        else:  # entries of the server's current millisecond wait for the next one
-            time.sleep(0.001)
-    worker.flush()
-    worker.settle()
 
 
 def test_a_change_committed_by_another_connection_is_seen_by_the_next_batch(
