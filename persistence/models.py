@@ -107,7 +107,9 @@ class GameResult(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     session_pk: Mapped[int] = mapped_column(ForeignKey("game_sessions.id"))
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    # No index of its own: nothing reads results by player, and users are never
+    # deleted; each result would dirty a random page of it (migration 0004).
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     outcome: Mapped[str] = mapped_column(String(8))
     earnings: Mapped[int] = mapped_column(BigInteger)
 
