@@ -40,7 +40,7 @@ from usermgmt.persistence.keys import EVENTS_GROUP
 from usermgmt.persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from usermgmt.workers.events.after_commit import AfterCommit
 from usermgmt.workers.events.batch import Applier, Interrupted
-from usermgmt.workers.events.gc_policy import collect_garbage, tune_gc
+from usermgmt.workers.events.gc_policy import BetweenBatches, tune_gc
 from usermgmt.workers.events.intake import Intake, Key
 from usermgmt.workers.events.lease import STANDBY_POLL_S, Lease
 from usermgmt.workers.events.ranks import READING_POLL_MS, RankRefresher
@@ -126,6 +126,7 @@ class EventConsumer:
         self.limits = self.settings.limits()
         self.store = EventStore(self.engine, self.stream_of, self.limits)
         self.stats = ConsumerStats()
+        self.garbage = BetweenBatches()
         self.log: FilteringBoundLogger = log.bind(consumer=consumer)
         self.ranks = RankRefresher(self.store, self.settings.rank_refresh_s, self.log, metrics)
         self.intake = Intake(self.redis, self.engine, self.settings, consumer, self.kinds, self.log)
@@ -165,7 +166,7 @@ class EventConsumer:
                 if entries or self.expiry_due():
                     self.handle(entries)
                     del entries
-                    collect_garbage(self.stats.batches)
+                    self.garbage.collect()
                 elif self.on_idle():
                     break
                 self.step_ranks()
