@@ -25,6 +25,7 @@ VARIABLES = (
     "RANK_REFRESH_S",
     "BATCH_SIZE",
     "AUTH_CONCURRENCY",
+    "AUTH_NICE",
     "RETRY_DELAY_MS",
     "CONSUMER_IDLE_REMOVE_S",
 )
@@ -53,6 +54,15 @@ def test_defaults_follow_the_spec() -> None:
     assert settings.starting_wallet == 0
     assert settings.log_format is None  # decided by whether stderr is a terminal
     assert settings.auth_concurrency >= 1
+    assert settings.auth_nice == "idle"
+
+
+@pytest.mark.parametrize(("given", "read"), [("idle", "idle"), ("0", 0), ("10", 10), ("19", 19)])
+def test_the_auth_threads_priority_is_idle_or_a_nice_value(
+    monkeypatch: pytest.MonkeyPatch, given: str, read: object
+) -> None:
+    monkeypatch.setenv("USERMGMT_AUTH_NICE", given)
+    assert load().auth_nice == read
 
 
 def test_every_spec_variable_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,6 +138,10 @@ BAD_VALUES = [
     ("BATCH_SIZE", "0"),
     ("AUTH_CONCURRENCY", "0"),
     ("AUTH_CONCURRENCY", "two"),
+    ("AUTH_NICE", "20"),
+    ("AUTH_NICE", "-1"),
+    ("AUTH_NICE", "lazy"),
+    ("AUTH_NICE", "1.5"),
     ("RETRY_DELAY_MS", "1"),
     ("CONSUMER_IDLE_REMOVE_S", "-1"),
 ]

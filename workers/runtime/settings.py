@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     # One event worker reads new entries at a time, the others stand by (`events.lease`).
     events_lease: bool = True
     auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
-    auth_nice: int = Field(10, ge=0, le=19)
+    # The bcrypt threads' CPU priority: `idle` (Linux SCHED_IDLE), or a nice value.
+    auth_nice: Literal["idle"] | int = "idle"
     retry_delay_ms: int = Field(1_000, ge=10)
     consumer_idle_remove_s: float = Field(3_600.0, gt=0)
     # Event streams keep entries this long (never an unapplied one); replay and restore
@@ -60,6 +61,19 @@ class Settings(BaseSettings):
             max_wait_ms=round(self.max_wait_s * 1000),
             session_timeout_ms=round(self.session_timeout_s * 1000),
         )
+
+    @field_validator("auth_nice", mode="before")
+    @classmethod
+    def _auth_nice(cls, value: object) -> object:
+        if value == "idle":
+            return value
+        try:
+            nice = int(str(value))
+        except ValueError:
+            nice = -1
+        if not 0 <= nice <= 19:
+            raise ValueError("must be idle or a nice value from 0 to 19")
+        return nice
 
     @field_validator("redis_url")
     @classmethod
