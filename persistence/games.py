@@ -311,7 +311,8 @@ def _write_membership(db: Driver, world: World, changes: Changes) -> None:
 
 
 def _write_stats(db: Driver, world: World, changes: Changes) -> None:
-    """A batch's results aggregated per player: one row update per player and table.
+    """A batch's results aggregated per player: one row update per player and table
+    (no wallet update for a player who earned nothing: it would still rewrite the row).
 
     On PostgreSQL one `UPDATE ... FROM unnest(...)` per table: every row it updates is
     locked already (`load_world` reads the batch's players `FOR UPDATE`, in id order,
@@ -332,7 +333,7 @@ def _write_stats(db: Driver, world: World, changes: Changes) -> None:
         db.unnest(
             "UPDATE users SET wallet = users.wallet + v.earnings "
             "FROM unnest(?::bigint[], ?::bigint[]) AS v(id, earnings) WHERE users.id = v.id",
-            [(uid, d.earnings) for uid, d in deltas],
+            [(uid, d.earnings) for uid, d in deltas if d.earnings],
         )
         return
     db.many(
@@ -342,7 +343,7 @@ def _write_stats(db: Driver, world: World, changes: Changes) -> None:
     )
     db.many(
         "UPDATE users SET wallet = wallet + ? WHERE id = ?",
-        [(d.earnings, uid) for uid, d in deltas],
+        [(d.earnings, uid) for uid, d in deltas if d.earnings],
     )
     # `leaderboard` (rank and earnings) is a snapshot of `stats` that the rank refresh
     # brings up to date (persistence/ranking.py): writing its earnings here too dirtied

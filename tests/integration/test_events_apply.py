@@ -105,9 +105,11 @@ def test_update_records_the_session_in_sql_and_redis(services: Services, backend
 def test_terminate_credits_results_and_ends_the_session(
     services: Services, backend: Backend
 ) -> None:
-    add_players(services, "alice", "bob", "carol", "dave", wallet=10)
+    add_players(services, "alice", "bob", "carol", "dave", "erin", wallet=10)
     keys = backend.keys
-    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob", "carol"])
+    publish(
+        backend.redis, keys, "update", session_id="s1", players=["alice", "bob", "carol", "dave"]
+    )
     end_id = str(uuid.uuid4())
     publish(
         backend.redis,
@@ -118,6 +120,7 @@ def test_terminate_credits_results_and_ends_the_session(
         results=[
             {"username": "ALICE", "outcome": "win", "earnings": 150},
             {"username": "bob", "outcome": "loss", "earnings": 20},
+            {"username": "carol", "outcome": "loss", "earnings": 0},  # no wallet write
         ],
     )
     drain(services)
@@ -125,15 +128,16 @@ def test_terminate_credits_results_and_ends_the_session(
     assert standings(services) == {
         "alice": (1, 0, 150, 160, 1),
         "bob": (0, 1, 20, 30, 2),
-        "carol": (0, 0, 0, 10, 3),
+        "carol": (0, 1, 0, 10, 3),
         "dave": (0, 0, 0, 10, 3),
+        "erin": (0, 0, 0, 10, 3),
     }
     assert rows(
         services,
         "SELECT g.session_id, u.username, r.outcome, r.earnings FROM game_results r "
         "JOIN users u ON u.id = r.user_id JOIN game_sessions g ON g.id = r.session_pk "
         "ORDER BY u.username",
-    ) == [("s1", "alice", "win", 150), ("s1", "bob", "loss", 20)]
+    ) == [("s1", "alice", "win", 150), ("s1", "bob", "loss", 20), ("s1", "carol", "loss", 0)]
     status, _, end_reason, ended_at = session_row(services, "s1")
     assert (status, end_reason) == ("ended", "completed")
     assert ended_at is not None
@@ -149,8 +153,10 @@ def test_terminate_credits_results_and_ends_the_session(
     alice = text_hash(backend, keys.user("alice"))
     assert "session" not in alice
     assert (alice["earnings"], alice["wallet"], alice["win_count"]) == ("150", "160", "1")
-    carol = text_hash(backend, keys.user("carol"))  # on the roster without a result
-    assert "session" not in carol and carol["earnings"] == "0"
+    carol = text_hash(backend, keys.user("carol"))
+    assert (carol["loss_count"], carol["earnings"], carol["wallet"]) == ("1", "0", "10")
+    dave = text_hash(backend, keys.user("dave"))  # on the roster without a result
+    assert "session" not in dave and dave["earnings"] == "0"
     assert backend.redis.zscore(keys.leaderboard, "alice") == 150
     assert backend.redis.zscore(keys.leaderboard, "bob") == 20
     assert dead_letters(backend.redis, keys) == []
