@@ -15,6 +15,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, Val
 from usermgmt.domain.accounts import Username
 from usermgmt.domain.auth import describe_validation_error
 from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
+from usermgmt.domain.ids import new_event_id
 from usermgmt.domain.payloads import load_object
 
 ACCOUNTS = "accounts"  # the stream kind: `um:{events}:accounts`
@@ -42,7 +43,7 @@ def registration(
 ) -> Registration:
     """A new registration event with a fresh event id."""
     return Registration(
-        event_id=uuid.uuid4(),
+        event_id=new_event_id(),
         user_id=user_id,
         username=username,
         password_hash=password_hash,

@@ -33,6 +33,7 @@ from redis.client import Pipeline
 
 from usermgmt.domain.auth import describe_validation_error
 from usermgmt.domain.events import EventKind, GameEvent, TerminateEvent, UpdateEvent
+from usermgmt.domain.ids import new_event_id
 from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 
@@ -53,7 +54,7 @@ def build_event(kind: EventKind | str, data: Mapping[str, Any]) -> GameEvent:
         raise InvalidEvent(f"{kind} event must be a JSON object, got {type(data).__name__}")
     values = dict(data)
     if values.get("event_id") is None:
-        values["event_id"] = str(uuid.uuid4())
+        values["event_id"] = str(new_event_id())
     try:
         return _MODELS[kind].model_validate(values)
     except ValidationError as exc:

@@ -20,6 +20,7 @@ from typing import Any
 
 from usermgmt.domain.accounts import is_valid_username
 from usermgmt.domain.events import MAX_PLAYERS, EventKind
+from usermgmt.domain.ids import new_event_id
 from usermgmt.workers.sim.players import player_name, player_names
 
 REGIONS = ("eu", "na", "sa", "asia", "oce")
@@ -169,7 +170,7 @@ class _Matchmaker:
         return taken
 
     def emit(self, kind: EventKind, payload: dict[str, Any], after: int | None) -> SimEvent:
-        event = SimEvent(self.index, kind, {"event_id": str(uuid.uuid4()), **payload}, after)
+        event = SimEvent(self.index, kind, {"event_id": str(new_event_id()), **payload}, after)
         self.index += 1
         if kind is EventKind.UPDATE:
             self.expected.updates += 1
