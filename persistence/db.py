@@ -54,7 +54,35 @@ def make_engine(url: str, *, background_checkpoints: bool = False, **kwargs: Any
         _configure_sqlite(engine, 0 if background_checkpoints else WAL_AUTOCHECKPOINT_PAGES)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    engine = create_engine(parsed, **kwargs)
+    _configure_postgresql(engine)
+    return engine
+
+
+# plan_cache_mode exists from PostgreSQL 12 on.
+_PLAN_CACHE_MODE_SINCE = 120_000
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    """Plan every statement for its parameters (`plan_cache_mode=force_custom_plan`).
+
+    psycopg prepares a statement run five times, and the server then settles on one
+    generic plan unless it looks dearer than the plans made so far. The worker's
+    statements look rows up by `= ANY(array)`; planned while the tables were nearly
+    empty, a sequential scan looked cheapest and was kept while the tables grew. At
+    2,400 events/s on a fresh schema the worker fell further behind every second
+    (p99 663-1,092 ms); planned each time, p99 63-97 ms, alternating runs. A statement
+    stays prepared (parsed once); only its planning, a fraction of a millisecond,
+    comes back.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection.info.server_version < _PLAN_CACHE_MODE_SINCE:
+            return
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET plan_cache_mode = force_custom_plan")
+        dbapi_connection.commit()
 
 
 def _configure_sqlite(engine: Engine, autocheckpoint_pages: int) -> None:

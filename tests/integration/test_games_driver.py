@@ -50,3 +50,30 @@ def test_a_locked_sqlite_database_is_an_operational_error(sqlite_url: str) -> No
                     Driver(conn).run("DELETE FROM processed_events")
     finally:
         engine.dispose()
+
+
+def test_postgresql_plans_each_lookup_for_its_own_rows(postgres_url: str) -> None:
+    """psycopg prepares a statement after five runs; the server must still plan it for
+    each call's array (a generic plan made while a table was empty kept a sequential
+    scan as the table grew). `pg_prepared_statements` counts the plans of each kind."""
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    lookup = "SELECT event_id FROM processed_events WHERE "
+    try:
+        with engine.connect() as conn:
+            db = Driver(conn)
+            for run in range(12):
+                ids = [f"00000000-0000-4000-8000-{n:012d}" for n in range(run + 1)]
+                for where, params in db.member_of("event_id", ids, "text"):
+                    assert db.rows(lookup + where, params) == []
+            plans = conn.exec_driver_sql(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE starts_with(statement, 'SELECT event_id FROM processed_events')"
+            ).all()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert len(plans) == 1, "psycopg prepared the lookup"
+    generic, custom = plans[0]
+    assert generic == 0
+    assert custom >= 7  # every run since it was prepared
