@@ -90,13 +90,20 @@ class GameSession(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+# `session_players` and `game_results` name users and sessions without foreign keys
+# (migration 0005): the event worker writes them with ids it read under the batch's
+# lock, and no user or session is ever deleted. On PostgreSQL every inserted row cost
+# a check of each parent row (a row lock on it); the worker's SQLite connection never
+# checked them.
+
+
 class SessionPlayer(Base):
     """The roster of live sessions. Keyed by user: a player is in one live session at most."""
 
     __tablename__ = "session_players"
 
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("game_sessions.id"), index=True)
+    user_id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
+    session_pk: Mapped[int] = mapped_column(Id, index=True)
 
 
 class GameResult(Base):
@@ -106,10 +113,10 @@ class GameResult(Base):
     __table_args__ = (UniqueConstraint("session_pk", "user_id"),)
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("game_sessions.id"))
+    session_pk: Mapped[int] = mapped_column(Id)
     # No index of its own: nothing reads results by player, and users are never
     # deleted; each result would dirty a random page of it (migration 0004).
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    user_id: Mapped[int] = mapped_column(Id)
     outcome: Mapped[str] = mapped_column(String(8))
     earnings: Mapped[int] = mapped_column(BigInteger)
 
