@@ -1244,6 +1244,7 @@ def render(r: dict[str, Any], mode: Mode) -> str:
     rows = [
         *transport_rows(r),
         *main_rows(r, mode),
+        *sweep_rows(r),
         *population_rows(r, mode),
         *latency_rows(r),
         *auth_rows(r, mode),
@@ -1315,6 +1316,25 @@ def main_rows(r: dict[str, Any], mode: Mode) -> list[Row]:
             )
         )
     return rows + main_pg_rows(r, mode)
+
+
+def sweep_rows(r: dict[str, Any]) -> list[Row]:
+    """Issue 12: an entry of a small batch costs at most 1.5x one of a large batch."""
+    if "sweep" not in r:
+        return []
+    by_size = sorted(r["sweep"], key=lambda s: s["batch_size"])
+    small, large = by_size[0], by_size[-1]
+    ratio = large["entries_per_s"] / small["entries_per_s"]
+    return [
+        (
+            "3c. small batches",
+            f"{ratio:.2f}x the per-entry cost: {small['entries_per_s']:,.0f} entries/s at "
+            f"`USERMGMT_BATCH_SIZE={small['batch_size']}` against "
+            f"{large['entries_per_s']:,.0f}/s at {large['batch_size']}",
+            "<= 1.5x",
+            verdict(ratio <= 1.5),
+        )
+    ]
 
 
 def main_pg_rows(r: dict[str, Any], mode: Mode) -> list[Row]:

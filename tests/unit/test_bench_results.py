@@ -73,3 +73,23 @@ def test_the_bench_reads_latency_off_the_workers_histogram() -> None:
     assert 3 < figures["p50_ms"] <= 5
     assert 40 < figures["p99_ms"] <= 50
     assert figures["max_ms"] == 50
+
+
+def test_the_table_states_the_small_batch_target() -> None:
+    """Issue 12: an entry of a small batch costs at most 1.5x one of a large batch."""
+    from bench.run import QUICK, render
+
+    def sweep(small: float) -> dict[str, object]:
+        return {
+            "sweep": [
+                {"batch_size": 2000, "entries_per_s": 15_000.0},
+                {"batch_size": 100, "entries_per_s": small},
+                {"batch_size": 500, "entries_per_s": 14_000.0},
+            ]
+        }
+
+    missed = render(sweep(9_000.0), QUICK)
+    assert "| 3c. small batches | 1.67x the per-entry cost: 9,000 entries/s at " in missed
+    assert "`USERMGMT_BATCH_SIZE=100` against 15,000/s at 2000 | <= 1.5x | **MISSED** |" in missed
+    assert "| 3c. small batches | 1.25x" in render(sweep(12_000.0), QUICK)
+    assert "| <= 1.5x | met |" in render(sweep(12_000.0), QUICK)
