@@ -46,7 +46,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bench import baseline, cpu, floor, lag_scrape, postgres, workload
-from bench.summaries import summarised
+from bench.summaries import Row, summarised, sweep_rows, verdict
 from bench.workload import BenchFailure, Games, Rematches
 from usermgmt.domain.auth import REQUEST_MAX_AGE_S
 from usermgmt.domain.payloads import text_of
@@ -1232,13 +1232,6 @@ def write_results(r: dict[str, Any], mode: Mode, table: str, whole: bool) -> Non
         log(f"failed: raw JSON in {RUNS / f'{mode.name}-{stamp}.json'}")
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**MISSED**"
-
-
-Row = tuple[str, str, str, str]
-
-
 def render(r: dict[str, Any], mode: Mode) -> str:
     """The results table: a row per figure measured (a partial run shows fewer)."""
     rows = [
@@ -1316,25 +1309,6 @@ def main_rows(r: dict[str, Any], mode: Mode) -> list[Row]:
             )
         )
     return rows + main_pg_rows(r, mode)
-
-
-def sweep_rows(r: dict[str, Any]) -> list[Row]:
-    """Issue 12: an entry of a small batch costs at most 1.5x one of a large batch."""
-    if "sweep" not in r:
-        return []
-    by_size = sorted(r["sweep"], key=lambda s: s["batch_size"])
-    small, large = by_size[0], by_size[-1]
-    ratio = large["entries_per_s"] / small["entries_per_s"]
-    return [
-        (
-            "3c. small batches",
-            f"{ratio:.2f}x the per-entry cost: {small['entries_per_s']:,.0f} entries/s at "
-            f"`USERMGMT_BATCH_SIZE={small['batch_size']}` against "
-            f"{large['entries_per_s']:,.0f}/s at {large['batch_size']}",
-            "<= 1.5x",
-            verdict(ratio <= 1.5),
-        )
-    ]
 
 
 def main_pg_rows(r: dict[str, Any], mode: Mode) -> list[Row]:

@@ -33,15 +33,43 @@ def summarised(value: Any) -> Any:
     a diff (the raw JSON is in bench/runs/)."""
     if isinstance(value, dict):
         return {key: summarised(item) for key, item in value.items()}
+    if isinstance(value, tuple):  # a drain's RSS samples are tuples until written
+        value = list(value)
     if isinstance(value, list):
         numbers = len(value) > SAMPLES_KEPT and all(
             isinstance(item, int | float) and not isinstance(item, bool) for item in value
         )
         if numbers:
             return summary(value)
-        if len(value) > SAMPLES_KEPT and all(isinstance(item, list) for item in value):
+        if len(value) > SAMPLES_KEPT and all(isinstance(item, list | tuple) for item in value):
             # A time series (RSS samples): evenly spaced rows, the first and last included.
             step = (len(value) - 1) / (SAMPLES_KEPT - 1)
-            return [value[round(i * step)] for i in range(SAMPLES_KEPT)]
+            return [list(value[round(i * step)]) for i in range(SAMPLES_KEPT)]
         return [summarised(item) for item in value]
     return value
+
+
+Row = tuple[str, str, str, str]  # scenario, measured, target, verdict
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**MISSED**"
+
+
+def sweep_rows(r: dict[str, Any]) -> list[Row]:
+    """Issue 12: an entry of a small batch costs at most 1.5x one of a large batch."""
+    if "sweep" not in r:
+        return []
+    by_size = sorted(r["sweep"], key=lambda s: s["batch_size"])
+    small, large = by_size[0], by_size[-1]
+    ratio = large["entries_per_s"] / small["entries_per_s"]
+    return [
+        (
+            "3c. small batches",
+            f"{ratio:.2f}x the per-entry cost: {small['entries_per_s']:,.0f} entries/s at "
+            f"`USERMGMT_BATCH_SIZE={small['batch_size']}` against "
+            f"{large['entries_per_s']:,.0f}/s at {large['batch_size']}",
+            "<= 1.5x",
+            verdict(ratio <= 1.5),
+        )
+    ]

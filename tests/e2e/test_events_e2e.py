@@ -456,6 +456,11 @@ def test_two_workers_in_one_group_on_postgresql(stack: Stack, postgres_url: str)
     }
     first = start(stack, "--only", "events", "--consumer", "a", **env)
     second = start(stack, "--only", "events", "--consumer", "b", **env)
+    # Both reading before anything is published (each has been idle once: its first
+    # ranks refresh): one worker started first can drain 600 events before the other
+    # has imported its modules.
+    for worker in (first, second):
+        patiently(lambda w=worker: w.output.events("ranks refreshed"), worker, timeout=30)
     publish_games(stack.redis, keys, games)
     database = Database(postgres_url)
     try:
