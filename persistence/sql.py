@@ -8,6 +8,7 @@ SQLAlchemy Core, where a statement's cost does not matter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -125,6 +126,36 @@ class Driver:
     def read_time(self, value: Any) -> datetime:
         """A stored timestamp as an aware UTC datetime (the reverse of `time`)."""
         return as_utc(self.from_db(value))
+
+
+@contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """On PostgreSQL, the statements run inside go to the server without waiting for
+    each one's result (psycopg's pipeline mode); elsewhere, nothing changes.
+
+    A read inside still waits for its rows (and for everything sent before it). A
+    statement that fails is reported when the pipeline next waits, at a read or on
+    leaving: raised as SQLAlchemy's error, like `Driver`'s, and the transaction is
+    then rolled back as after any failed statement.
+    """
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    driver = conn.connection.driver_connection
+    assert driver is not None  # a live connection
+    error = conn.dialect.loaded_dbapi.Error
+    try:
+        with driver.pipeline():
+            yield
+    except error as exc:
+        raise DBAPIError.instance(
+            "(a statement of a pipeline)",
+            None,
+            exc,
+            error,
+            hide_parameters=True,
+            dialect=conn.dialect,
+        ) from exc
 
 
 def _same(value: Any) -> Any:

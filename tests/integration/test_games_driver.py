@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from usermgmt.persistence.db import IMMEDIATE, make_engine, upgrade
-from usermgmt.persistence.sql import Driver
+from usermgmt.persistence.sql import Driver, pipelined
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -133,5 +133,36 @@ def test_postgresql_keeps_a_lower_random_page_cost(postgres_url: str) -> None:
     try:
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW random_page_cost").scalar() == "1.1"
+    finally:
+        engine.dispose()
+
+
+def test_a_pipelined_write_applies_and_its_failure_is_sqlalchemys(database_url: str) -> None:
+    """`pipelined`: the statements inside take effect (on PostgreSQL sent without
+    waiting for each result); one that fails is raised as SQLAlchemy's error, on
+    leaving at the latest, and the transaction rolls back as after any error."""
+    engine = make_engine(database_url)
+    insert = (
+        "INSERT INTO processed_events (event_id, stream, entry_id, processed_at) "
+        "VALUES (?, ?, ?, ?)"
+    )
+    count = "SELECT count(*) FROM processed_events"
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                db = Driver(conn)
+                at = db.time(datetime.now(UTC))
+                with pipelined(conn):
+                    db.many(insert, [("e1", "update", "1-0", at), ("e2", "update", "2-0", at)])
+                    db.run(insert, ("e3", "terminate", "3-0", at))
+            assert conn.exec_driver_sql(count).scalar() == 3
+            conn.rollback()
+            with pytest.raises(IntegrityError), conn.begin():
+                db = Driver(conn)
+                with pipelined(conn):
+                    db.run(insert, ("e4", "update", "4-0", at))
+                    db.run(insert, ("e1", "update", "5-0", at))  # a duplicate id
+                    db.run(insert, ("e5", "update", "6-0", at))
+            assert conn.exec_driver_sql(count).scalar() == 3
     finally:
         engine.dispose()
