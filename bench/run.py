@@ -45,7 +45,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bench import baseline, cpu, floor, lag_scrape, postgres, workload
+from bench import baseline, cpu, floor, lag_scrape, leftovers, postgres, workload
 from bench.summaries import Row, summarised, sweep_rows, verdict
 from bench.workload import BenchFailure, Games, Rematches
 from usermgmt.domain.auth import REQUEST_MAX_AGE_S
@@ -1177,6 +1177,10 @@ def run(
     whole = only is None
     RESULTS.mkdir(parents=True, exist_ok=True)
     bench = Bench(mode, redis_url, postgres_url)
+    heartbeat = leftovers.Heartbeat(bench.redis, bench.base)
+    heartbeat.start()
+    for run_base, count in leftovers.sweep(bench.redis, bench.base).items():
+        log(f"deleted {count:,} keys a killed bench run ({run_base}) left in Redis")
     started = time.perf_counter()
     info = machine(bench.redis)
     log(
@@ -1192,7 +1196,8 @@ def run(
         failure = str(exc)
         print(f"\nBENCHMARK FAILED: {failure}\n", file=sys.stderr, flush=True)
     finally:
-        workload.delete_keys(bench.redis, bench.base)
+        leftovers.delete_run(bench.redis, bench.base)
+        heartbeat.stop()
         if failure is None:
             shutil.rmtree(bench.work, ignore_errors=True)  # kept on failure: worker logs
     r["machine"] = info

@@ -342,9 +342,14 @@ def rematch_figures(games: Rematches, stamps: list[int]) -> dict[str, int | floa
 
 def delete_keys(redis: Redis, prefix: str) -> int:
     """Delete every key under `prefix:` (never anything else)."""
+    return unlink_matching(redis, f"{prefix}:*")
+
+
+def unlink_matching(redis: Redis, pattern: str) -> int:
+    """Unlink every key matching the glob `pattern`, in batches; returns how many."""
     deleted = 0
     batch: list[bytes] = []
-    for key in redis.scan_iter(match=f"{prefix}:*", count=5_000):
+    for key in redis.scan_iter(match=pattern, count=5_000):
         batch.append(key)
         if len(batch) >= 2_000:
             deleted += redis.unlink(*batch)
