@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import Connection, DateTime, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 # SQLite allows 32766 bound parameters per statement; stay well below.
 CHUNK = 900
@@ -103,15 +103,7 @@ class Driver:
             else:
                 self.cursor.execute(sql, params)
         except self.dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance(
-                sql,
-                None,
-                exc,
-                self.dialect.loaded_dbapi.Error,
-                hide_parameters=True,
-                dialect=self.dialect,
-                ismulti=many,
-            ) from exc
+            raise _sqlalchemy_error(self.dialect, sql, exc, many) from exc
 
     def time(self, value: datetime | None) -> Any:
         """A timestamp as the dialect stores it; nearly all of a batch's are its `now`."""
@@ -143,19 +135,26 @@ def pipelined(conn: Connection) -> Iterator[None]:
         return
     driver = conn.connection.driver_connection
     assert driver is not None  # a live connection
-    error = conn.dialect.loaded_dbapi.Error
     try:
         with driver.pipeline():
             yield
-    except error as exc:
-        raise DBAPIError.instance(
-            "(a statement of a pipeline)",
-            None,
-            exc,
-            error,
-            hide_parameters=True,
-            dialect=conn.dialect,
-        ) from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _sqlalchemy_error(conn.dialect, "(a statement of a pipeline)", exc) from exc
+
+
+def _sqlalchemy_error(
+    dialect: Dialect, statement: str, exc: Exception, many: bool = False
+) -> StatementError:
+    """A driver's error as SQLAlchemy raises it (`IntegrityError`, ...), without values."""
+    return DBAPIError.instance(
+        statement,
+        None,
+        exc,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        dialect=dialect,
+        ismulti=many,
+    )
 
 
 def _same(value: Any) -> Any:
