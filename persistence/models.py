@@ -208,3 +208,19 @@ class BackupMark(Base):
     stream: Mapped[str] = mapped_column(String(64), primary_key=True)
     replay_from: Mapped[str] = mapped_column(String(41))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorldVersion(Base):
+    """One row: counts the commits that changed players or sessions (PostgreSQL).
+
+    Triggers bump it for every statement that changes `users`, `stats`, `leaderboard`,
+    `game_sessions` or `session_players` (migration 0006), except in an event batch,
+    which bumps it once itself. While it holds the value an event worker's last batch
+    left, that worker's memory of those rows is exact (`WorldCache`). SQLite asks
+    `PRAGMA data_version` instead, and leaves this row alone.
+    """
+
+    __tablename__ = "world_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

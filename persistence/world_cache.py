@@ -1,10 +1,18 @@
 """The event consumer's memory of the rows it has read and written, between batches.
 
-SQLite only. `PRAGMA data_version` changes when, and only when, another connection
-has committed since this connection last looked: while it stays put, every player
-and live session this connection read or wrote is still exactly as it knows it,
-and a batch reads only the rows it has not seen yet. Any doubt forgets everything:
-another writer, a failed transaction, a rank refresh, or too many players to hold.
+While nobody else has written since this connection's last batch, every player and
+live session it read or wrote is still exactly as it knows it, and a batch reads
+only the rows it has not seen yet. Any doubt forgets everything: another writer, a
+failed transaction, a rank refresh, or too many players to hold.
+
+- SQLite: `PRAGMA data_version` changes when, and only when, another connection has
+  committed since this connection last looked.
+- PostgreSQL: the `world_version` row (migration 0006). Triggers bump it for any
+  change to the player and session tables outside an event batch; an event batch
+  marks its transaction and bumps it once, last. The value a batch's own bump
+  returns is the previous value plus one only if nobody else bumped meanwhile
+  (another writer's bump holds the row until its commit, and the batch's bump waits
+  for it).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ class WorldCache:
         self.world: World | None = None
         self.waiters: Waiters | None = None  # the waiting entries, known with the world
         self.version: int | None = None
+        self.counted = False  # PostgreSQL: batches count their commits in `world_version`
+        self.written: int | None = None  # the count this batch's bump left, until its commit
 
     def world_for(self, conn: Connection) -> World:
         """The world to plan a batch in: call inside the batch's write transaction.
@@ -36,13 +46,16 @@ class WorldCache:
         Under the write lock nobody else can commit until this transaction ends, so
         what is known now stays true until the commit.
         """
-        if not is_sqlite(conn.engine):
-            self.waiters = None
-            return new_world()  # no cheap way to tell another writer's commit
-        ((version,),) = Driver(conn).rows("PRAGMA data_version")
+        self.written = None
+        self.counted = not is_sqlite(conn.engine)
+        if self.counted:
+            version = _marked_version(conn)
+        else:
+            ((version,),) = Driver(conn).rows("PRAGMA data_version")
         world = self.world
         if (
             world is None
+            or version is None
             or version != self.version
             or len(world.players) > self.max_players
             or len(world.sessions) > MAX_SESSIONS
@@ -51,6 +64,25 @@ class WorldCache:
             self.waiters = None
         self.version = version
         return world
+
+    def bump(self, conn: Connection) -> None:
+        """PostgreSQL: this batch's one bump of `world_version`, last in its transaction."""
+        if not self.counted:
+            return
+        rows = Driver(conn).rows("UPDATE world_version SET version = version + 1 RETURNING version")
+        self.written = rows[0][0] if rows else None
+
+    def committed(self) -> None:
+        """After the batch's commit. PostgreSQL: what it knows stays valid only if its own
+        bump was the one since `world_for`. SQLite: nothing to do (a connection's own
+        commits leave its `data_version` alone)."""
+        if not self.counted:
+            return
+        written, self.written = self.written, None
+        if written is None or self.version is None or written != self.version + 1:
+            self.forget()
+            return
+        self.version = written
 
     def release_ended(self, changes: Changes) -> None:
         """Drop the sessions a committed batch ended, once their caches are written."""
@@ -66,3 +98,12 @@ class WorldCache:
         """Read everything again next time (a rollback, a rank refresh, a reconnect)."""
         self.world = None
         self.waiters = None
+
+
+def _marked_version(conn: Connection) -> int | None:
+    """The `world_version` as this transaction starts, marking it as an event batch's
+    (its writes leave the count to its own `bump`); None without the row."""
+    rows = Driver(conn).rows(
+        "SELECT version, set_config('usermgmt.world_writer', 'events', true) FROM world_version"
+    )
+    return int(rows[0][0]) if rows else None

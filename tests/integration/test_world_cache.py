@@ -124,10 +124,93 @@ def test_a_full_world_starts_again(sqlite_url: str) -> None:
             assert cache.world_for(conn) is not world
 
 
-def test_postgresql_reads_the_world_every_batch(postgres_url: str) -> None:
+def _batch(cache: WorldCache, conn: sa.Connection, statement: str | None = None) -> object:
+    """One event batch's transaction as `EventStore.apply` runs it: the world, the
+    batch's writes, its bump, the commit; returns the world it planned in."""
+    with conn.begin():
+        world = cache.world_for(conn)
+        if statement is not None:
+            conn.execute(sa.text(statement))
+        cache.bump(conn)
+    cache.committed()
+    return world
+
+
+PLAYER_WRITE = "UPDATE users SET wallet = wallet + 1 WHERE id = 1"
+
+
+def test_postgresql_keeps_the_world_while_only_its_batches_write(postgres_url: str) -> None:
     cache = WorldCache()
     with migrated(postgres_url) as engine, engine.connect() as conn:
+        add = "INSERT INTO users (username, username_key, password_hash, wallet, created_at) "
         with conn.begin():
-            first = cache.world_for(conn)
+            conn.execute(sa.text(add + "VALUES ('alice', 'alice', 'x', 0, now())"))
+        first = _batch(cache, conn)
+        # The batch's own writes are counted by its one bump, not by the triggers.
+        assert _batch(cache, conn, PLAYER_WRITE) is first
+        assert _batch(cache, conn, "DELETE FROM session_players") is first
+        assert _batch(cache, conn) is first
+        # A registration only adds a player nobody has read.
+        with engine.begin() as elsewhere:
+            elsewhere.execute(sa.text(add + "VALUES ('bob', 'bob', 'x', 0, now())"))
+        assert _batch(cache, conn) is first
+        ((version,),) = conn.execute(sa.text("SELECT version FROM world_version")).all()
+        conn.rollback()
+        assert version == 5  # one bump a batch
+
+
+def test_postgresql_forgets_the_world_when_anyone_else_writes(postgres_url: str) -> None:
+    cache = WorldCache()
+    with migrated(postgres_url) as engine, engine.connect() as conn:
+        first = _batch(cache, conn)
+        # An operator's change to a player or a session, or a rank refresh.
+        for statement in (
+            PLAYER_WRITE,
+            "UPDATE stats SET earnings = 0",
+            "UPDATE leaderboard SET rank = 1",
+            "DELETE FROM game_sessions",
+            "DELETE FROM session_players",
+            "DELETE FROM waiting_events",
+        ):
+            with engine.begin() as elsewhere:
+                elsewhere.execute(sa.text(statement))
+            again = _batch(cache, conn)
+            assert again is not first, statement
+            assert _batch(cache, conn) is again
+            first = again
+
+
+def test_postgresql_forgets_the_world_when_another_worker_runs_a_batch(
+    postgres_url: str,
+) -> None:
+    mine, theirs = WorldCache(), WorldCache()
+    with migrated(postgres_url) as engine, engine.connect() as conn, engine.connect() as other:
+        first = _batch(mine, conn)
+        _batch(theirs, other, PLAYER_WRITE)
+        assert _batch(mine, conn) is not first
+
+
+def test_postgresql_forgets_a_world_someone_wrote_to_during_the_batch(postgres_url: str) -> None:
+    """Another writer commits between the batch's first look and its bump: the batch's
+    bump returns two more, and what it planned with is not kept."""
+    cache = WorldCache()
+    with migrated(postgres_url) as engine, engine.connect() as conn:
+        first = _batch(cache, conn)
         with conn.begin():
-            assert cache.world_for(conn) is not first
+            assert cache.world_for(conn) is first
+            with engine.begin() as elsewhere:
+                elsewhere.execute(sa.text(PLAYER_WRITE))
+            cache.bump(conn)
+        cache.committed()
+        assert _batch(cache, conn) is not first
+
+
+def test_postgresql_forgets_the_world_without_its_version_row(postgres_url: str) -> None:
+    cache = WorldCache()
+    with migrated(postgres_url) as engine, engine.connect() as conn:
+        first = _batch(cache, conn)
+        with engine.begin() as elsewhere:
+            elsewhere.execute(sa.text("DELETE FROM world_version"))
+        second = _batch(cache, conn)
+        assert second is not first
+        assert _batch(cache, conn) is not second

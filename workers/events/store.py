@@ -106,11 +106,13 @@ class EventStore:
                 save_waiting(conn, plan.waits_added, plan.waits_removed)
                 save_dead(conn, plan.decided)
                 save_checkpoints(conn, self._checkpoints(plan), now, committed)
+                self.known.bump(conn)
             transaction.commit()
         except BaseException as exc:
             self._failed(conn, transaction, exc)
             raise
         self.known.waiters = waiters
+        self.known.committed()
         return Applied(plan, world)
 
     def _checkpoints(self, plan: Plan) -> dict[str, str]:
