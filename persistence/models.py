@@ -214,10 +214,11 @@ class WorldVersion(Base):
     """One row: counts the commits that changed players or sessions (PostgreSQL).
 
     Triggers bump it for every statement that changes `users`, `stats`, `leaderboard`,
-    `game_sessions` or `session_players` (migration 0006), except in an event batch,
-    which bumps it once itself. While it holds the value an event worker's last batch
-    left, that worker's memory of those rows is exact (`WorldCache`). SQLite asks
-    `PRAGMA data_version` instead, and leaves this row alone.
+    `game_sessions`, `session_players` or `waiting_events` (migration 0006; inserts of
+    players do not count), except in an event batch, which bumps it once itself.
+    While it holds the value an event worker's last batch left, that worker's memory
+    of those rows is exact (`WorldCache`). SQLite asks `PRAGMA data_version` instead,
+    and leaves this row alone.
     """
 
     __tablename__ = "world_version"

@@ -43,8 +43,9 @@ class WorldCache:
     def world_for(self, conn: Connection) -> World:
         """The world to plan a batch in: call inside the batch's write transaction.
 
-        Under the write lock nobody else can commit until this transaction ends, so
-        what is known now stays true until the commit.
+        SQLite: under the write lock nobody else can commit until this transaction
+        ends, so what is known now stays true until the commit. PostgreSQL: others
+        can, and the batch's `bump` tells whether anyone did.
         """
         self.written = None
         self.counted = not is_sqlite(conn.engine)
