@@ -7,7 +7,9 @@ skewed every later figure (0.3-0.6 cores of Redis seen after one killed run).
 
 So a run announces itself with a heartbeat key, refreshed while it lives, and sweeps
 at start every bench prefix whose run's heartbeat is gone. A run going on beside it
-(another terminal, the same Redis) keeps its keys.
+(another terminal, the same Redis) keeps its keys. The same goes for the PostgreSQL
+schemas a run creates (`<run>_<scenario>_<hex>`, a million players' rows in the full
+run): those of a run without a heartbeat are dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import threading
 from redis import Redis
 from redis.exceptions import RedisError
 
-from bench.workload import unlink_matching
+from bench import postgres
+from bench.workload import BenchFailure, unlink_matching
 
 HEARTBEAT_KEY = "usermgmt-bench:alive:{run}"
 HEARTBEAT_TTL_S = 60
 REFRESH_S = 15
 _RUN = re.compile(rb"^(bench[0-9a-f]{8})-")
+_SCHEMA_RUN = re.compile(r"^(bench[0-9a-f]{8})_")
 
 
 class Heartbeat:
@@ -65,9 +69,30 @@ def stale_runs(redis: Redis, own: str) -> list[str]:
         if found:
             runs.add(found.group(1).decode())
     runs.discard(own)
-    return sorted(run for run in runs if not redis.exists(HEARTBEAT_KEY.format(run=run)))
+    return sorted(run for run in runs if not _alive(redis, run))
+
+
+def _alive(redis: Redis, run: str) -> bool:
+    return bool(redis.exists(HEARTBEAT_KEY.format(run=run)))
 
 
 def sweep(redis: Redis, own: str) -> dict[str, int]:
     """Delete the keys of every stale run; returns the keys deleted per run."""
     return {run: delete_run(redis, run) for run in stale_runs(redis, own)}
+
+
+def sweep_schemas(admin_url: str, redis: Redis, own: str) -> list[str]:
+    """Drop the schemas of bench runs without a heartbeat, other than `own`'s; returns
+    their names. A server that cannot be reached is left for the PostgreSQL scenarios
+    to report."""
+    try:
+        names = postgres.schemas(admin_url)
+    except BenchFailure:  # not reachable
+        return []
+    dropped = []
+    for name in sorted(names):
+        found = _SCHEMA_RUN.match(name)
+        if found and found.group(1) != own and not _alive(redis, found.group(1)):
+            postgres.drop_schema(admin_url, name)
+            dropped.append(name)
+    return dropped

@@ -99,9 +99,15 @@ def populate(url: str, players: int, bcrypt_rounds: int) -> None:
 
 
 @contextmanager
-def fresh_schema(admin_url: str, players: int, bcrypt_rounds: int, tag: str) -> Iterator[str]:
-    """A new schema, migrated and populated; yields its URL, drops it afterwards."""
-    schema = f"bench_{tag}_{uuid.uuid4().hex[:8]}".lower()[:48]
+def fresh_schema(
+    admin_url: str, players: int, bcrypt_rounds: int, tag: str, run: str = "bench"
+) -> Iterator[str]:
+    """A new schema, migrated and populated; yields its URL, drops it afterwards.
+
+    Its name starts with `run_` (a bench run's key prefix), so a later run can tell
+    whose it was if this one is killed before the drop (`bench.leftovers`).
+    """
+    schema = f"{run}_{tag}_{uuid.uuid4().hex[:8]}".lower()[:48]
     with connect(admin_url) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
     url = schema_url(admin_url, schema)
@@ -128,3 +134,9 @@ def drop_schema(admin_url: str, schema: str) -> None:
                 (f"{APP_PREFIX}{schema}",),
             )
             conn.execute(drop)
+
+
+def schemas(admin_url: str) -> list[str]:
+    """The names of the schemas in the database of `admin_url`."""
+    with connect(admin_url) as conn:
+        return [str(name) for (name,) in conn.execute("SELECT nspname FROM pg_namespace")]

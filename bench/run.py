@@ -183,7 +183,7 @@ class Bench:
             }
         started = time.perf_counter()
         with postgres.fresh_schema(
-            self.postgres_url, players, self.mode.bcrypt_rounds, name
+            self.postgres_url, players, self.mode.bcrypt_rounds, name, run=self.base
         ) as url:
             log(
                 f"{name}: PostgreSQL schema migrated, {players:,} players copied in "
@@ -1181,6 +1181,8 @@ def run(
     heartbeat.start()
     for run_base, count in leftovers.sweep(bench.redis, bench.base).items():
         log(f"deleted {count:,} keys a killed bench run ({run_base}) left in Redis")
+    for schema in leftovers.sweep_schemas(postgres_url, bench.redis, bench.base):
+        log(f"dropped the PostgreSQL schema {schema} a killed bench run left")
     started = time.perf_counter()
     info = machine(bench.redis)
     log(

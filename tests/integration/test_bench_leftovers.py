@@ -10,7 +10,7 @@ import pytest
 from redis import Redis
 
 from bench import leftovers
-from tests.conftest import REDIS_URL
+from tests.conftest import POSTGRES_URL, REDIS_URL
 
 
 @pytest.fixture(params=["redis", "fakeredis"])
@@ -81,3 +81,34 @@ def test_the_heartbeat_expires_when_its_run_dies(redis: Redis) -> None:
     finally:
         beating.stop()
     assert not redis.exists(key)
+
+
+def test_the_schemas_of_a_run_without_a_heartbeat_are_dropped(postgres_url: str) -> None:
+    """`postgres_url` only marks the test as needing PostgreSQL; the bench's schemas live
+    beside the tests' own in the same database."""
+    from bench import postgres
+
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer(version=(7,)))
+    killed, alive, own = _run(), _run(), _run()
+    names = {run: f"{run}_main_pg_{uuid.uuid4().hex[:8]}" for run in (killed, alive, own)}
+    with postgres.connect(POSTGRES_URL) as conn:
+        for name in names.values():
+            conn.execute(f'CREATE SCHEMA "{name}"')
+            conn.execute(f'CREATE TABLE "{name}".users (id int)')
+    beating = leftovers.Heartbeat(redis, alive)
+    beating.start()
+    try:
+        dropped = leftovers.sweep_schemas(POSTGRES_URL, redis, own)
+        left = set(postgres.schemas(POSTGRES_URL))
+        assert names[killed] in dropped and names[killed] not in left
+        assert names[alive] in left and names[own] in left
+        assert postgres_url  # the tests' own schema is never a bench run's
+    finally:
+        beating.stop()
+        for name in names.values():
+            postgres.drop_schema(POSTGRES_URL, name)
+
+
+def test_an_unreachable_server_is_left_for_the_scenarios_to_report() -> None:
+    redis = fakeredis.FakeRedis(server=fakeredis.FakeServer(version=(7,)))
+    assert leftovers.sweep_schemas("postgresql://postgres@127.0.0.1:1/test", redis, _run()) == []
