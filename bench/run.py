@@ -814,7 +814,8 @@ def measured(before: lag_scrape.Histogram, after: lag_scrape.Histogram) -> dict[
 
 
 def slices(buckets: list[tuple[float, int]]) -> dict[str, Any]:
-    """The rank refresh's slices in a window: how many, p99, the longest, how many too long."""
+    """The rank refresh's stand-stills between batches in a window (a slice, or a few back
+    to back): how many, p99, the longest, how many too long."""
     return {
         "steps": sum(count for _, count in buckets),
         "p99_step_ms": lag_scrape.quantile(buckets, 0.99),
@@ -1389,13 +1390,14 @@ def ranks_rows(r: dict[str, Any]) -> list[Row]:
             "10. rank refresh at a big population",
             f"{ranks['players']:,} players under {ranks['rate']:,.0f} entries/s: "
             f"{ranks['refreshes']} refreshes (every {RANK_REFRESH_S} s, nearly every row "
-            f"rewritten) in {ranks['seconds']:.1f} s, {ranks['steps']:,} slices between "
-            f"batches, p99 {ranks['p99_step_ms']:.1f} ms, the longest <= "
+            f"rewritten) in {ranks['seconds']:.1f} s, {ranks['steps']:,} stand-stills "
+            "between batches (a slice, or a few while behind its pace), p99 "
+            f"{ranks['p99_step_ms']:.1f} ms, the longest <= "
             f"{ranks['longest_step_ms']:.0f} ms ({ranks['steps_over_target']} over "
             f"{RANK_STEP_TARGET_MS:.0f} ms; the longest event batch meanwhile <= "
             f"{ranks['longest_batch_ms']:.0f} ms); event lag meanwhile p50 "
             f"{lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, max <= {lag['max_ms']:.0f} ms",
-            f"each slice <= {RANK_STEP_TARGET_MS:.0f} ms",
+            f"each stand-still <= {RANK_STEP_TARGET_MS:.0f} ms",
             verdict(ranks["longest_step_ms"] <= RANK_STEP_TARGET_MS),
         )
     ]

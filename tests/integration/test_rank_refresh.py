@@ -397,7 +397,9 @@ def test_a_live_worker_refreshes_in_slices_under_load_and_is_exact_once_idle(
             assert len(recorder.refreshes) > under_load  # the last wave got a refresh too
         assert not worker.stats.dead and dead_letters(backend.redis, backend.keys) == []
 
-    assert recorder.steps == sum(max(1, len(slices)) for slices in recorder.refreshes)
+    # A step is one slice, or a few back to back while a refresh is behind its pace.
+    slices_written = sum(max(1, len(slices)) for slices in recorder.refreshes)
+    assert len(recorder.refreshes) <= recorder.steps <= slices_written
     for slices in recorder.refreshes:
         # Each refresh wrote its snapshot once, in order, a few rows at a time.
         assert [start for start, _ in slices] == [0, *(stop for _, stop in slices[:-1])]

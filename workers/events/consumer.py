@@ -301,6 +301,7 @@ class EventConsumer:
         self.waited_for_entries = bool(block_ms)
         if block_ms:
             self.settle()  # about to wait: the replies (on a cluster, the acks) go first
+        intake.batch_size = self.ranks.read_size(self.settings.batch_size)
         read = intake.read_new(block_ms)
         self.flush()
         self.keep_fresh()

@@ -70,6 +70,8 @@ class Intake:
         self.stream_of = {str(kind): stream for stream, kind in kinds.items()}
         self.log = log
         self.buffer: list[Entry] = []  # delivered, not decidable yet (`take_ready`)
+        # Entries a stream per read: the setting, less while a rank refresh is behind.
+        self.batch_size = settings.batch_size
         self.horizon: dict[str, str | None] = dict.fromkeys(self.streams)
         self.held: dict[Key, Entry] = {}  # this consumer's entries that wait
         self.pause_ms: int | None = None  # the next read's block when nothing could be decided
@@ -89,7 +91,7 @@ class Intake:
 
     def read_new(self, block_ms: int | None) -> GroupRead:
         """New entries of the streams whose buffered entries are fewer than a batch."""
-        size = self.settings.batch_size
+        size = self.batch_size
         buffered = Counter(entry.stream for entry in self.buffer)
         wanted = [s for s in self.streams if buffered[s] < size]
         sent = time.time()

@@ -9,9 +9,14 @@ of event application. So a refresh runs in two parts:
 - a thread of its own ranks `stats` in one read on a connection of its own
   (`read_rank_snapshot`; on SQLite under `long_read`, so no WAL RESTART waits for
   it) and keeps the rows whose rank or earnings differ;
-- the consumer writes those a slice at a time between batches (`step`), each slice
-  a transaction of its own sized to take about `STEP_TARGET_S`: event application
-  never stands still for longer than one slice.
+- the consumer writes those between batches (`step`), a slice at a time, each slice
+  a transaction of its own sized to take about `STEP_TARGET_S`;
+- while the slices fall behind their pace (every row written within `PACE_SHARE` of
+  `rank_refresh_s` of the snapshot), a few go back to back between two batches (up
+  to `GAP_BUDGET_S`), and the consumer reads fewer entries at a time (`read_size`):
+  under a backlog its batches would otherwise space the slices a second or more
+  apart, and a refresh at a million players would take minutes. Event application
+  never stands still for much longer than `GAP_BUDGET_S`.
 
 Rows not yet written keep the previous snapshot; each refresh starts early by the
 time the last one took, so it ends about `rank_refresh_s` after the one before and
@@ -41,6 +46,9 @@ MIN_STEP_ROWS = 100
 MAX_STEP_ROWS = 10_000
 READ_CACHE_KIB = 8 * 1024  # the snapshot read's SQLite page cache (and sort memory)
 READING_POLL_MS = 50  # how long a read for new entries blocks while the snapshot is read
+PACE_SHARE = 0.5  # a snapshot's rows are written within this share of `interval_s`
+GAP_BUDGET_S = 0.04  # slices back to back between two batches while a refresh is behind
+MIN_READ = 100  # entries a stream per read while a refresh is behind its pace, at the least
 
 
 class RankRefresher:
@@ -76,6 +84,7 @@ class RankRefresher:
         self.snapshot: RankSnapshot | None = None  # read, being written
         self.written = 0
         self.step_rows = FIRST_STEP_ROWS
+        self.read_limit: int | None = None  # entries a stream per read; None: as configured
 
     @property
     def reading(self) -> bool:
@@ -85,6 +94,28 @@ class RankRefresher:
     def writing(self) -> bool:
         """A snapshot is read and has slices left to write (or is about to)."""
         return self.snapshot is not None or (self.reader is not None and not self.reader.is_alive())
+
+    def behind(self) -> bool:
+        """Whether the snapshot in hand is written more slowly than its pace: every row
+        within `PACE_SHARE` of `interval_s` of the snapshot, so the next refresh (started
+        early by this one's time) ends before any row lags by more than `interval_s`."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return False
+        elapsed = time.perf_counter() - self.started
+        return self.written < len(snapshot) * min(1.0, elapsed / (self.interval_s * PACE_SHARE))
+
+    def read_size(self, configured: int) -> int:
+        """Entries a stream the next read may take: halved (down to `MIN_READ`) at each
+        read while the refresh is `behind`, so its slices come between shorter batches;
+        doubled back towards `configured` at each read once it is not."""
+        limit = self.read_limit or configured
+        if self.behind():
+            limit = max(min(MIN_READ, configured), limit // 2)
+        else:
+            limit = min(configured, limit * 2)
+        self.read_limit = None if limit >= configured else limit
+        return limit
 
     def due(self, idle: bool) -> bool:
         """Whether to take a snapshot now: the ranks are dirty, none is under way, and
@@ -122,6 +153,25 @@ class RankRefresher:
             into.append(snapshot)
 
     def step(self) -> bool:
+        """Write the slices due between two batches; returns whether any was.
+
+        One slice, and more while the refresh is `behind` its pace, as long as the
+        stand-still stays within `GAP_BUDGET_S` (another slice starts only if one as
+        long as the last still fits). The metrics see the whole stand-still.
+        """
+        began = slice_began = time.perf_counter()
+        written = False
+        while self._slice():
+            written = True
+            now = time.perf_counter()
+            if not self.behind() or (now - began) + (now - slice_began) > GAP_BUDGET_S:
+                break
+            slice_began = now
+        if written:
+            self.metrics.observe_rank_step(time.perf_counter() - began)
+        return written
+
+    def _slice(self) -> bool:
         """Write the next slice of a snapshot already read; returns whether one was.
 
         A slice's transaction failing raises here (the database is away or lost a
@@ -151,7 +201,6 @@ class RankRefresher:
                 wrote = time.perf_counter()
         ended = time.perf_counter()
         self.written = stop
-        self.metrics.observe_rank_step(ended - began)
         if ended - began > SLOW_STEP_S:
             self.log.warning(
                 "rank refresh slice slow",

@@ -72,7 +72,8 @@ class Metrics:
         """A batch's transaction lost to another worker's (`conflict_of`) and is retried."""
 
     def observe_rank_step(self, seconds: float) -> None:
-        """One slice of a rank refresh written, between event batches."""
+        """A rank refresh's slices written between two event batches (one, or a few
+        while the refresh is behind its pace): event application stood still this long."""
 
     def observe_rank_refresh(self, seconds: float) -> None:
         """A rank refresh done: from its snapshot's start to its last slice."""
@@ -148,8 +149,9 @@ class PrometheusMetrics(Metrics):
         )
         self.rank_step = Histogram(
             "usermgmt_rank_refresh_step_seconds",
-            "One slice of a leaderboard rank refresh, written between event batches "
-            "(event application stands still meanwhile)",
+            "The slices of a leaderboard rank refresh written between two event batches "
+            "(one, or a few while the refresh is behind its pace): how long event "
+            "application stood still",
             buckets=RANK_STEP_BUCKETS,
             registry=r,
         )
