@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     rank_refresh_s: float = Field(30.0, gt=0)
-    batch_size: int = Field(2_000, ge=1, le=10_000)
+    batch_size: int = Field(5_000, ge=1, le=10_000)
     # One event worker reads new entries at a time, the others stand by (`events.lease`).
     events_lease: bool = True
     auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
