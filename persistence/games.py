@@ -181,10 +181,7 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
             results,
         )
     else:
-        db.many(
-            "INSERT INTO game_results (session_pk, user_id, outcome, earnings) VALUES (?, ?, ?, ?)",
-            results,
-        )
+        db.insert("INSERT INTO game_results (session_pk, user_id, outcome, earnings)", results)
     at = db.time(now)
     if _postgres(db):
         db.unnest(
@@ -196,9 +193,8 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
             at,
         )
     else:
-        db.many(
-            "INSERT INTO processed_events (event_id, stream, entry_id, processed_at, touched) "
-            "VALUES (?, ?, ?, ?, ?)",
+        db.insert(
+            "INSERT INTO processed_events (event_id, stream, entry_id, processed_at, touched)",
             [
                 (event, stream, entry, at, touched)
                 for event, stream, entry, touched in changes.processed
@@ -307,7 +303,7 @@ def _write_membership(db: Driver, world: World, changes: Changes) -> None:
         return
     for chunk in chunks(gone):
         db.run(f"DELETE FROM session_players WHERE user_id IN ({marks(len(chunk))})", chunk)  # noqa: S608
-    db.many("INSERT INTO session_players (user_id, session_pk) VALUES (?, ?)", joined)
+    db.insert("INSERT INTO session_players (user_id, session_pk)", joined)
 
 
 def _write_stats(db: Driver, world: World, changes: Changes) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 
 # SQLite allows 32766 bound parameters per statement; stay well below.
 CHUNK = 900
+INSERT_GROUP = 64  # rows per multi-row INSERT statement (`Driver.insert`)
 
 
 def chunks(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -70,6 +71,31 @@ class Driver:
     def many(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
         if rows:
             self._call(True, statement, rows)
+
+    def insert(self, head: str, rows: list[tuple[Any, ...]]) -> None:
+        """`head` (`INSERT INTO t (a, b)`) with `rows`: whole groups of `INSERT_GROUP` rows
+        as one multi-row `VALUES` statement each, the rest by `executemany`.
+
+        SQLite runs a statement once per row under `executemany`; one multi-row statement
+        binds the same values for about half of that per row. The group size is fixed so
+        the statement's text is too, and its prepared form stays in the driver's cache.
+        """
+        if not rows:
+            return
+        row_marks = f"({marks(len(rows[0]))})"
+        whole = len(rows) - len(rows) % INSERT_GROUP
+        if whole:
+            grouped = f"{head} VALUES {', '.join([row_marks] * INSERT_GROUP)}"
+            self._call(
+                True,
+                grouped,
+                [
+                    tuple(value for row in rows[start : start + INSERT_GROUP] for value in row)
+                    for start in range(0, whole, INSERT_GROUP)
+                ],
+            )
+        if whole < len(rows):
+            self._call(True, f"{head} VALUES {row_marks}", rows[whole:])
 
     def member_of(
         self, column: str, values: Sequence[Any], pg_type: str

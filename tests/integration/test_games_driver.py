@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from usermgmt.persistence.db import IMMEDIATE, make_engine, upgrade
-from usermgmt.persistence.sql import Driver, pipelined
+from usermgmt.persistence.sql import INSERT_GROUP, Driver, pipelined
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -33,6 +33,44 @@ def test_a_constraint_violation_is_sqlalchemys_integrity_error(database_url: str
                 db.many(insert, [row])
             assert "[SQL: INSERT INTO processed_events" in str(caught.value)
             assert "1-0" not in str(caught.value)  # no parameters in the message
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("count", [0, 1, INSERT_GROUP - 1, INSERT_GROUP, 2 * INSERT_GROUP + 5])
+def test_insert_writes_every_row_in_order(database_url: str, count: int) -> None:
+    """Whole groups go as multi-row statements, the rest row by row: every row lands
+    once, in the order given (ids ascend with it)."""
+    engine = make_engine(database_url)
+    rows = [(n // 4 + 1, n + 1, "win" if n % 3 else "loss", n * 7) for n in range(count)]
+    try:
+        with engine.connect() as conn, conn.begin():
+            db = Driver(conn)
+            db.insert("INSERT INTO game_results (session_pk, user_id, outcome, earnings)", rows)
+            stored = db.rows(
+                "SELECT session_pk, user_id, outcome, earnings FROM game_results ORDER BY id"
+            )
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in stored] == rows
+
+
+def test_a_duplicate_in_a_grouped_insert_is_an_integrity_error(database_url: str) -> None:
+    engine = make_engine(database_url)
+    at = datetime.now(UTC)
+    rows = [(f"e{n}", "update", f"{n}-0", at, None) for n in range(INSERT_GROUP)]
+    rows[-1] = ("e0", *rows[-1][1:])
+    try:
+        with engine.connect() as conn, conn.begin():
+            db = Driver(conn)
+            rows = [(*row[:3], db.time(row[3]), row[4]) for row in rows]
+            with pytest.raises(IntegrityError):
+                db.insert(
+                    "INSERT INTO processed_events "
+                    "(event_id, stream, entry_id, processed_at, touched)",
+                    rows,
+                )
     finally:
         engine.dispose()
 
