@@ -99,7 +99,7 @@ def definition(name: str, title: str | None = None) -> dict[str, Any]:
     return schema if title is None else schema["$defs"][title]
 
 
-MODELS: list[tuple[str, str | None, type[BaseModel]]] = [
+MODELS: list[tuple[str, str | None, type[Any]]] = [
     ("update", None, UpdateEvent),
     ("terminate", None, TerminateEvent),
     ("terminate", "Result", Result),
@@ -113,10 +113,11 @@ MODELS: list[tuple[str, str | None, type[BaseModel]]] = [
 
 @pytest.mark.parametrize(("name", "title", "model"), MODELS)
 def test_properties_and_required_are_the_model_fields(
-    name: str, title: str | None, model: type[BaseModel]
+    name: str, title: str | None, model: type[Any]
 ) -> None:
+    """Models, and the pydantic dataclass `Result` (its fields: `__pydantic_fields__`)."""
     schema = definition(name, title)
-    fields = model.model_fields
+    fields = model.model_fields if issubclass(model, BaseModel) else model.__pydantic_fields__
     assert set(schema["properties"]) == set(fields)
     assert set(schema["required"]) == {key for key, info in fields.items() if info.is_required()}
 
