@@ -88,6 +88,30 @@ def test_event_id_must_be_a_uuid(event_id: Any) -> None:
     assert "event_id" in error.message
 
 
+@given(st.uuids(), st.sampled_from(["canonical", "upper", "hex", "braces", "urn"]))
+def test_every_spelling_of_a_uuid_is_the_same_event_id(value: uuid.UUID, spelling: str) -> None:
+    """The idempotency key is the canonical text whatever the spelling (the canonical
+    form stays text; the others are read as a UUID)."""
+    text = {
+        "canonical": str(value),
+        "upper": str(value).upper(),
+        "hex": value.hex,
+        "braces": "{" + str(value) + "}",
+        "urn": value.urn,
+    }[spelling]
+    bodies = {
+        EventKind.UPDATE: update(event_id=text),
+        EventKind.TERMINATE: terminate(event_id=text),
+    }
+    for kind, body in bodies.items():
+        assert str(parse_event(kind, orjson.dumps(body)).event_id) == str(value)
+
+
+def test_a_bad_event_id_is_one_plain_error() -> None:
+    error = rejected(EventKind.UPDATE, update(event_id="8b6f0000-0000-4000-8000-00000000000g"))
+    assert error.message == "update event: event_id: Input should be a valid UUID"
+
+
 def test_event_id_is_required() -> None:
     body = update()
     del body["event_id"]
