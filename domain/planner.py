@@ -142,9 +142,12 @@ class _Planner:
             if now is not None and waiter.holds and not now.holds:
                 self.wake_queued(waiter.entry)  # it no longer holds what follows it
 
-    def wake(self, wake: Wake) -> None:
-        for order in self.waiters.woken_by(wake):
-            heapq.heappush(self.woken, order)
+    def wake(self, kind: str, key: object) -> None:
+        """Decide again the waiters `Wake(kind, key)` sets free (nothing to look up while
+        nothing waits, as in most batches: called for every entry and freed player)."""
+        if self.waiters.by_order:
+            for order in self.waiters.woken_by(Wake(kind, key)):
+                heapq.heappush(self.woken, order)
 
     def wake_queued(self, entry: PlannedEntry) -> None:
         """Decide again the entries queued behind others that share `entry`'s session or
@@ -185,7 +188,7 @@ class _Planner:
             self.changes.processed.append(
                 (entry.event_id, entry.stream_kind, entry.entry_id, touched)
             )
-        self.wake(Wake("entry", entry.order))
+        self.wake("entry", entry.order)
         self.wake_queued(entry)
 
     def wait(self, entry: PlannedEntry, wake: Wake, waits_for: str, holds: bool = True) -> None:
@@ -241,7 +244,7 @@ class _Planner:
             return
         dropped = self._apply_update(entry, event, players, session)
         self.resolve(entry, APPLIED, dropped)
-        self.wake(Wake("session", event.session_id))
+        self.wake("session", event.session_id)
 
     def _apply_update(
         self,
@@ -367,7 +370,7 @@ class _Planner:
             before[user_id] = live.get(user_id)
         if session_id is None:
             if live.pop(user_id, None) is not None:
-                self.wake(Wake("player", user_id))
+                self.wake("player", user_id)
         else:
             live[user_id] = session_id
         self.changes.membership[user_id] = session_id
@@ -377,8 +380,7 @@ class _Planner:
 
     def _players(self, keys: Sequence[str]) -> list[Player] | None:
         """The players `keys` name (their `username_key`s); None when one is unknown."""
-        known = self.world.players.get
-        found = [known(key) for key in keys]
+        found = list(map(self.world.players.get, keys))
         return found if all(found) else None  # type: ignore[return-value]
 
     def _unknown(self, names: Sequence[str], keys: Sequence[str]) -> Decision:
