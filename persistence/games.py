@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -183,22 +184,22 @@ def write_changes(conn: Connection, world: World, changes: Changes, now: datetim
     else:
         db.insert("INSERT INTO game_results (session_pk, user_id, outcome, earnings)", results)
     at = db.time(now)
+    # In id order: each row lands next to the one before in the event-id index, not at
+    # a random place of it (on SQLite half the time per row at 100k ids, measured).
+    processed = sorted(changes.processed, key=itemgetter(0))
     if _postgres(db):
         db.unnest(
             "INSERT INTO processed_events (event_id, stream, entry_id, processed_at, touched) "
             "SELECT v.event_id, v.stream, v.entry_id, ?::timestamptz, v.touched "
             "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[]) "
             "AS v(event_id, stream, entry_id, touched)",
-            changes.processed,
+            processed,
             at,
         )
     else:
         db.insert(
             "INSERT INTO processed_events (event_id, stream, entry_id, processed_at, touched)",
-            [
-                (event, stream, entry, at, touched)
-                for event, stream, entry, touched in changes.processed
-            ],
+            [(event, stream, entry, at, touched) for event, stream, entry, touched in processed],
         )
 
 
