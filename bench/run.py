@@ -364,9 +364,11 @@ class Bench:
             if now - last_rss >= 0.05:
                 last_rss = now
                 try:
-                    samples.append((now - started, read - pending, watched.memory_info().rss))
+                    rss = watched.memory_info().rss
                 except psutil.NoSuchProcess:
                     break
+                if rss:  # 0: the worker has exited, not yet reaped
+                    samples.append((now - started, read - pending, rss))
             time.sleep(0.005)
         code = proc.wait()
         if code != 0:
@@ -1440,7 +1442,8 @@ def memory_rows(r: dict[str, Any]) -> list[Row]:
     if "memory" not in r:
         return []
     mem = r["memory"]
-    settled = [rss for _, done, rss in mem["rss_samples"] if done >= 0.2 * mem["entries"]]
+    # A sample of 0 is a worker that had exited (runs before that was left out).
+    settled = [rss for _, done, rss in mem["rss_samples"] if done >= 0.2 * mem["entries"] and rss]
     growth = (settled[-1] - settled[0]) if len(settled) > 1 else 0.0
     return [
         (

@@ -100,3 +100,14 @@ def test_the_table_states_the_small_batch_target() -> None:
     assert "`USERMGMT_BATCH_SIZE=100` against 15,000/s at 2000 | <= 1.5x | **MISSED** |" in missed
     assert "| 3c. small batches | 1.25x" in render(sweep(12_000.0))
     assert "| <= 1.5x | met |" in render(sweep(12_000.0))
+
+
+def test_memory_growth_leaves_out_a_sample_taken_after_the_worker_exited() -> None:
+    """An exited, unreaped worker reads as 0 bytes: that is not memory given back."""
+    from bench.run import memory_rows
+
+    samples = [(0.1, 0, 60.0), (0.5, 30_000, 150.0), (0.9, 90_000, 158.0), (1.0, 100_000, 0.0)]
+    memory = {"entries": 100_000, "peak_rss_mb": 158.0, "rss_samples": samples}
+    (row,) = memory_rows({"memory": memory})
+    assert "+8.0 MB after the first 20%" in row[1]
+    assert row[3] == "met"
