@@ -46,7 +46,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bench import baseline, cpu, floor, lag_scrape, leftovers, postgres, workload
-from bench.summaries import Row, summarised, sweep_rows, verdict
+from bench.summaries import Row, memory_rows, summarised, sweep_rows, verdict
 from bench.workload import BenchFailure, Games, Rematches
 from usermgmt.domain.auth import REQUEST_MAX_AGE_S
 from usermgmt.domain.payloads import text_of
@@ -1436,24 +1436,6 @@ def auth_rows(r: dict[str, Any], mode: Mode) -> list[Row]:
             )
         )
     return rows
-
-
-def memory_rows(r: dict[str, Any]) -> list[Row]:
-    if "memory" not in r:
-        return []
-    mem = r["memory"]
-    # A sample of 0 is a worker that had exited (runs before that was left out).
-    settled = [rss for _, done, rss in mem["rss_samples"] if done >= 0.2 * mem["entries"] and rss]
-    growth = (settled[-1] - settled[0]) if len(settled) > 1 else 0.0
-    return [
-        (
-            "7. worker peak RSS",
-            f"{mem['peak_rss_mb']:.0f} MB draining {mem['entries']:,} entries; "
-            f"{growth:+.1f} MB after the first 20%",
-            "<= 250 MB, flat",
-            verdict(mem["peak_rss_mb"] <= 250 and growth <= 25),
-        )
-    ]
 
 
 def rematch_rows(r: dict[str, Any]) -> list[Row]:

@@ -73,3 +73,21 @@ def sweep_rows(r: dict[str, Any]) -> list[Row]:
             verdict(ratio <= 1.5),
         )
     ]
+
+
+def memory_rows(r: dict[str, Any]) -> list[Row]:
+    if "memory" not in r:
+        return []
+    mem = r["memory"]
+    # A sample of 0 is a worker that had exited (runs before that was left out).
+    settled = [rss for _, done, rss in mem["rss_samples"] if done >= 0.2 * mem["entries"] and rss]
+    growth = (settled[-1] - settled[0]) if len(settled) > 1 else 0.0
+    return [
+        (
+            "7. worker peak RSS",
+            f"{mem['peak_rss_mb']:.0f} MB draining {mem['entries']:,} entries; "
+            f"{growth:+.1f} MB after the first 20%",
+            "<= 250 MB, flat",
+            verdict(mem["peak_rss_mb"] <= 250 and growth <= 25),
+        )
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from bench.summaries import SAMPLES_KEPT, summarised
+from bench.summaries import SAMPLES_KEPT, memory_rows, summarised
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -104,8 +104,6 @@ def test_the_table_states_the_small_batch_target() -> None:
 
 def test_memory_growth_leaves_out_a_sample_taken_after_the_worker_exited() -> None:
     """An exited, unreaped worker reads as 0 bytes: that is not memory given back."""
-    from bench.run import memory_rows
-
     samples = [(0.1, 0, 60.0), (0.5, 30_000, 150.0), (0.9, 90_000, 158.0), (1.0, 100_000, 0.0)]
     memory = {"entries": 100_000, "peak_rss_mb": 158.0, "rss_samples": samples}
     (row,) = memory_rows({"memory": memory})
