@@ -14,6 +14,7 @@ import orjson
 from structlog.typing import FilteringBoundLogger
 
 from usermgmt.domain.games import Changes, World
+from usermgmt.domain.planner import Plan
 from usermgmt.persistence import cache
 from usermgmt.persistence.games import session_is_live
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
@@ -38,6 +39,12 @@ class AfterCommit:
         self.streams = streams
         self.player_hashes = player_hashes
         self.log = log
+
+    def pack(self, plan: Plan, world: World) -> cache.CommandBatch:
+        """A new batch of writes holding a committed plan's caches (`write_caches`)."""
+        batch = cache.CommandBatch()
+        self.write_caches(batch, world, plan.changes)
+        return batch
 
     def write_caches(self, batch: cache.CommandBatch, world: World, changes: Changes) -> None:
         """Session hashes, players' user hashes and leaderboard scores, each key once."""

@@ -23,7 +23,7 @@ from usermgmt.domain.errors import DeadLetterReason, InvalidPayload
 from usermgmt.domain.events import parse_event
 from usermgmt.domain.games import Outcome, PlannedEntry
 from usermgmt.workers.events.intake import Intake, Key
-from usermgmt.workers.events.store import Applied, EventStore
+from usermgmt.workers.events.store import Applied, EventStore, Packer
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, database_unreachable
 from usermgmt.workers.runtime.settings import Settings
 from usermgmt.workers.runtime.streams import Backoff, Entry
@@ -59,12 +59,14 @@ class Applier:
         settings: Settings,
         stop: threading.Event,
         log: FilteringBoundLogger,
+        pack: Packer | None = None,
     ) -> None:
         self.store = store
         self.intake = intake
         self.settings = settings
         self.stop = stop
         self.log = log
+        self.pack = pack  # a batch's cache writes, packed while it commits
         self.failures: Counter[Key] = Counter()  # deliveries that ended without a decision
 
     def check(self, entries: list[Entry]) -> Batch:
@@ -93,7 +95,8 @@ class Applier:
         backoff = Backoff()
         while True:
             try:
-                return [self.store.apply(batch.planned, self.intake.horizon_ms, datetime.now(UTC))]
+                now = datetime.now(UTC)
+                return [self.store.apply(batch.planned, self.intake.horizon_ms, now, self.pack)]
             except DATABASE_ERRORS as exc:
                 delay = backoff.next_delay()
                 self.log.error(

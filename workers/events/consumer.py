@@ -130,7 +130,6 @@ class EventConsumer:
         self.log: FilteringBoundLogger = log.bind(consumer=consumer)
         self.ranks = RankRefresher(self.store, self.settings.rank_refresh_s, self.log, metrics)
         self.intake = Intake(self.redis, self.engine, self.settings, consumer, self.kinds, self.log)
-        self.applier = Applier(self.store, self.intake, self.settings, stop, self.log)
         # One worker reads new entries at a time (`lease`); a burst run is a one-off.
         self.lease = Lease(
             self.redis,
@@ -141,6 +140,9 @@ class EventConsumer:
         self.standing_by = False
         player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.after_commit = AfterCommit(self.keys, self.streams, player_hashes, self.log)
+        self.applier = Applier(
+            self.store, self.intake, self.settings, stop, self.log, self.after_commit.pack
+        )
 
     @property
     def buffer(self) -> list[Entry]:
@@ -357,9 +359,13 @@ class EventConsumer:
             self.intake.give_back(entries)  # not committed: decided again on the next pass
             raise
         self.settle()  # the previous batch's replies, read while this one's SQL ran
-        writes = cache.CommandBatch()
+        # Packed beside the commit, unless the batch was applied entry by entry.
+        writes = results[0].caches if len(results) == 1 else None
+        if writes is None:
+            writes = cache.CommandBatch()
+            for result in results:
+                self.after_commit.write_caches(writes, result.world, result.plan.changes)
         for result in results:
-            self.after_commit.write_caches(writes, result.world, result.plan.changes)
             self.stats.expired_sessions += len(result.plan.expired_sessions)
             if result.plan.changes.stats:
                 self.ranks.dirty = True

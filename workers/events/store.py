@@ -9,11 +9,16 @@
 - Its page cache is sized to the player tables (`fit_page_cache`).
 - Any failure forgets what the world cache knows (the batch changed it in memory);
   a connection the database dropped is closed, to be opened again.
+- While a batch's COMMIT runs (SQLite writing the WAL, or PostgreSQL's round trip:
+  the driver lets the GIL go), a helper thread packs the batch's cache writes
+  (`apply(pack=...)`): in small batches the commit and the packing each took about a
+  sixth of the time, and now overlap. They are sent only once the commit is done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import NamedTuple
@@ -25,6 +30,7 @@ from usermgmt.domain.events import EventKind, entry_id_key, entry_order, parse_e
 from usermgmt.domain.games import Decision, Order, PlannedEntry, World, event_usernames
 from usermgmt.domain.planner import Plan, plan_batch
 from usermgmt.domain.waiting import Limits, Waiters
+from usermgmt.persistence.cache import CommandBatch
 from usermgmt.persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
 from usermgmt.persistence.games import (
     load_checkpoints,
@@ -48,10 +54,15 @@ log = structlog.get_logger("usermgmt.events")
 
 
 class Applied(NamedTuple):
-    """A committed batch: what was decided, and the world its caches are written from."""
+    """A committed batch: what was decided, the world its caches are written from, and
+    those writes when they were packed beside the commit (None: not packed yet)."""
 
     plan: Plan
     world: World
+    caches: CommandBatch | None = None
+
+
+Packer = Callable[[Plan, World], CommandBatch]
 
 
 class EventStore:
@@ -68,9 +79,20 @@ class EventStore:
         self.sqlite = is_sqlite(engine)
         self.db: Connection | None = None
         self.known = WorldCache()
+        self.helper: ThreadPoolExecutor | None = None  # packs caches beside a commit
 
-    def apply(self, planned: list[PlannedEntry], horizon_ms: int | None, now: datetime) -> Applied:
-        """Load, decide (with the waiting entries), write and commit one batch."""
+    def apply(
+        self,
+        planned: list[PlannedEntry],
+        horizon_ms: int | None,
+        now: datetime,
+        pack: Packer | None = None,
+    ) -> Applied:
+        """Load, decide (with the waiting entries), write and commit one batch.
+
+        `pack`: run on the helper thread while the commit runs; what it returns comes
+        back as `Applied.caches` (None if it failed: the caller packs them itself).
+        """
         conn = self.connection()
         transaction = conn.begin()
         try:
@@ -107,13 +129,22 @@ class EventStore:
                 save_dead(conn, plan.decided)
                 save_checkpoints(conn, self._checkpoints(plan), now, committed)
                 self.known.bump(conn)
-            transaction.commit()
+            packing = self._helper().submit(_packed, pack, plan, world) if pack else None
+            try:
+                transaction.commit()
+            finally:
+                caches = packing.result() if packing else None  # never raises
         except BaseException as exc:
             self._failed(conn, transaction, exc)
             raise
         self.known.waiters = waiters
         self.known.committed()
-        return Applied(plan, world)
+        return Applied(plan, world, caches)
+
+    def _helper(self) -> ThreadPoolExecutor:
+        if self.helper is None:
+            self.helper = ThreadPoolExecutor(1, thread_name_prefix="usermgmt-pack")
+        return self.helper
 
     def _checkpoints(self, plan: Plan) -> dict[str, str]:
         """The last entry id the plan decided, per stream."""
@@ -171,9 +202,13 @@ class EventStore:
         return self.db
 
     def close(self) -> None:
-        """Let the connection go (never back to the pool: foreign keys are off on it)."""
+        """Let the connection go (never back to the pool: foreign keys are off on it),
+        and the helper thread (idle: `apply` waits for it; started again when needed)."""
         conn, self.db = self.db, None
         self.known.forget()
+        helper, self.helper = self.helper, None
+        if helper is not None:
+            helper.shutdown()
         if conn is not None:
             try:
                 conn.invalidate()
@@ -190,6 +225,16 @@ class EventStore:
             transaction.rollback()
         except Exception:
             self.close()
+
+
+def _packed(pack: Packer, plan: Plan, world: World) -> CommandBatch | None:
+    """`pack(plan, world)` on the helper thread; None if it failed (logged), so that a
+    failure shows where the caller packs the caches again, never as a failed commit."""
+    try:
+        return pack(plan, world)
+    except Exception as exc:
+        log.warning("packing cache writes beside the commit failed", error=repr(exc))
+        return None
 
 
 def _restore(row: StoredWaiter) -> tuple[PlannedEntry, str]:
