@@ -41,7 +41,8 @@ class AfterCommit:
         self.log = log
 
     def pack(self, plan: Plan, world: World) -> cache.CommandBatch:
-        """A new batch of writes holding a committed plan's caches (`write_caches`)."""
+        """A new batch of writes holding a plan's caches (`write_caches`): packed while
+        its transaction commits (`EventStore.apply`), sent only once it has."""
         batch = cache.CommandBatch()
         self.write_caches(batch, world, plan.changes)
         return batch
