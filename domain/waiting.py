@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
+from usermgmt.domain.events import UpdateEvent
 from usermgmt.domain.games import Order, PlannedEntry
 
 _K = TypeVar("_K")
@@ -144,8 +145,10 @@ class Waiters:
         return None if best is None else self.by_order[best]
 
     def _held_keys(self, entry: PlannedEntry) -> list[tuple[dict[str, list[Order]], str]]:
-        keys = [(self._sessions, entry.event.session_id)]
-        keys += [(self._players, key) for key in getattr(entry.event, "player_keys", ())]
+        event = entry.event
+        keys = [(self._sessions, event.session_id)]
+        if isinstance(event, UpdateEvent):  # a terminate holds its session only
+            keys += [(self._players, key) for key in event.player_keys]
         return keys
 
 
