@@ -324,6 +324,10 @@ def test_sigterm_while_busy_exits_0_and_loses_nothing(stack: Stack, database: Da
     )
 
     worker = start(stack, "--consumer", "t1")
+    # The first worker may have applied the whole backlog before its signal: then all
+    # below holds at once, and a signal before this one has started (its handlers are
+    # set once its imports are done) would meet Python's default action instead.
+    patiently(lambda: worker.output.events("worker started"), worker, timeout=60)
     patiently(
         lambda: database.processed() == len(games) * 2 and pending(stack.redis, keys) == 0,
         worker,
