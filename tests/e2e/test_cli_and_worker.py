@@ -295,6 +295,50 @@ def test_sigint_also_exits_0(stack: Stack) -> None:
     assert any("worker stopped" in line for line in tail.finish())
 
 
+def start_importing(stack: Stack, *args: str) -> tuple[subprocess.Popen[bytes], Tail]:
+    """Start `usermgmt ARGS` and return once it is importing its modules (a few hundred
+    milliseconds): a stop from an orchestrator can land there, before any command has
+    set its handlers."""
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", *USERMGMT[1:], *args],
+        env=stack.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    stack.workers.append(process)
+    tail = Tail(process)
+    # `-X importtime` reports each module on stderr as its import completes; the layers
+    # below the command line come first, and SQLAlchemy, pydantic and redis after them.
+    importing = "usermgmt.persistence"
+    wait_for(
+        lambda: any(line.rsplit("|")[-1].strip() == importing for line in list(tail.lines)),
+        interval=0.001,
+    )
+    return process, tail
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_stops_the_worker_with_exit_0(
+    stack: Stack, signum: signal.Signals
+) -> None:
+    process, tail = start_importing(stack, "worker")
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == 0
+    assert tail.has("worker stopped before it started")
+    assert not tail.has("Traceback")
+
+
+def test_other_commands_still_stop_at_a_signal_during_start_up(stack: Stack) -> None:
+    process, _ = start_importing(stack, "status")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == -signal.SIGTERM
+    process, tail = start_importing(stack, "status")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 1
+    assert tail.has("usermgmt: interrupted")
+    assert not tail.has("Traceback")
+
+
 def test_the_worker_keeps_running_while_redis_is_unreachable(stack: Stack) -> None:
     process = stack.start_worker(USERMGMT_REDIS_URL="redis://:Redis-Secret-9@127.0.0.1:1/0")
     tail = Tail(process)

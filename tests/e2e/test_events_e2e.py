@@ -325,8 +325,9 @@ def test_sigterm_while_busy_exits_0_and_loses_nothing(stack: Stack, database: Da
 
     worker = start(stack, "--consumer", "t1")
     # The first worker may have applied the whole backlog before its signal: then all
-    # below holds at once, and a signal before this one has started (its handlers are
-    # set once its imports are done) would meet Python's default action instead.
+    # below holds at once. This test is about a busy worker, so the second one is
+    # signalled once it runs, not while Python is still starting (before `main` can
+    # record the signal; see test_a_signal_during_start_up_stops_the_worker_with_exit_0).
     patiently(lambda: worker.output.events("worker started"), worker, timeout=60)
     patiently(
         lambda: database.processed() == len(games) * 2 and pending(stack.redis, keys) == 0,

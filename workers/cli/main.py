@@ -6,13 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from usermgmt.workers.cli import commands
-from usermgmt.workers.cli.commands.base import CommandFailed, UsageError
-from usermgmt.workers.runtime.settings import ConfigError
+from usermgmt.workers.runtime import early_signals
+
+# The subcommands are imported by the functions below, after `early_signals.hold()`:
+# loading them (SQLAlchemy, Alembic, pydantic, ...) takes a few hundred milliseconds.
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every subcommand registered by `usermgmt.workers.cli.commands`."""
+    from usermgmt.workers.cli import commands
+
     parser = argparse.ArgumentParser(
         prog="usermgmt",
         description="User management backend for online game platforms: Redis Streams "
@@ -26,9 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `usermgmt` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    early_signals.hold()  # the worker takes them over; other commands get them back
     try:
+        return run(argv)
+    finally:
+        early_signals.release(deliver=False)  # the program is ending anyway
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run its command, mapping failures to exit codes."""
+    from usermgmt.workers.cli.commands.base import CommandFailed, UsageError
+    from usermgmt.workers.runtime.settings import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if not getattr(args, "owns_signals", False):
+            early_signals.release()
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"usermgmt: error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ from usermgmt.workers.auth.relay import Relay
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops.trim import Trimmer
+from usermgmt.workers.runtime import early_signals
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
@@ -74,6 +75,8 @@ class Worker:
             # Before waiting for the database, so a signal while it is away still exits 0.
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            for signum in early_signals.take():  # arrived while the program was starting
+                self._on_signal(signum, None)
         self.wait_for_schema()
         if self.stop.is_set():
             self.log.info("worker stopped before it started", exit_code=0)

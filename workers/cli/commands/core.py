@@ -60,7 +60,7 @@ def register(subparsers: Subparsers) -> None:
         help="serve Prometheus metrics on http://0.0.0.0:N/metrics (default: off)",
     )
     add_database_option(worker)
-    worker.set_defaults(func=cmd_worker)
+    worker.set_defaults(func=cmd_worker, owns_signals=True)  # see early_signals
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
