@@ -146,7 +146,7 @@ class _Planner:
         """Decide again the waiters `Wake(kind, key)` sets free (nothing to look up while
         nothing waits, as in most batches: called for every entry and freed player)."""
         if self.waiters.by_order:
-            for order in self.waiters.woken_by(Wake(kind, key)):
+            for order in self.waiters.woken_by((kind, key)):
                 heapq.heappush(self.woken, order)
 
     def wake_queued(self, entry: PlannedEntry) -> None:
@@ -194,7 +194,7 @@ class _Planner:
     def wait(self, entry: PlannedEntry, wake: Wake, waits_for: str, holds: bool = True) -> None:
         self.waiters.add(Waiter(entry, waits_for, wake, holds))
 
-    def queue_behind(self, entry: PlannedEntry, wanted: tuple[str, ...] = ()) -> bool:
+    def queue_behind(self, entry: PlannedEntry, wanted: Sequence[str] = ()) -> bool:
         """Wait behind an earlier waiting entry `entry` must not overtake, if there is one."""
         holder = self.waiters.holder_before(entry, wanted)
         if holder is None:
@@ -223,11 +223,11 @@ class _Planner:
             self.resolve(entry, _session_ended(event.session_id))
             return
         live = self.world.live_session_of
-        wanted = tuple(
+        wanted = [
             key
             for key, player in zip(event.player_keys, players, strict=True)
             if live.get(player.id) != event.session_id
-        )
+        ]
         if self.queue_behind(entry, wanted):
             return
         for player in players:

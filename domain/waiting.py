@@ -15,7 +15,7 @@ come back waiting for something else.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -52,14 +52,20 @@ class Limits:
 
 @dataclass
 class Waiters:
-    """The waiting entries, by order, indexed by what wakes them and what they hold."""
+    """The waiting entries, by order, indexed by what wakes them and what they hold.
+
+    Each index maps a key to the orders filed under it, as a dict used as an ordered
+    set: an entry waiting behind a burst of others is filed and taken again many
+    times, and a dict takes an order out without a scan.
+    """
 
     by_order: dict[Order, Waiter] = field(default_factory=dict)
-    _wake: dict[Wake, list[Order]] = field(default_factory=dict)
-    _sessions: dict[str, list[Order]] = field(default_factory=dict)  # holders, by session
-    _players: dict[str, list[Order]] = field(default_factory=dict)  # holders, by username key
-    _events: dict[str, list[Order]] = field(default_factory=dict)  # by event id
+    _wake: dict[Wake, dict[Order, None]] = field(default_factory=dict)
+    _sessions: dict[str, dict[Order, None]] = field(default_factory=dict)  # holders, by session
+    _players: dict[str, dict[Order, None]] = field(default_factory=dict)  # holders, by username key
+    _events: dict[str, dict[Order, None]] = field(default_factory=dict)  # by event id
     _oldest: list[Order] = field(default_factory=list)  # a heap; removed orders linger
+    _in_heap: set[Order] = field(default_factory=set)  # what `_oldest` holds, lingering or not
 
     def __len__(self) -> int:
         return len(self.by_order)
@@ -69,47 +75,66 @@ class Waiters:
         return iter([self.by_order[order] for order in sorted(self.by_order)])
 
     def add(self, waiter: Waiter) -> None:
-        order = waiter.entry.order
-        self.take(order)  # one waiter per entry, whatever it waited for before
+        entry = waiter.entry
+        order = entry.order
+        if order in self.by_order:
+            self.take(order)  # one waiter per entry, whatever it waited for before
         self.by_order[order] = waiter
-        self._wake.setdefault(waiter.wake, []).append(order)
-        self._events.setdefault(waiter.entry.event_id, []).append(order)
-        heapq.heappush(self._oldest, order)
+        _file(self._wake, waiter.wake, order)
+        _file(self._events, entry.event_id, order)
+        if order not in self._in_heap:  # taken to be decided again, it lingers there
+            self._in_heap.add(order)
+            heapq.heappush(self._oldest, order)
         if waiter.holds:
-            for index, key in self._held_keys(waiter.entry):
-                index.setdefault(key, []).append(order)
+            event = entry.event
+            _file(self._sessions, event.session_id, order)
+            if isinstance(event, UpdateEvent):  # a terminate holds its session only
+                for key in event.player_keys:
+                    _file(self._players, key, order)
 
     def take(self, order: Order) -> Waiter | None:
         """Remove a waiter to decide it again (entries queued behind it stay queued)."""
         waiter = self.by_order.pop(order, None)
         if waiter is None:
             return None
-        _discard(self._wake, waiter.wake, order)
-        _discard(self._events, waiter.entry.event_id, order)
+        entry = waiter.entry
+        _unfile(self._wake, waiter.wake, order)
+        _unfile(self._events, entry.event_id, order)
         if waiter.holds:
-            for index, key in self._held_keys(waiter.entry):
-                _discard(index, key, order)
+            event = entry.event
+            _unfile(self._sessions, event.session_id, order)
+            if isinstance(event, UpdateEvent):
+                for key in event.player_keys:
+                    _unfile(self._players, key, order)
         return waiter
 
-    def woken_by(self, wake: Wake) -> list[Order]:
-        """The orders of the waiters `wake` decides again (they are not removed here)."""
-        return list(self._wake.get(wake, ()))
+    def woken_by(self, wake: tuple[str, object]) -> list[Order]:
+        """The orders of the waiters `wake` (a `Wake`, or a plain tuple of its two parts:
+        the same key) decides again; they are not removed here."""
+        orders = self._wake.get(wake)  # type: ignore[call-overload]
+        return list(orders) if orders else []
 
     def oldest(self) -> Waiter | None:
         """The waiter with the smallest order: its deadline comes first."""
         heap = self._oldest
         while heap and heap[0] not in self.by_order:
-            heapq.heappop(heap)
+            self._in_heap.discard(heapq.heappop(heap))
         return self.by_order[heap[0]] if heap else None
 
     def queued_after(self, entry: PlannedEntry) -> list[Order]:
         """Later waiters queued behind some earlier entry that share `entry`'s session or
         one of its players: what they queue behind may have changed with `entry`."""
         found: list[Order] = []
-        for index, key in self._held_keys(entry):
-            for order in index.get(key, ()):
-                if order > entry.order and self.by_order[order].wake.kind == "entry":
-                    found.append(order)
+        after, by_order = entry.order, self.by_order
+        event = entry.event
+        indexed = [self._sessions.get(event.session_id)]
+        if isinstance(event, UpdateEvent) and self._players:
+            indexed += map(self._players.get, event.player_keys)
+        for orders in indexed:
+            if orders:
+                for order in orders:
+                    if order > after and by_order[order].wake.kind == "entry":
+                        found.append(order)
         return found
 
     def of_session(self, session_id: str) -> list[Order]:
@@ -125,7 +150,7 @@ class Waiters:
         first = min(orders)
         return self.by_order[first] if first < entry.order else None
 
-    def holder_before(self, entry: PlannedEntry, wanted: tuple[str, ...] = ()) -> Waiter | None:
+    def holder_before(self, entry: PlannedEntry, wanted: Sequence[str] = ()) -> Waiter | None:
         """The nearest earlier waiter `entry` must not overtake, or None.
 
         `wanted`: the username keys of players an update asks for (those not already in
@@ -144,19 +169,18 @@ class Waiters:
                     best = held
         return None if best is None else self.by_order[best]
 
-    def _held_keys(self, entry: PlannedEntry) -> list[tuple[dict[str, list[Order]], str]]:
-        event = entry.event
-        keys = [(self._sessions, event.session_id)]
-        if isinstance(event, UpdateEvent):  # a terminate holds its session only
-            keys += [(self._players, key) for key in event.player_keys]
-        return keys
 
-
-def _discard(index: dict[_K, list[Order]], key: _K, order: Order) -> None:
+def _file(index: dict[_K, dict[Order, None]], key: _K, order: Order) -> None:
     orders = index.get(key)
     if orders is None:
-        return
-    if order in orders:
-        orders.remove(order)
-    if not orders:
-        del index[key]
+        index[key] = {order: None}
+    else:
+        orders[order] = None
+
+
+def _unfile(index: dict[_K, dict[Order, None]], key: _K, order: Order) -> None:
+    orders = index.get(key)
+    if orders is not None:
+        orders.pop(order, None)
+        if not orders:
+            del index[key]
