@@ -60,7 +60,7 @@ class Waiters:
     """
 
     by_order: dict[Order, Waiter] = field(default_factory=dict)
-    _wake: dict[Wake, dict[Order, None]] = field(default_factory=dict)
+    _wake: dict[tuple[str, object], dict[Order, None]] = field(default_factory=dict)  # by Wake
     _sessions: dict[str, dict[Order, None]] = field(default_factory=dict)  # holders, by session
     _players: dict[str, dict[Order, None]] = field(default_factory=dict)  # holders, by username key
     _events: dict[str, dict[Order, None]] = field(default_factory=dict)  # by event id
@@ -111,7 +111,7 @@ class Waiters:
     def woken_by(self, wake: tuple[str, object]) -> list[Order]:
         """The orders of the waiters `wake` (a `Wake`, or a plain tuple of its two parts:
         the same key) decides again; they are not removed here."""
-        orders = self._wake.get(wake)  # type: ignore[call-overload]
+        orders = self._wake.get(wake)
         return list(orders) if orders else []
 
     def oldest(self) -> Waiter | None:
