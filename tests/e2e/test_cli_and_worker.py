@@ -324,7 +324,9 @@ def test_a_signal_during_start_up_stops_the_worker_with_exit_0(
     process, tail = start_importing(stack, "worker")
     process.send_signal(signum)
     assert process.wait(timeout=30) == 0
-    assert tail.has("worker stopped before it started")
+    # "worker stopped before it started" unless this process stalled for the rest of
+    # the worker's imports: then it ran, and it stopped as a running worker does.
+    assert tail.has("worker stopped")
     assert not tail.has("Traceback")
 
 
