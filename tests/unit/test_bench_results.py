@@ -109,3 +109,35 @@ def test_memory_growth_leaves_out_a_sample_taken_after_the_worker_exited() -> No
     (row,) = memory_rows({"memory": memory})
     assert "+8.0 MB after the first 20%" in row[1]
     assert row[3] == "met"
+
+
+def test_the_table_states_the_login_flood_target_at_half_and_a_quarter_of_the_load() -> None:
+    """Issue 12: the events' p99 during a login flood stays within 2x of it without one;
+    each load the bench floods at gets its own row and verdict."""
+    from bench.summaries import auth_rows
+
+    def flood(rate: float, calm_ms: float, flooded_ms: float) -> dict[str, object]:
+        return {
+            "rate": rate,
+            "without_logins": {"p99_ms": calm_ms},
+            "during_logins": {"p99_ms": flooded_ms},
+        }
+
+    r = {
+        "auth": {
+            "logins_per_s": 90.0,
+            "raw_bcrypt_per_s": 100.0,
+            "threads": 2,
+            "bcrypt_rounds": 8,
+            "flood": flood(14_000.0, 100.0, 450.0),
+            "flood_quarter": flood(7_000.0, 20.0, 30.0),
+        }
+    }
+    rows = {name: (measured, verdict) for name, measured, _, verdict in auth_rows(r, 500)}
+    half = rows["6. event p99 during 500 logins, half load"]
+    quarter = rows["6. event p99 during 500 logins, a quarter of the load"]
+    assert half == ("14,000 entries/s: 450.0 ms vs 100.0 ms without = 4.50x", "**MISSED**")
+    assert quarter == ("7,000 entries/s: 30.0 ms vs 20.0 ms without = 1.50x", "met")
+    assert rows["6. logins vs raw bcrypt"][1] == "met"
+    del r["auth"]["flood_quarter"]  # a run before the quarter-load flood: one row less
+    assert len(auth_rows(r, 500)) == 2
