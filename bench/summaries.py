@@ -96,19 +96,28 @@ def memory_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def login_target(bcrypt_rounds: int) -> float:
+    """Logins / raw bcrypt: 0.9 at the production cost of 12 (issue 12), 0.85 at a lower
+    cost (quick mode's 8, issue 4), where the fixed work of a login weighs more."""
+    return 0.9 if bcrypt_rounds >= 12 else 0.85
+
+
 def auth_rows(r: dict[str, Any], logins: int) -> list[Row]:
-    """Scenario 6: logins against raw bcrypt, and the event p99 during a flood of `logins`."""
+    """Scenario 6: logins against raw bcrypt, and a flood of `logins` beside events: the
+    events' p99 within 2x of it without logins, the logins still near raw bcrypt."""
     if "auth" not in r:
         return []
     auth = r["auth"]
-    login_ratio = auth["logins_per_s"] / auth["raw_bcrypt_per_s"]
+    target = login_target(auth["bcrypt_rounds"])
+    raw = auth["raw_bcrypt_per_s"]
+    login_ratio = auth["logins_per_s"] / raw
     rows: list[Row] = [
         (
             "6. logins vs raw bcrypt",
-            f"{auth['logins_per_s']:.1f} logins/s vs {auth['raw_bcrypt_per_s']:.1f} checkpw/s "
+            f"{auth['logins_per_s']:.1f} logins/s vs {raw:.1f} checkpw/s "
             f"({auth['threads']} threads, cost {auth['bcrypt_rounds']}) = {login_ratio:.2f}",
-            ">= 0.85",
-            verdict(login_ratio >= 0.85),
+            f">= {target}",
+            verdict(login_ratio >= target),
         )
     ]
     for key, share in FLOOD_RUNS:
@@ -116,19 +125,22 @@ def auth_rows(r: dict[str, Any], logins: int) -> list[Row]:
             continue
         flood = auth[key]
         flood_ratio = flood["during_logins"]["p99_ms"] / max(flood["without_logins"]["p99_ms"], 1.0)
+        logins_ratio = flood["login_during_events_per_s"] / raw
         load = "half load" if share == 2 else "a quarter of the load"
         rows.append(
             (
                 f"6. event p99 during {logins} logins, {load}",
                 f"{flood['rate']:,.0f} entries/s: {flood['during_logins']['p99_ms']:.1f} ms vs "
-                f"{flood['without_logins']['p99_ms']:.1f} ms without = {flood_ratio:.2f}x"
+                f"{flood['without_logins']['p99_ms']:.1f} ms without = {flood_ratio:.2f}x; "
+                f"logins meanwhile {flood['login_during_events_per_s']:.1f}/s = "
+                f"{logins_ratio:.2f}x raw bcrypt"
                 + (
-                    f" ({flood['logins_dropped_as_stale']} logins dropped as stale after 30 s)"
+                    f" ({flood['logins_dropped_as_stale']} dropped as stale after 30 s)"
                     if flood.get("logins_dropped_as_stale")
                     else ""
                 ),
-                "<= 2x",
-                verdict(flood_ratio <= 2),
+                f"<= 2x; logins >= {target}x",
+                verdict(flood_ratio <= 2 and logins_ratio >= target),
             )
         )
     return rows

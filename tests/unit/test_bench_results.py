@@ -112,32 +112,51 @@ def test_memory_growth_leaves_out_a_sample_taken_after_the_worker_exited() -> No
 
 
 def test_the_table_states_the_login_flood_target_at_half_and_a_quarter_of_the_load() -> None:
-    """Issue 12: the events' p99 during a login flood stays within 2x of it without one;
-    each load the bench floods at gets its own row and verdict."""
+    """Issue 12: during a login flood the events' p99 stays within 2x of it without one,
+    with the logins near raw bcrypt; each load the bench floods at gets its own row."""
     from bench.summaries import auth_rows
 
-    def flood(rate: float, calm_ms: float, flooded_ms: float) -> dict[str, object]:
+    def flood(rate: float, calm_ms: float, flooded_ms: float, logins: float) -> dict[str, object]:
         return {
             "rate": rate,
             "without_logins": {"p99_ms": calm_ms},
             "during_logins": {"p99_ms": flooded_ms},
+            "login_during_events_per_s": logins,
         }
 
-    r = {
-        "auth": {
-            "logins_per_s": 90.0,
-            "raw_bcrypt_per_s": 100.0,
-            "threads": 2,
-            "bcrypt_rounds": 8,
-            "flood": flood(14_000.0, 100.0, 450.0),
-            "flood_quarter": flood(7_000.0, 20.0, 30.0),
+    def rows(rounds: int, quarter_logins: float) -> dict[str, tuple[str, str, str]]:
+        r = {
+            "auth": {
+                "logins_per_s": 88.0,
+                "raw_bcrypt_per_s": 100.0,
+                "threads": 2,
+                "bcrypt_rounds": rounds,
+                "flood": flood(14_000.0, 100.0, 450.0, 95.0),
+                "flood_quarter": flood(7_000.0, 20.0, 30.0, quarter_logins),
+            }
         }
-    }
-    rows = {name: (measured, verdict) for name, measured, _, verdict in auth_rows(r, 500)}
-    half = rows["6. event p99 during 500 logins, half load"]
-    quarter = rows["6. event p99 during 500 logins, a quarter of the load"]
-    assert half == ("14,000 entries/s: 450.0 ms vs 100.0 ms without = 4.50x", "**MISSED**")
-    assert quarter == ("7,000 entries/s: 30.0 ms vs 20.0 ms without = 1.50x", "met")
-    assert rows["6. logins vs raw bcrypt"][1] == "met"
-    del r["auth"]["flood_quarter"]  # a run before the quarter-load flood: one row less
-    assert len(auth_rows(r, 500)) == 2
+        return {
+            name: (measured, target, mark) for name, measured, target, mark in auth_rows(r, 500)
+        }
+
+    quick = rows(8, 95.0)
+    assert quick["6. logins vs raw bcrypt"][1:] == (">= 0.85", "met")
+    half = quick["6. event p99 during 500 logins, half load"]
+    assert half == (
+        "14,000 entries/s: 450.0 ms vs 100.0 ms without = 4.50x; "
+        "logins meanwhile 95.0/s = 0.95x raw bcrypt",
+        "<= 2x; logins >= 0.85x",
+        "**MISSED**",
+    )
+    quarter = quick["6. event p99 during 500 logins, a quarter of the load"]
+    assert quarter[0].startswith("7,000 entries/s: 30.0 ms vs 20.0 ms without = 1.50x;")
+    assert quarter[2] == "met"
+    # Events kept their p99, but the logins got a fifth of raw bcrypt: missed all the same.
+    assert rows(8, 20.0)["6. event p99 during 500 logins, a quarter of the load"][2] == "**MISSED**"
+    # At the production cost the issue asks 0.9 of raw bcrypt.
+    full = rows(12, 95.0)
+    assert full["6. logins vs raw bcrypt"][1:] == (">= 0.9", "**MISSED**")
+    assert full["6. event p99 during 500 logins, a quarter of the load"][1:] == (
+        "<= 2x; logins >= 0.9x",
+        "met",
+    )
