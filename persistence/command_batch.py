@@ -8,8 +8,9 @@ next batch's SQL meanwhile.
 
 On a Redis Cluster the commands are grouped by the node owning each key's slot: one
 write per node. `barrier()` keeps an order a single connection gives for free: commands
-queued after it are sent only once every earlier one has been answered (the event worker
-acks entries only after their caches and dead letters are written). A MOVED reply
+queued after it are sent only once every earlier one has been answered, and not at all
+after an error reply (the event worker acks entries only after their caches and dead
+letters are written; a node still loading after a restart writes none). A MOVED reply
 refreshes the slot map and sends its command to the new owner; an ASK reply sends it,
 after ASKING, to the node importing the slot. Neither had run, so nothing runs twice.
 """
@@ -22,13 +23,18 @@ from typing import Any
 
 from hiredis import Reader, pack_command
 from redis import Redis
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from usermgmt.persistence import nodes
 
 MAX_REDIRECTS = 5  # per command: a resharding moves a slot once, a failover once more
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
+# Error replies of a server that cannot serve yet: one still loading its data after a
+# restart (redis-py raises `BusyLoadingError`, a `ConnectionError`), a cluster between
+# a master's loss and its replica's promotion. An outage to wait out, not a failed
+# command: the caller backs off and tries again.
+_UNAVAILABLE = ("MASTERDOWN ", "CLUSTERDOWN ", "TRYAGAIN ")
 
 
 class CommandBatch:
@@ -144,13 +150,18 @@ class ClusterInFlight:
         self.sent = self._send(self.stages.pop(0)) if self.stages else []
 
     def wait(self) -> list[Any]:
-        """Every reply, in the order queued; the first error reply is raised at the end."""
+        """Every reply, in the order queued; the first error reply is raised at the end.
+
+        A stage with an error reply is the last one sent: what was queued after its
+        barrier (the acks, after the caches and dead letters) does not run.
+        """
         while True:
             self._collect(self.sent)
-            if not self.stages:
-                break
+            replies = [reply for part in self.replies for reply in part]
+            if not self.stages or any(isinstance(reply, Exception) for reply in replies):
+                self.stages.clear()
+                return _raise_first_error(replies)
             self.sent = self._send(self.stages.pop(0))
-        return _raise_first_error([reply for part in self.replies for reply in part])
 
     def answered(self) -> bool:
         """Whether every node has begun to answer, with no stage left to send."""
@@ -235,8 +246,22 @@ def _asking_each(part: bytes) -> bytes:
 def _raise_first_error(replies: list[Any]) -> list[Any]:
     error = next((reply for reply in replies if isinstance(reply, Exception)), None)
     if error is not None:
-        raise ResponseError(str(error))
+        raise error_of(error)
     return replies
+
+
+def error_of(reply: Exception) -> RedisError:
+    """An error reply as the exception redis-py would have raised for it: a server that
+    is loading or between masters is unreachable for now; anything else is a
+    `ResponseError`. hiredis gives the reply's text only."""
+    if isinstance(reply, RedisError):
+        return reply  # read by redis-py already
+    text = str(reply)
+    if text.startswith("LOADING "):
+        return BusyLoadingError(text.removeprefix("LOADING "))  # as redis-py words it
+    if text.startswith(_UNAVAILABLE):
+        return RedisConnectionError(text)
+    return ResponseError(text)
 
 
 def _read_replies(conn: Any, count: int) -> list[Any]:

@@ -180,6 +180,7 @@ class EventConsumer:
                 # acked, come back and are acked as duplicates (caches refreshed).
                 self.unsent, self.in_flight = None, None
                 self.unsent_applied, self.in_flight_applied = [], []
+                self.intake.look_at_pending_soon()
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except DATABASE_ERRORS as exc:
                 self.store.close()

@@ -255,6 +255,14 @@ class Intake:
         self.release_decided()
         return held
 
+    def look_at_pending_soon(self) -> None:
+        """Writes were lost (Redis restarted, or the connection dropped): acks of committed
+        entries may be among them. The next `keep_fresh` runs at the next read, so that
+        `take_back` takes them in hand again at once, to be acked as duplicates with their
+        caches written, rather than `claim_idle_ms / 3` later (or never, in a burst run
+        that finds nothing new to read)."""
+        self.last_fresh = 0.0
+
     def give_back(self, entries: list[Entry]) -> None:
         """Entries taken as ready whose transaction failed: back in the buffer, first."""
         self.buffer[:0] = entries

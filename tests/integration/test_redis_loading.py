@@ -1,0 +1,205 @@
+"""A Redis that restarts answers `-LOADING` until its data is back in memory.
+
+Replies to packed writes (`CommandBatch`) are parsed by hiredis, which gives an error
+reply's text only: they must still say "unreachable for now", as redis-py's own replies
+do, so the worker backs off and tries again instead of stopping (the soak test's worker
+once exited on one, its Redis restarted with an append-only file). The writes it lost
+hold acks of committed entries: the consumer takes those entries back at once and acks
+them as duplicates, caches written; on a cluster, no ack is sent after a node failed
+the caches or dead letters before it.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from hiredis import Reader
+from redis import ConnectionPool, Redis
+from redis.exceptions import BusyLoadingError, ResponseError
+
+from tests.conftest import Backend
+from tests.integration.helpers import (
+    add_players,
+    dead_letters,
+    drain,
+    pending_count,
+    standings,
+)
+from usermgmt.persistence.command_batch import CommandBatch, InFlight
+from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.connections import REDIS_ERRORS
+
+LOADING = "LOADING Redis is loading the dataset in memory"
+# redis-py's handshake on connecting: HELLO (a RESP2 server does not know it), CLIENT SETINFO.
+HANDSHAKE = {b"HELLO": b"-ERR unknown command 'HELLO'\r\n", b"CLIENT": b"+OK\r\n"}
+
+
+@pytest.fixture
+def answering() -> Iterator[tuple[list[str], int]]:
+    """A server on a free port that answers each command with the error it is given
+    (`errors[0]`), once redis-py's handshake is through."""
+    errors = [LOADING]
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve(conn: socket.socket) -> None:
+        reader = Reader()
+        with conn:
+            while data := conn.recv(65536):
+                reader.feed(data)
+                while (command := reader.gets()) is not False:
+                    conn.sendall(HANDSHAKE.get(command[0].upper(), f"-{errors[0]}\r\n".encode()))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield errors, port
+    finally:
+        listener.close()
+
+
+def write_two(port: int) -> None:
+    client = Redis(port=port, protocol=2)
+    batch = CommandBatch()
+    batch.add("HSET", "um:user:alice", "wallet", 5)
+    batch.add("EXPIRE", "um:user:alice", 300)
+    try:
+        batch.send(client).wait()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("error", [LOADING, "MASTERDOWN Link with MASTER is down"])
+def test_a_server_that_cannot_serve_yet_is_an_outage(
+    answering: tuple[list[str], int], error: str
+) -> None:
+    errors, port = answering
+    errors[0] = error
+    with pytest.raises(REDIS_ERRORS) as raised:
+        write_two(port)
+    if error == LOADING:
+        assert isinstance(raised.value, BusyLoadingError)
+        assert str(raised.value) == "Redis is loading the dataset in memory"  # as redis-py has it
+    else:
+        assert str(raised.value) == error
+
+
+def test_any_other_error_reply_is_a_failed_command(answering: tuple[list[str], int]) -> None:
+    errors, port = answering
+    errors[0] = "WRONGTYPE Operation against a key holding the wrong kind of value"
+    with pytest.raises(ResponseError) as raised:
+        write_two(port)
+    assert not isinstance(raised.value, REDIS_ERRORS)
+    assert str(raised.value).startswith("WRONGTYPE")
+
+
+PLAYERS = [f"player{index}" for index in range(8)]
+
+
+def rematch_games() -> tuple[list[tuple[str, dict[str, Any]]], dict[str, tuple[int, int, int]]]:
+    """Three rounds of two 4-player games; every player plays again as soon as their
+    game ends. Returns the events in publishing order and (wins, losses, earnings)."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    totals = {name: (0, 0, 0) for name in PLAYERS}
+    for round_ in range(3):
+        for table in range(2):
+            session_id = f"r{round_}-t{table}"
+            players = PLAYERS[table * 4 : table * 4 + 4]
+            events.append(("update", {"session_id": session_id, "players": players}))
+            results = []
+            for seat, name in enumerate(players):
+                won = (seat + round_) % 2 == 0
+                earnings = 100 + 10 * seat if won else seat
+                wins, losses, total = totals[name]
+                totals[name] = (wins + won, losses + (not won), total + earnings)
+                outcome = "win" if won else "loss"
+                results.append({"username": name, "outcome": outcome, "earnings": earnings})
+            events.append(("terminate", {"session_id": session_id, "results": results}))
+    return events, totals
+
+
+@pytest.mark.parametrize("loading_replies", [1, 3])
+def test_the_consumer_waits_out_a_redis_that_is_loading(
+    services: Services,
+    backend: Backend,
+    answering: tuple[list[str], int],
+    monkeypatch: pytest.MonkeyPatch,
+    loading_replies: int,
+) -> None:
+    """The first writes of the caches, dead letters and acks (once, or three times in a
+    row) reach a Redis that is loading and are answered `LOADING`: the consumer backs
+    off and goes on. Every event applies exactly once, its caches written and its entry
+    acked, and the one bad entry is dead-lettered once."""
+    add_players(services, *PLAYERS)
+    keys = backend.keys
+    events, totals = rematch_games()
+    events.insert(1, ("update", {"session_id": "lost", "players": ["nobody-here"]}))
+    pipe = backend.redis.pipeline(transaction=False)
+    for kind, payload in events:
+        payload["event_id"] = str(uuid.uuid4())
+        pipe.xadd(keys.event_stream(kind), {"payload": orjson.dumps(payload)})
+    pipe.execute()
+
+    # The first writes go to a server that is loading: none of them runs.
+    _, port = answering
+    loading = ConnectionPool(host="127.0.0.1", port=port, protocol=2)
+    real_write = InFlight.write.__func__  # type: ignore[attr-defined]
+    injected: list[int] = []
+
+    def write(
+        cls: type[InFlight], pool: Any, packed: bytes, count: int, asking: bool = False
+    ) -> InFlight:
+        if count and len(injected) < loading_replies:
+            injected.append(count)
+            pool = loading
+        return real_write(cls, pool, packed, count, asking)  # type: ignore[no-any-return]
+
+    reported: list[str] = []
+    real_wait_backoff = EventConsumer.wait_backoff
+
+    def recording(consumer: EventConsumer, message: str) -> None:
+        reported.append(message)
+        real_wait_backoff(consumer, message)
+
+    monkeypatch.setattr(InFlight, "write", classmethod(write))
+    monkeypatch.setattr(EventConsumer, "wait_backoff", recording)
+    drain(services)
+
+    assert len(injected) == loading_replies  # the replies did say LOADING
+    # One report a batch of writes; on a cluster a batch writes to several nodes.
+    assert 1 <= len(reported) <= loading_replies
+    assert backend.cluster or len(reported) == loading_replies
+    assert all("cannot reach Redis" in line and "loading" in line for line in reported)
+    assert {
+        name: (wins, losses, earnings)
+        for name, (wins, losses, earnings, _, _) in standings(services).items()
+    } == totals
+    assert {name: row[3] for name, row in standings(services).items()} == {
+        name: earnings for name, (_, _, earnings) in totals.items()
+    }  # the wallets
+    assert [letter["reason"] for letter in dead_letters(backend.redis, keys)] == ["unknown_user"]
+    assert pending_count(backend.redis, keys) == 0
+    for name, (wins, losses, earnings) in totals.items():
+        cached = backend.redis.hgetall(keys.user(name))
+        assert cached[b"win_count"] == str(wins).encode()
+        assert cached[b"loss_count"] == str(losses).encode()
+        assert cached[b"earnings"] == str(earnings).encode()
+        assert b"session" not in cached
+        assert backend.redis.zscore(keys.leaderboard, name) == earnings
+    for index in range(3):
+        for table in range(2):
+            assert not backend.redis.exists(keys.session(f"r{index}-t{table}"))
