@@ -63,6 +63,7 @@ PREFIX = "soak"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 BYSTANDERS = 8  # registered players never put in a game: the "not in roster" results
 POLL_S = 0.02
+STARTUP_S = 0.5  # a worker this young may not have its signal handlers yet (`WorkerPool.stop`)
 
 
 class SoakError(Exception):
@@ -262,6 +263,7 @@ class WorkerPool:
         self.env = env
         self.work = work
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: dict[str, float] = {}  # monotonic time of each one's last start
         self.kills = 0
         self.crashes: list[Crash] = []
 
@@ -278,6 +280,7 @@ class WorkerPool:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # signals come from us only
             )
+        self.started[name] = time.monotonic()
 
     def start_all(self) -> None:
         for name in self.names:
@@ -303,7 +306,15 @@ class WorkerPool:
                 self.start(name)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM every worker; each must finish its batch and exit 0."""
+        """SIGTERM every worker; each must finish its batch and exit 0.
+
+        No program acts on a signal before its first line runs: while Python starts (20-30
+        ms here) SIGTERM kills a worker with -15. The last kill may have come after the
+        last ack (the streams then drain at once), so every worker gets `STARTUP_S` of
+        life first.
+        """
+        youngest = max(self.started.values(), default=0.0)
+        time.sleep(max(0.0, youngest + STARTUP_S - time.monotonic()))
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
