@@ -80,7 +80,14 @@ class AfterCommit:
     def publish(
         self, batch: cache.CommandBatch, dead: list[DeadLetter], acks: list[Entry]
     ) -> cache.CommandBatch:
-        """A committed batch's caches, then its dead letters and acks (acks last)."""
+        """A committed batch's caches, then its dead letters and acks (acks last).
+
+        On a cluster each `barrier` is a round trip, and nothing after an error reply is
+        sent: a dead letter goes out once the caches are written, so a node that fails
+        them costs no second dead letter when the batch's entries come back.
+        """
+        if dead:
+            batch.barrier()
         for entry, reason, message in dead:
             letter = dead_letter_payload(entry, reason, message)
             batch.add("XADD", self.keys.dlq, "*", "payload", letter)

@@ -326,14 +326,16 @@ class EventConsumer:
         self.stop.wait(STANDBY_POLL_S)
 
     def keep_fresh(self) -> None:
-        """Keep the entries in hand from looking abandoned, and take back what a lost read
+        """Keep the entries in hand from looking abandoned, and take back what a lost reply
         left pending on this consumer (`Intake.keep_fresh`, `Intake.take_back`)."""
         in_hand = self.intake.keep_fresh()
         if in_hand is None:
             return
         self.stats.waiting = len(self.held)
         self.settle()  # acks sent last must have landed before the pending list is read
-        self.intake.take_back(in_hand, "took back entries a lost read left pending")
+        self.intake.take_back(
+            in_hand, "took back entries a lost reply left pending", delivery=False
+        )
 
     def expiry_due(self) -> bool:
         """Whether a waiting entry has outlived `max_wait_s` (or nobody knows yet)."""

@@ -283,17 +283,18 @@ class Intake:
         if decided:
             self.log.info("held entries decided elsewhere, to be acked", count=len(decided))
 
-    def take_back(self, in_hand: dict[str, list[str]], why: str) -> None:
+    def take_back(self, in_hand: dict[str, list[str]], why: str, delivery: bool = True) -> None:
         """Take in hand this consumer's pending entries it does not hold yet.
 
         At start-up, what a crashed predecessor of the same name left pending; later,
-        what a read whose reply was lost (Redis restarted, or the connection dropped
-        after XREADGROUP ran) left pending unseen, which every other worker would wait
-        for until `claim_idle_ms`. Entries recorded as waiting stay waiting (taking them
-        back counts nothing); the rest were delivered and never decided: taking them
-        again is a delivery. They go through the buffer, not applied at once: older
-        entries of the other stream may not have been read yet, and go first, so the
-        stream's horizon covers them.
+        what a lost reply left pending: of a read (Redis restarted, or the connection
+        dropped after XREADGROUP ran), unseen, which every other worker would wait for
+        until `claim_idle_ms`; or of the acks of entries already decided. Entries
+        recorded as waiting stay waiting (taking them back counts nothing). Taking the
+        rest again counts a delivery after a crash, not after a lost reply (`delivery`
+        False). They go through the buffer, not applied at once: older entries of the
+        other stream may not have been read yet, and go first, so the stream's horizon
+        covers them.
         """
         waiting: set[Key] | None = None
         for stream in self.streams:
@@ -309,7 +310,7 @@ class Intake:
             recorded = [i for i in missing if (kind, i) in waiting]
             for entry in entries_of(self.redis, stream, recorded):
                 self.held[(kind, entry.entry_id)] = entry
-            taken = claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, undecided)
+            taken = claim_own(self.redis, stream, EVENTS_GROUP, self.consumer, undecided, delivery)
             self.buffer += taken
             last = self.horizon.get(stream)
             if taken and (last is None or entry_id_key(taken[-1].entry_id) > entry_id_key(last)):

@@ -7,7 +7,7 @@ idle time, and drop consumers that hold nothing.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from redis import Redis
@@ -64,16 +64,40 @@ def keep_fresh(client: Redis, group: str, consumer: str, held: dict[str, list[st
     return gone
 
 
-def claim_own(client: Redis, stream: str, group: str, consumer: str, ids: list[str]) -> list[Entry]:
-    """Deliver this consumer's own pending entries again (a retry counts as a delivery)."""
+def claim_own(
+    client: Redis, stream: str, group: str, consumer: str, ids: list[str], delivery: bool = True
+) -> list[Entry]:
+    """This consumer's own pending entries, in hand again.
+
+    `delivery`: a retry after a crash counts as one (XCLAIM). Taking back what a lost
+    reply left pending does not: the read that delivered it counted once, and the acks
+    of entries already applied may have been lost over and over while Redis restarted
+    (XCLAIM JUSTID, then the entries read with XRANGE).
+    """
     if not ids:
         return []
-    messages = client.xclaim(stream, group, consumer, 0, list[Any](ids))
-    entries = stream_entries(stream, [m for m in messages if m is not None and m[1] is not None])
+    if delivery:
+        messages = client.xclaim(stream, group, consumer, 0, list[Any](ids))
+        found = [m for m in messages if m is not None and m[1] is not None]
+        entries = stream_entries(stream, found)
+    else:
+        client.xclaim(stream, group, consumer, 0, list[Any](ids), justid=True)
+        entries = entries_of(client, stream, ids)
     fill_deliveries(client, group, entries)
     gone = set(ids) - {entry.entry_id for entry in entries}
     if gone:  # trimmed or deleted meanwhile: nothing left to apply
         client.xack(stream, group, *gone)
+    return entries
+
+
+def entries_of(client: Redis, stream: str, ids: Sequence[str]) -> list[Entry]:
+    """The entries of `stream` with these ids, read without delivering them (XRANGE)."""
+    pipe = client.pipeline(transaction=False)
+    for entry_id in ids:
+        pipe.xrange(stream, entry_id, entry_id)
+    entries: list[Entry] = []
+    for found in pipe.execute() if ids else []:
+        entries += stream_entries(stream, found)
     return entries
 
 

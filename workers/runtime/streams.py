@@ -28,6 +28,7 @@ from usermgmt.workers.runtime.pending import (
     PENDING_PAGE,
     claim_idle,
     claim_own,
+    entries_of,
     fill_deliveries,
     keep_fresh,
     own_pending,
@@ -168,17 +169,6 @@ def read_history(
                 start[stream] = mine[-1].entry_id
     fill_deliveries(client, group, entries)
     entries.sort(key=lambda entry: entry.sort_key)
-    return entries
-
-
-def entries_of(client: Redis, stream: str, ids: Sequence[str]) -> list[Entry]:
-    """The entries of `stream` with these ids, read without delivering them (XRANGE)."""
-    pipe = client.pipeline(transaction=False)
-    for entry_id in ids:
-        pipe.xrange(stream, entry_id, entry_id)
-    entries: list[Entry] = []
-    for found in pipe.execute() if ids else []:
-        entries += stream_entries(stream, found)
     return entries
 
 
