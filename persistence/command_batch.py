@@ -6,11 +6,13 @@ several microseconds of Python per command (command stack, callbacks, one
 in one `send`, and reads the replies later (`InFlight.wait`), so the caller can run the
 next batch's SQL meanwhile.
 
+`barrier()`: the commands queued after it run only once every earlier one has, and not
+at all after an error reply (the event worker acks entries only after their caches and
+dead letters are written). On one server the batch then goes in MULTI/EXEC: a server
+that refuses a command as it is queued (full, loading, read-only) runs none of them.
 On a Redis Cluster the commands are grouped by the node owning each key's slot: one
-write per node. `barrier()` keeps an order a single connection gives for free: commands
-queued after it are sent only once every earlier one has been answered, and not at all
-after an error reply (the event worker acks entries only after their caches and dead
-letters are written; a node still loading after a restart writes none). A MOVED reply
+write per node and stage, a stage sent once the one before it was answered without an
+error (a node still loading after a restart writes none of what follows). A MOVED reply
 refreshes the slot map and sends its command to the new owner; an ASK reply sends it,
 after ASKING, to the node importing the slot. Neither had run, so nothing runs twice.
 """
@@ -23,18 +25,24 @@ from typing import Any
 
 from hiredis import Reader, pack_command
 from redis import Redis
-from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from usermgmt.persistence import nodes
 
 MAX_REDIRECTS = 5  # per command: a resharding moves a slot once, a failover once more
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
-# Error replies of a server that cannot serve yet: one still loading its data after a
-# restart (redis-py raises `BusyLoadingError`, a `ConnectionError`), a cluster between
-# a master's loss and its replica's promotion. An outage to wait out, not a failed
-# command: the caller backs off and tries again.
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+# Error replies of a server that cannot serve writes for now: a cluster between a
+# master's loss and its replica's promotion (one still loading its data after a restart,
+# or at its memory limit, has a redis-py error of its own). An outage to wait out, not a
+# failed command: the caller backs off and tries again.
 _UNAVAILABLE = ("MASTERDOWN ", "CLUSTERDOWN ", "TRYAGAIN ")
+
+
+class RedisUnavailable(RedisConnectionError):
+    """The server answered, but cannot serve writes for now (see `_UNAVAILABLE`)."""
 
 
 class CommandBatch:
@@ -79,7 +87,9 @@ class CommandBatch:
         if nodes.is_cluster(client):
             sent = ClusterInFlight(client, self)
         else:
-            sent = InFlight.write(client.connection_pool, b"".join(self.parts), self.count)
+            packed = b"".join(self.parts)
+            transaction = bool(self.stages)  # a barrier: all or nothing on one server
+            sent = InFlight.write(client.connection_pool, packed, self.count, transaction)
         self.parts, self.keys, self.counts, self.stages = [], [], [], []
         self.count = 0
         return sent
@@ -88,17 +98,27 @@ class CommandBatch:
 class InFlight:
     """Commands written to one connection whose replies have not been read yet."""
 
-    __slots__ = ("asking", "conn", "count", "pool")
+    __slots__ = ("asking", "conn", "count", "pool", "transaction")
 
-    def __init__(self, pool: Any, conn: Any, count: int, asking: bool = False) -> None:
-        self.pool, self.conn, self.count, self.asking = pool, conn, count, asking
+    def __init__(
+        self, pool: Any, conn: Any, count: int, asking: bool = False, transaction: bool = False
+    ) -> None:
+        self.pool, self.conn, self.count = pool, conn, count
+        self.asking, self.transaction = asking, transaction
 
     @classmethod
-    def write(cls, pool: Any, packed: bytes, count: int, asking: bool = False) -> InFlight:
-        """Take a connection from `pool` and write `packed` (`count` commands) on it;
-        `asking`: every other command is an ASKING, whose replies are not the caller's."""
+    def write(
+        cls, pool: Any, packed: bytes, count: int, transaction: bool = False, asking: bool = False
+    ) -> InFlight:
+        """Take a connection from `pool` and write `packed` (`count` commands) on it.
+
+        `transaction`: in MULTI/EXEC. `asking`: every other command is an ASKING, whose
+        replies are not the caller's.
+        """
         if not count:
             return cls(pool, None, 0)
+        if transaction:
+            packed, count = _MULTI + packed + _EXEC, count + 2
         conn = pool.get_connection()
         try:
             conn.send_packed_command([packed], check_health=True)
@@ -106,7 +126,7 @@ class InFlight:
             conn.disconnect()
             pool.release(conn)
             raise
-        return cls(pool, conn, count, asking)
+        return cls(pool, conn, count, asking, transaction)
 
     def replies(self) -> list[Any]:
         """Every reply (once), error replies as values; hands the connection back."""
@@ -115,6 +135,8 @@ class InFlight:
             return []
         try:
             replies = _read_replies(conn, self.count)
+            if self.transaction:
+                return _executed(replies)
             return replies[1::2] if self.asking else replies
         except BaseException:
             conn.disconnect()  # replies may be left unread
@@ -243,6 +265,13 @@ def _asking_each(part: bytes) -> bytes:
     return b"".join(commands)
 
 
+def _executed(replies: list[Any]) -> list[Any]:
+    """The replies of the commands between MULTI and EXEC: EXEC's, or, when the server
+    ran none (EXECABORT, or MULTI itself refused), what each got as it was queued."""
+    executed = replies[-1]
+    return executed if isinstance(executed, list) else replies[1:-1]
+
+
 def _raise_first_error(replies: list[Any]) -> list[Any]:
     error = next((reply for reply in replies if isinstance(reply, Exception)), None)
     if error is not None:
@@ -251,16 +280,18 @@ def _raise_first_error(replies: list[Any]) -> list[Any]:
 
 
 def error_of(reply: Exception) -> RedisError:
-    """An error reply as the exception redis-py would have raised for it: a server that
-    is loading or between masters is unreachable for now; anything else is a
-    `ResponseError`. hiredis gives the reply's text only."""
+    """An error reply as the exception redis-py would have raised for it (hiredis gives
+    the reply's text only): a server loading, full or between masters cannot serve for
+    now (`connections.REDIS_ERRORS`); anything else is a `ResponseError`."""
     if isinstance(reply, RedisError):
         return reply  # read by redis-py already
     text = str(reply)
-    if text.startswith("LOADING "):
-        return BusyLoadingError(text.removeprefix("LOADING "))  # as redis-py words it
+    if text.startswith("LOADING "):  # worded as redis-py words them
+        return BusyLoadingError(text.removeprefix("LOADING "))
+    if text.startswith("OOM "):
+        return OutOfMemoryError(text.removeprefix("OOM "))
     if text.startswith(_UNAVAILABLE):
-        return RedisConnectionError(text)
+        return RedisUnavailable(text)
     return ResponseError(text)
 
 
@@ -294,4 +325,4 @@ def _read_one(conn: Any) -> Any:
         return exc
 
 
-__all__ = ["ClusterInFlight", "CommandBatch", "InFlight"]
+__all__ = ["ClusterInFlight", "CommandBatch", "InFlight", "RedisUnavailable"]

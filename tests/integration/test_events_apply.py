@@ -5,6 +5,7 @@ See docs/protocol.md, "Game events".
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +26,7 @@ from tests.integration.helpers import (
     standings,
 )
 from usermgmt.workers.events.after_commit import AfterCommit
+from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime.bootstrap import Services
 
 
@@ -252,8 +254,10 @@ def test_a_redelivered_duplicate_refreshes_lost_caches(
 def test_a_crash_between_commit_and_ack_applies_nothing_twice(
     services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The effect is committed but Redis fails before caches and acks: the entries come
-    back to the same consumer, are recognised as applied, and only the caches follow."""
+    """The effect is committed, then Redis fails before caches and acks and the process
+    dies: the entries come back to the same consumer, are recognised as applied, and
+    only the caches follow. (A consumer that lives on takes them back itself: see
+    test_redis_unavailable.py.)"""
     add_players(services, "alice", "bob")
     keys = backend.keys
     publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
@@ -266,11 +270,15 @@ def test_a_crash_between_commit_and_ack_applies_nothing_twice(
     )
     real_publish = AfterCommit.publish
 
+    crash = threading.Event()
+
     def lost_connection(self: AfterCommit, *args: object) -> None:
+        crash.set()  # and the process with it: its run loop ends here
         raise RedisConnectionError("connection lost (test)")
 
     monkeypatch.setattr(AfterCommit, "publish", lost_connection)
-    crashed = drain(services, consumer="c1")
+    crashed = EventConsumer(services, "c1", crash, burst=True)
+    crashed.run()
     assert crashed.stats.applied == 2
     assert pending_count(backend.redis, keys) == 2
     assert not backend.redis.exists(keys.user("bob"))

@@ -6,15 +6,24 @@ from typing import Any, Literal, cast
 
 from redis import Redis
 from redis.cluster import RedisCluster
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from usermgmt.persistence.command_batch import RedisUnavailable
 from usermgmt.persistence.db import make_engine, normalize_url
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# Redis away, or answering that it cannot serve writes for now (loading after a restart,
+# at its memory limit, a cluster between masters): wait it out with backoff.
+REDIS_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OutOfMemoryError,
+    ConnectionError,
+    OSError,
+)
 # Transient: the database is away, locked or restarting. Other errors are not retried blindly.
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 
@@ -69,7 +78,11 @@ def safe_url(url: str) -> str:
 
 
 def redis_unreachable(url: str, exc: BaseException) -> str:
-    """`cannot reach Redis at … (…); start it or set USERMGMT_REDIS_URL`."""
+    """`cannot reach Redis at … (…); start it or set USERMGMT_REDIS_URL`; or, when it
+    answers but cannot serve for now (loading after a restart, at its memory limit),
+    `Redis at … cannot serve writes now (…); waiting for it`."""
+    if isinstance(exc, BusyLoadingError | OutOfMemoryError | RedisUnavailable):
+        return f"Redis at {safe_url(url)} cannot serve writes now ({_reason(exc)}); waiting for it"
     return (
         f"cannot reach Redis at {safe_url(url)} ({_reason(exc)}); "
         "start it or set USERMGMT_REDIS_URL"

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,7 +25,8 @@ from hiredis import Reader
 from redis import ConnectionPool, Redis
 from redis.exceptions import BusyLoadingError, ResponseError
 
-from tests.conftest import Backend
+from bench.soak import RedisServer
+from tests.conftest import Backend, make_settings
 from tests.integration.helpers import (
     add_players,
     dead_letters,
@@ -32,6 +35,7 @@ from tests.integration.helpers import (
     standings,
 )
 from usermgmt.persistence.command_batch import CommandBatch, InFlight
+from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.workers.events import consumer as consumer_module
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime.backoff import Backoff
@@ -165,12 +169,12 @@ def test_the_consumer_waits_out_a_redis_that_is_loading(
     injected: list[int] = []
 
     def write(
-        cls: type[InFlight], pool: Any, packed: bytes, count: int, asking: bool = False
+        cls: type[InFlight], pool: Any, packed: bytes, count: int, *args: Any, **kwargs: Any
     ) -> InFlight:
         if count and len(injected) < loading_replies:
             injected.append(count)
             pool = loading
-        return real_write(cls, pool, packed, count, asking)  # type: ignore[no-any-return]
+        return real_write(cls, pool, packed, count, *args, **kwargs)  # type: ignore[no-any-return]
 
     reported: list[str] = []
     real_wait_backoff = EventConsumer.wait_backoff
@@ -188,7 +192,7 @@ def test_the_consumer_waits_out_a_redis_that_is_loading(
     # One report a batch of writes; on a cluster a batch writes to several nodes.
     assert 1 <= len(reported) <= loading_replies
     assert backend.cluster or len(reported) == loading_replies
-    assert all("cannot reach Redis" in line and "loading" in line for line in reported)
+    assert all("cannot serve writes now (Redis is loading" in line for line in reported)
     assert {
         name: (wins, losses, earnings)
         for name, (wins, losses, earnings, _, _) in standings(services).items()
@@ -215,3 +219,83 @@ def test_the_consumer_waits_out_a_redis_that_is_loading(
     for index in range(3):
         for table in range(2):
             assert not backend.redis.exists(keys.session(f"r{index}-t{table}"))
+
+
+def test_a_full_redis_pauses_the_consumer_and_acks_nothing(
+    tmp_path: Path, sqlite_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis at its memory limit (`noeviction`) refuses the caches and dead letters
+    but would take the acks: a batch's writes go in MULTI/EXEC, so none of them runs,
+    and the consumer waits (no crash, nothing acked) until Redis has room again."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis = Redis(port=server.port)
+    url = f"redis://127.0.0.1:{server.port}/0"
+    upgrade(sqlite_url)
+    backend = Backend("sqlite-private-redis", sqlite_url, redis, url, prefix)
+    services = Services(
+        settings=make_settings(backend),
+        redis=redis,
+        engine=make_engine(sqlite_url),
+        keys=backend.keys,
+    )
+    reported: list[str] = []
+    real_wait_backoff = EventConsumer.wait_backoff
+
+    def recording(consumer: EventConsumer, message: str) -> None:
+        reported.append(message)
+        real_wait_backoff(consumer, message)
+
+    monkeypatch.setattr(EventConsumer, "wait_backoff", recording)
+    monkeypatch.setattr(consumer_module, "Backoff", lambda: Backoff(first=0.01, cap=0.05))
+    try:
+        add_players(services, *PLAYERS)
+        keys = backend.keys
+        events, totals = rematch_games()
+        events.insert(1, ("update", {"session_id": "lost", "players": ["nobody-here"]}))
+        pipe = redis.pipeline(transaction=False)
+        for kind, payload in events:
+            payload["event_id"] = str(uuid.uuid4())
+            pipe.xadd(keys.event_stream(kind), {"payload": orjson.dumps(payload)})
+        pipe.execute()
+        stop = threading.Event()
+        worker = EventConsumer(services, "full", stop)
+        worker.setup()  # its groups and leaderboard cache, made before Redis fills up
+        redis.config_set("maxmemory-policy", "noeviction")
+        redis.config_set("maxmemory", 1)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: sum("maxmemory" in line for line in reported) >= 3)
+            assert thread.is_alive()
+            assert all("cannot serve writes now (command not allowed" in line for line in reported)
+            assert worker.stats.applied == len(events) - 1  # committed in SQL meanwhile
+            assert pending_count(redis, keys) == len(events)  # but none acked
+            assert dead_letters(redis, keys) == []
+            assert not any(redis.exists(keys.user(name)) for name in PLAYERS)
+
+            redis.config_set("maxmemory", 0)
+            wait_for(lambda: pending_count(redis, keys) == 0)
+        finally:
+            stop.set()
+            thread.join(10)
+        assert not thread.is_alive()
+        assert {
+            name: (wins, losses, earnings)
+            for name, (wins, losses, earnings, _, _) in standings(services).items()
+        } == totals
+        assert [letter["reason"] for letter in dead_letters(redis, keys)] == ["unknown_user"]
+        for name, (_, _, earnings) in totals.items():
+            assert redis.hget(keys.user(name), "earnings") == str(earnings).encode()
+            assert redis.zscore(keys.leaderboard, name) == earnings
+    finally:
+        services.engine.dispose()
+        redis.close()
+        server.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
