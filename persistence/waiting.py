@@ -119,11 +119,19 @@ def load_dead(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[s
 
 def save_dead(conn: Connection, decided: Sequence[tuple[PlannedEntry, Decision]]) -> None:
     """Record the dead-letter decisions of a batch (with its effects, in its transaction)."""
-    rows = [
-        (entry.stream_kind, entry.entry_id, str(decision.reason), decision.message)
-        for entry, decision in decided
-        if decision.outcome is Outcome.DEAD
-    ]
+    save_dead_rows(
+        conn,
+        [
+            (entry.stream_kind, entry.entry_id, str(decision.reason), decision.message)
+            for entry, decision in decided
+            if decision.outcome is Outcome.DEAD
+        ],
+    )
+
+
+def save_dead_rows(conn: Connection, rows: list[tuple[str, str, str, str]]) -> None:
+    """Record dead-letter decisions as (stream kind, entry id, reason, message); a
+    decision already recorded stays as it is."""
     Driver(conn).many(
         "INSERT INTO dead_events (stream, entry_id, reason, message) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (stream, entry_id) DO NOTHING",

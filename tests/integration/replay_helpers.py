@@ -40,6 +40,7 @@ TABLES: dict[str, str] = {
     ),
     "processed_events": "SELECT event_id, stream, entry_id FROM processed_events",
     "waiting_events": "SELECT stream, entry_id, waits_for FROM waiting_events",
+    "dead_events": "SELECT stream, entry_id, reason, message FROM dead_events",
 }
 
 

@@ -12,7 +12,8 @@ How replay matches what the live worker did:
   dead letters and waiting entries included, however the chunks fall.
 - Two decisions depend on more than the streams, and are taken from the
   dead-letter stream: `max_deliveries` (a worker crashed on the entry) and
-  `unknown_user` (the player registered after the event was decided).
+  `unknown_user` (the player registered after the event was decided). The live
+  worker's planner recorded the second in `dead_events`; so does the replay.
 - A registration commits a moment before its accounts entry is added, so live, a
   game event right after a registration already saw the player: accounts entries
   are merged `ACCOUNT_LEAD_MS` ahead of their ids.
@@ -28,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import structlog
@@ -47,6 +48,7 @@ from usermgmt.persistence.db import IMMEDIATE
 from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from usermgmt.persistence.replay import apply_registrations, fix_sequences, live_sessions
+from usermgmt.persistence.waiting import save_dead_rows
 from usermgmt.workers.events.store import EventStore
 from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.clock import redis_time_ms
@@ -132,7 +134,7 @@ class Replayer:
         game_streams = {kind: stream for stream, kind in self.kinds.items() if kind != ACCOUNTS}
         self.store = EventStore(engine, game_streams, limits or Limits())
         self.summary = ReplaySummary()
-        self.dead_letters: dict[tuple[str, str], str] = {}
+        self.dead_letters: dict[tuple[str, str], Letter] = {}
 
     # -- the run -------------------------------------------------------------------------
 
@@ -209,6 +211,7 @@ class Replayer:
         else:
             planned = [p for p in map(self.parse, chunk) if p is not None]
             self.apply_games(planned)
+            self.record_live_decisions(chunk)
         return len(chunk)
 
     def apply_registrations(self, chunk: list[StreamEntry]) -> None:
@@ -232,7 +235,7 @@ class Replayer:
     def parse(self, entry: StreamEntry) -> PlannedEntry | None:
         """The entry's event, or None when it is not decided here."""
         letter = self.dead_letters.get((entry.stream, entry.entry_id))
-        if letter in LIVE_ONLY_REASONS:
+        if letter is not None and letter.reason in LIVE_ONLY_REASONS:
             self.summary.dead_lettered += 1
             return None
         try:
@@ -256,6 +259,17 @@ class Replayer:
                 self.count_dead(stream, item.entry_id, str(decision.reason))
         waiters = self.store.known.waiters
         return len(waiters) if waiters is not None else 0
+
+    def record_live_decisions(self, chunk: list[StreamEntry]) -> None:
+        """The `dead_events` rows of the live planner's decisions not taken here
+        (`unknown_user`), as it recorded them."""
+        rows = []
+        for entry in chunk:
+            letter = self.dead_letters.get((entry.stream, entry.entry_id))
+            if letter is not None and letter.reason == DeadLetterReason.UNKNOWN_USER:
+                rows.append((entry.kind, entry.entry_id, letter.reason, letter.message))
+        if rows:
+            _attempts(lambda: _save_dead_rows(self.engine, rows))
 
     def count_dead(self, stream: str, entry_id: str, reason: str) -> None:
         """A dead letter decided here: as live (in the dlq), or only here (`invalid`)."""
@@ -289,17 +303,30 @@ def _attempts(work: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def load_dead_letters(redis: Redis, dlq: str) -> dict[tuple[str, str], str]:
-    """(stream, entry id) -> reason, of every entry in the dead-letter stream."""
-    found: dict[tuple[str, str], str] = {}
+class Letter(NamedTuple):
+    """What the dead-letter stream says of one entry."""
+
+    reason: str
+    message: str
+
+
+def load_dead_letters(redis: Redis, dlq: str) -> dict[tuple[str, str], Letter]:
+    """(stream, entry id) -> reason and message, of every entry in the dead-letter stream."""
+    found: dict[tuple[str, str], Letter] = {}
     for page in xrange_pages(redis, dlq, FIRST, LAST, READ_PAGE):
         for _, fields in page:
             try:
                 letter = orjson.loads(fields.get(b"payload", b""))
-                found[(str(letter["stream"]), str(letter["entry_id"]))] = str(letter["reason"])
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                key = (str(letter["stream"]), str(letter["entry_id"]))
+                found[key] = Letter(str(letter["reason"]), str(letter.get("message", "")))
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
                 continue
     return found
+
+
+def _save_dead_rows(engine: Engine, rows: list[tuple[str, str, str, str]]) -> None:
+    with engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
+        save_dead_rows(conn, rows)
 
 
 def rebuild_caches(engine: Engine, redis: Redis, keys: Keys) -> dict[str, int]:
