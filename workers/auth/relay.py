@@ -63,21 +63,17 @@ class Relay:
             try:
                 if count := self.publish_pending():
                     log.info("outbox rows published by the relay pass", count=count)
-                self.backoff.reset()
+                self.backoff.recovered(log, "the outbox relay")
             except REDIS_ERRORS as exc:
-                delay = self.backoff.next_delay()
-                log.error(
-                    redis_unreachable(self.services.settings.redis_url, exc), retry_in_s=delay
+                delay = self.backoff.retry(
+                    log, redis_unreachable(self.services.settings.redis_url, exc)
                 )
             except DATABASE_ERRORS as exc:
-                delay = self.backoff.next_delay()
-                log.error(
-                    database_unreachable(self.services.settings.database_url, exc),
-                    retry_in_s=delay,
+                delay = self.backoff.retry(
+                    log, database_unreachable(self.services.settings.database_url, exc)
                 )
-            except RedisError as exc:  # refused by Redis (out of memory, ACL): try again later
-                delay = self.backoff.next_delay()
-                log.error("Redis refused the outbox publish", error=str(exc), retry_in_s=delay)
+            except RedisError as exc:  # refused by Redis (an ACL): try again later
+                delay = self.backoff.retry(log, "Redis refused the outbox publish", error=str(exc))
             self.stop.wait(delay)
         self.publish_quietly()
         log.info("outbox relay stopped", published=self.published)

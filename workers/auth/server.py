@@ -96,7 +96,7 @@ class AuthServer:
                     )
                     first = False
                 self.poll_once()
-                self.backoff.reset()
+                self.backoff.recovered(self.log, "the auth consumer")
             except REDIS_ERRORS as exc:
                 self.wait_backoff(redis_unreachable(self.services.settings.redis_url, exc))
             except ResponseError as exc:
@@ -206,9 +206,7 @@ class AuthServer:
             self.log.error("request handler failed", error=repr(exc))
 
     def wait_backoff(self, message: str) -> None:
-        delay = self.backoff.next_delay()
-        self.log.error(message, retry_in_s=round(delay, 2))
-        self.stop.wait(delay)
+        self.stop.wait(self.backoff.retry(self.log, message))
 
     # -- one request -----------------------------------------------------------------
 

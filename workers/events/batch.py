@@ -96,12 +96,12 @@ class Applier:
         while True:
             try:
                 now = datetime.now(UTC)
-                return [self.store.apply(batch.planned, self.intake.horizon_ms, now, self.pack)]
+                applied = self.store.apply(batch.planned, self.intake.horizon_ms, now, self.pack)
+                backoff.recovered(self.log, "the database")
+                return [applied]
             except DATABASE_ERRORS as exc:
-                delay = backoff.next_delay()
-                self.log.error(
-                    database_unreachable(self.settings.database_url, exc),
-                    retry_in_s=round(delay, 2),
+                delay = backoff.retry(
+                    self.log, database_unreachable(self.settings.database_url, exc)
                 )
                 if self.stop.wait(delay):
                     raise Interrupted from None

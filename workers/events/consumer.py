@@ -172,7 +172,7 @@ class EventConsumer:
                 elif self.on_idle():
                     break
                 self.step_ranks()
-                self.backoff.reset()
+                self.backoff.recovered(self.log, "the event consumer")
             except Interrupted:
                 break
             except REDIS_ERRORS as exc:
@@ -246,9 +246,7 @@ class EventConsumer:
         self.stop.wait(random.uniform(0.005, 0.05))
 
     def wait_backoff(self, message: str) -> None:
-        delay = self.backoff.next_delay()
-        self.log.error(message, retry_in_s=round(delay, 2))
-        self.stop.wait(delay)
+        self.stop.wait(self.backoff.retry(self.log, message))
 
     def on_idle(self) -> bool:
         """Make ranks exact while nothing arrives (a refresh in slices, `step_ranks`,

@@ -21,6 +21,7 @@ from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops.trim import Trimmer
 from usermgmt.workers.runtime import early_signals
+from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
@@ -134,17 +135,15 @@ class Worker:
 
     def wait_for_schema(self) -> None:
         """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""
-        delay = 0.5
+        backoff = Backoff(first=0.5)
         while not self.stop.is_set():
             try:
                 revision = current_revision(self.services.settings.database_url)
             except DATABASE_ERRORS as exc:
-                self.log.error(
-                    database_unreachable(self.services.settings.database_url, exc), retry_in_s=delay
-                )
-                self.stop.wait(delay)
-                delay = min(delay * 2, 10)
+                url = self.services.settings.database_url
+                self.stop.wait(backoff.retry(self.log, database_unreachable(url, exc)))
                 continue
+            backoff.recovered(self.log, "the database")
             if revision is None:
                 raise NotMigrated("the database has no schema yet; run `usermgmt migrate` first")
             return
