@@ -54,6 +54,11 @@ class Keys:
         lease, `usermgmt.workers.events.lease`); beside the streams, in their slot."""
         return f"{self.prefix}:{{events}}:reader"
 
+    def events_stopped(self, consumer: str) -> str:
+        """`um:events:stopped:<consumer>`: set when that event consumer stopped cleanly,
+        taken when it starts again (its pending entries then count no delivery)."""
+        return f"{self.prefix}:events:stopped:{consumer}"
+
     @property
     def leaderboard(self) -> str:
         return f"{self.prefix}:leaderboard"

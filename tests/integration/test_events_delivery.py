@@ -1445,3 +1445,45 @@ def test_an_error_reply_is_raised_after_the_next_commit(backend: Backend) -> Non
         status = "SELECT status FROM game_sessions WHERE session_id = 's2'"
         assert rows(services, status) == [("in_progress",)]  # committed all the same
         assert backend.redis.delete(keys.user("bob")) == 1
+
+
+@pytest.mark.parametrize("stopped", ["cleanly", "by a crash"])
+def test_only_a_crash_counts_a_delivery_for_what_a_consumer_left_pending(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch, stopped: str
+) -> None:
+    """c1 reads a burst but decides none of it (its entries wait in the buffer for the
+    clock), then stops. Started again, it takes them back: a delivery more after a crash,
+    none after a clean stop (SIGTERM), which handed nothing to a consumer that failed."""
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    burst(
+        backend.redis,
+        backend,
+        [
+            update("s1", "alice", "bob"),
+            terminate("s1", result("alice", 5), result("bob", 0, "loss")),
+        ],
+    )
+    stop = threading.Event()
+    real_read_new = Intake.read_new
+
+    def read_then_stop(intake: Intake, block_ms: int | None) -> Any:
+        read = real_read_new(intake, block_ms)
+        if read.entries:
+            stop.set()  # SIGTERM right after this read
+        return read
+
+    monkeypatch.setattr(Intake, "read_new", read_then_stop)
+    monkeypatch.setattr(Intake, "take_ready", lambda intake, read: [])
+    EventConsumer(services, "c1", stop).run()
+    assert pending_count(backend.redis, keys) == 2
+    if stopped == "by a crash":
+        backend.redis.delete(keys.events_stopped("c1"))  # a crash leaves no mark
+    monkeypatch.undo()
+
+    again = drain_recording(services, consumer="c1")
+    counted = 1 if stopped == "cleanly" else 2
+    assert [deliveries for _, _, deliveries in again.handed] == [counted, counted]
+    assert standings(services)["alice"][:3] == (1, 0, 5)
+    assert pending_count(backend.redis, keys) == 0
+    assert backend.redis.exists(keys.events_stopped("c1"))  # the drain stopped cleanly too

@@ -62,6 +62,7 @@ __all__ = ["ConsumerStats", "EventConsumer", "Interrupted", "tune_gc"]
 log = structlog.get_logger("usermgmt.events")
 
 BLOCK_MS = 1_000
+STOPPED_TTL_S = 7 * 24 * 3600  # a clean stop is remembered this long for a restart
 CLOCK_PAUSE_S = 0.001  # an entry of the server's current millisecond waits for the next
 LONG_WAIT_MS = 10_000  # a waiting entry older than this is logged, once
 
@@ -199,6 +200,7 @@ class EventConsumer:
         self.ranks.abandon()
         self.refresh_ranks_on_exit()
         self.store.close()
+        self.mark_stopped()
         gc.enable()
         self.log.info(
             "event consumer stopped",
@@ -216,8 +218,11 @@ class EventConsumer:
             ensure_group(self.redis, stream, EVENTS_GROUP)
         self.ensure_leaderboard_cache()
         self.intake.reset()
+        stopped = self.redis.getdel(self.keys.events_stopped(self.consumer))
         self.intake.take_back(
-            {stream: [] for stream in self.streams}, "recovering own pending entries"
+            {stream: [] for stream in self.streams},
+            "recovering own pending entries",
+            delivery=stopped is None,  # a crash counts one; a clean stop none
         )
         self.needs_setup = False
 
@@ -454,6 +459,15 @@ class EventConsumer:
         for stream, lags_ms in lags.items():
             self.lag.record(lags_ms)
             self.metrics.observe_event_lag(stream, [lag / 1000 for lag in lags_ms])
+
+    def mark_stopped(self) -> None:
+        """A clean stop: what is still pending on this consumer (entries read but not yet
+        decidable, acks not confirmed) was not handed to a consumer that crashed, and
+        counts no delivery when this consumer starts again (`setup`)."""
+        try:
+            self.redis.set(self.keys.events_stopped(self.consumer), 1, ex=STOPPED_TTL_S)
+        except (*REDIS_ERRORS, ResponseError) as exc:
+            self.log.warning("clean stop not recorded", error=repr(exc))
 
     def release_lease(self) -> None:
         try:
