@@ -571,8 +571,8 @@ def _reset_tables(services: Services) -> None:
     """Each example starts from empty tables (the fixture's database is shared by examples),
     user ids from 1 again (a replay into a new database numbers them so)."""
     tables = (
-        "waiting_events, processed_events, game_results, session_players, game_sessions, "
-        "stream_checkpoints, outbox, leaderboard, stats, users"
+        "waiting_events, dead_events, processed_events, game_results, session_players, "
+        "game_sessions, stream_checkpoints, outbox, leaderboard, stats, users"
     )
     with services.engine.begin() as conn:
         if conn.dialect.name == "postgresql":
