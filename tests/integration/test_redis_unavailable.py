@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,16 @@ from bench.soak import RedisServer
 from tests.conftest import Backend, make_settings
 from tests.integration.helpers import (
     add_players,
+    another_client,
     dead_letters,
     drain,
     pending_count,
     standings,
 )
+from tests.integration.replay_helpers import wait_until
 from usermgmt.persistence.command_batch import CommandBatch, InFlight
 from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.persistence.keys import Keys
 from usermgmt.workers.events import consumer as consumer_module
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime.backoff import Backoff
@@ -139,6 +141,59 @@ def rematch_games() -> tuple[list[tuple[str, dict[str, Any]]], dict[str, tuple[i
     return events, totals
 
 
+Totals = dict[str, tuple[int, int, int]]
+BAD_UPDATE = {"session_id": "lost", "players": ["nobody-here"]}  # an unknown player
+
+
+def publish_games(clients: list[Redis], keys: Keys) -> tuple[str, Totals]:
+    """The rematch games and one bad update, published without a pause in two pipelined
+    bursts from two connections. Returns the bad update's payload and the totals."""
+    events, totals = rematch_games()
+    events.insert(1, ("update", dict(BAD_UPDATE)))
+    half = len(events) // 2
+    for client, burst in zip(clients, (events[:half], events[half:]), strict=True):
+        pipe = client.pipeline(transaction=False)
+        for kind, payload in burst:
+            payload["event_id"] = str(uuid.uuid4())
+            pipe.xadd(keys.event_stream(kind), {"payload": orjson.dumps(payload)})
+        pipe.execute()
+    return orjson.dumps(events[1][1]).decode(), totals
+
+
+def outages_reported(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every outage line the event consumer means to log, one a retry; retries 10-50 ms
+    apart instead of 0.2 s doubling."""
+    reported: list[str] = []
+    real_wait_backoff = EventConsumer.wait_backoff
+
+    def recording(consumer: EventConsumer, message: str) -> None:
+        reported.append(message)
+        real_wait_backoff(consumer, message)
+
+    monkeypatch.setattr(EventConsumer, "wait_backoff", recording)
+    monkeypatch.setattr(consumer_module, "Backoff", lambda: Backoff(first=0.01, cap=0.05))
+    return reported
+
+
+def assert_exact(services: Services, redis: Redis, keys: Keys, totals: Totals) -> None:
+    """Stats and wallets as the games add up; caches, scores and sessions written."""
+    assert {
+        name: (wins, losses, earnings, wallet)
+        for name, (wins, losses, earnings, wallet, _) in standings(services).items()
+    } == {name: (*counts, counts[2]) for name, counts in totals.items()}
+    for name, (wins, losses, earnings) in totals.items():
+        cached = redis.hgetall(keys.user(name))
+        assert cached[b"win_count"] == str(wins).encode()
+        assert cached[b"loss_count"] == str(losses).encode()
+        assert cached[b"earnings"] == str(earnings).encode()
+        assert b"session" not in cached
+        assert redis.zscore(keys.leaderboard, name) == earnings
+    for index in range(3):
+        for table in range(2):
+            assert not redis.exists(keys.session(f"r{index}-t{table}"))
+    assert pending_count(redis, keys) == 0
+
+
 @pytest.mark.parametrize("loading_replies", [1, 3, MAX_DELIVERIES + 2])
 def test_the_consumer_waits_out_a_redis_that_is_loading(
     services: Services,
@@ -154,13 +209,7 @@ def test_the_consumer_waits_out_a_redis_that_is_loading(
     were lost counts no delivery, however often it happens."""
     add_players(services, *PLAYERS)
     keys = backend.keys
-    events, totals = rematch_games()
-    events.insert(1, ("update", {"session_id": "lost", "players": ["nobody-here"]}))
-    pipe = backend.redis.pipeline(transaction=False)
-    for kind, payload in events:
-        payload["event_id"] = str(uuid.uuid4())
-        pipe.xadd(keys.event_stream(kind), {"payload": orjson.dumps(payload)})
-    pipe.execute()
+    bad, totals = publish_games([backend.redis, another_client(backend)], keys)
 
     # The first writes go to a server that is loading: none of them runs.
     _, port = answering
@@ -176,16 +225,8 @@ def test_the_consumer_waits_out_a_redis_that_is_loading(
             pool = loading
         return real_write(cls, pool, packed, count, *args, **kwargs)  # type: ignore[no-any-return]
 
-    reported: list[str] = []
-    real_wait_backoff = EventConsumer.wait_backoff
-
-    def recording(consumer: EventConsumer, message: str) -> None:
-        reported.append(message)
-        real_wait_backoff(consumer, message)
-
     monkeypatch.setattr(InFlight, "write", classmethod(write))
-    monkeypatch.setattr(consumer_module, "Backoff", lambda: Backoff(first=0.01, cap=0.02))
-    monkeypatch.setattr(EventConsumer, "wait_backoff", recording)
+    reported = outages_reported(monkeypatch)
     drain(services)
 
     assert len(injected) == loading_replies  # the replies did say LOADING
@@ -193,32 +234,13 @@ def test_the_consumer_waits_out_a_redis_that_is_loading(
     assert 1 <= len(reported) <= loading_replies
     assert backend.cluster or len(reported) == loading_replies
     assert all("cannot serve writes now (Redis is loading" in line for line in reported)
-    assert {
-        name: (wins, losses, earnings)
-        for name, (wins, losses, earnings, _, _) in standings(services).items()
-    } == totals
-    assert {name: row[3] for name, row in standings(services).items()} == {
-        name: earnings for name, (_, _, earnings) in totals.items()
-    }  # the wallets
+    assert_exact(services, backend.redis, keys, totals)
     letters = dead_letters(backend.redis, keys)
-    assert {(letter["reason"], letter["payload"]) for letter in letters} == {
-        ("unknown_user", orjson.dumps(events[1][1]).decode())
-    }
+    assert {(letter["reason"], letter["payload"]) for letter in letters} == {("unknown_user", bad)}
     # On a cluster the acks are on another node than the dead letters: when that node
     # fails after the dead letter was written, the retry writes it again (as after a
     # crash between the two). One Redis fails them all, or none.
     assert len(letters) == 1 or backend.cluster
-    assert pending_count(backend.redis, keys) == 0
-    for name, (wins, losses, earnings) in totals.items():
-        cached = backend.redis.hgetall(keys.user(name))
-        assert cached[b"win_count"] == str(wins).encode()
-        assert cached[b"loss_count"] == str(losses).encode()
-        assert cached[b"earnings"] == str(earnings).encode()
-        assert b"session" not in cached
-        assert backend.redis.zscore(keys.leaderboard, name) == earnings
-    for index in range(3):
-        for table in range(2):
-            assert not backend.redis.exists(keys.session(f"r{index}-t{table}"))
 
 
 def test_a_full_redis_pauses_the_consumer_and_acks_nothing(
@@ -239,25 +261,13 @@ def test_a_full_redis_pauses_the_consumer_and_acks_nothing(
         engine=make_engine(sqlite_url),
         keys=backend.keys,
     )
-    reported: list[str] = []
-    real_wait_backoff = EventConsumer.wait_backoff
-
-    def recording(consumer: EventConsumer, message: str) -> None:
-        reported.append(message)
-        real_wait_backoff(consumer, message)
-
-    monkeypatch.setattr(EventConsumer, "wait_backoff", recording)
-    monkeypatch.setattr(consumer_module, "Backoff", lambda: Backoff(first=0.01, cap=0.05))
+    reported = outages_reported(monkeypatch)
+    producer = Redis(port=server.port)
     try:
         add_players(services, *PLAYERS)
         keys = backend.keys
-        events, totals = rematch_games()
-        events.insert(1, ("update", {"session_id": "lost", "players": ["nobody-here"]}))
-        pipe = redis.pipeline(transaction=False)
-        for kind, payload in events:
-            payload["event_id"] = str(uuid.uuid4())
-            pipe.xadd(keys.event_stream(kind), {"payload": orjson.dumps(payload)})
-        pipe.execute()
+        bad, totals = publish_games([redis, producer], keys)
+        events = sum(int(redis.xlen(keys.event_stream(kind))) for kind in ("update", "terminate"))
         stop = threading.Event()
         worker = EventConsumer(services, "full", stop)
         worker.setup()  # its groups and leaderboard cache, made before Redis fills up
@@ -266,36 +276,27 @@ def test_a_full_redis_pauses_the_consumer_and_acks_nothing(
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
         try:
-            wait_for(lambda: sum("maxmemory" in line for line in reported) >= 3)
+            wait_until(lambda: sum("maxmemory" in line for line in reported) >= 3)
             assert thread.is_alive()
             assert all("cannot serve writes now (command not allowed" in line for line in reported)
-            assert worker.stats.applied == len(events) - 1  # committed in SQL meanwhile
-            assert pending_count(redis, keys) == len(events)  # but none acked
+            assert worker.stats.applied == events - 1  # committed in SQL meanwhile
+            assert pending_count(redis, keys) == events  # but none acked
             assert dead_letters(redis, keys) == []
             assert not any(redis.exists(keys.user(name)) for name in PLAYERS)
 
             redis.config_set("maxmemory", 0)
-            wait_for(lambda: pending_count(redis, keys) == 0)
+            wait_until(lambda: pending_count(redis, keys) == 0)
         finally:
             stop.set()
             thread.join(10)
         assert not thread.is_alive()
-        assert {
-            name: (wins, losses, earnings)
-            for name, (wins, losses, earnings, _, _) in standings(services).items()
-        } == totals
-        assert [letter["reason"] for letter in dead_letters(redis, keys)] == ["unknown_user"]
-        for name, (_, _, earnings) in totals.items():
-            assert redis.hget(keys.user(name), "earnings") == str(earnings).encode()
-            assert redis.zscore(keys.leaderboard, name) == earnings
+        assert_exact(services, redis, keys, totals)
+        letters = dead_letters(redis, keys)
+        assert [(letter["reason"], letter["payload"]) for letter in letters] == [
+            ("unknown_user", bad)
+        ]
     finally:
         services.engine.dispose()
+        producer.close()
         redis.close()
         server.stop()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
