@@ -361,6 +361,36 @@ def test_the_worker_keeps_running_while_redis_is_unreachable(stack: Stack) -> No
     assert not any("Traceback" in item for item in lines)
 
 
+def test_a_second_worker_under_a_live_ones_name_refuses_and_a_crashed_ones_is_taken(
+    stack: Stack,
+) -> None:
+    """Two live workers under one name would share a pending list; the second refuses."""
+    first = stack.start_worker("--consumer", "w-shared", "--only", "auth")
+    first_tail = Tail(first)
+    wait_for(lambda: first_tail.has("worker started"))
+    second = stack.start_worker("--consumer", "w-shared")
+    second_tail = Tail(second)
+    assert second.wait(timeout=60) == 1
+    lines = [line for line in second_tail.finish() if line.strip()]
+    assert lines[-1] == (
+        f"usermgmt: another worker is running as consumer 'w-shared' (pid {first.pid} on "
+        f"{os.uname().nodename}); give this one another --consumer name"
+    )
+    assert not any("Traceback" in line for line in lines)
+    assert first.poll() is None  # the live one goes on serving
+    client = AuthClient(stack.redis, prefix=stack.prefix, timeout=30)
+    assert client.register("Twin-Check", PASSWORD)["username"] == "Twin-Check"
+
+    first.kill()  # a crash leaves its heartbeat behind
+    first.wait(10)
+    again = stack.start_worker("--consumer", "w-shared", "--only", "auth")
+    tail = Tail(again)
+    wait_for(lambda: tail.has("worker started"))  # at once: its predecessor is gone
+    assert tail.has("took over the consumer name of a stopped worker")
+    assert not tail.has("waiting to see whether it is alive")
+    assert stack.stop_worker(again) == 0
+
+
 def test_the_worker_waits_for_an_unreachable_database_and_stops_on_sigterm(stack: Stack) -> None:
     process = stack.start_worker(
         USERMGMT_DATABASE_URL="postgresql://postgres:Db-Secret-8@127.0.0.1:1/test"

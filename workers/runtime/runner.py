@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-import orjson
 import structlog
 from redis.exceptions import RedisError
 
@@ -24,14 +23,13 @@ from usermgmt.workers.runtime import early_signals
 from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
+from usermgmt.workers.runtime.consumer_name import HEARTBEAT_EVERY_S, NameClaim
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
 from usermgmt.workers.runtime.pending import remove_idle_consumers
 from usermgmt.workers.runtime.redis_info import alive_workers
 
 log = structlog.get_logger("usermgmt.worker")
 
-HEARTBEAT_EVERY_S = 5
-HEARTBEAT_TTL_S = 15
 PRUNE_EVERY_S = 60.0
 WAL_CHECKPOINT_EVERY_S = 0.1  # SQLite: see `checkpoint_wal`
 
@@ -69,6 +67,8 @@ class Worker:
         self.auth: AuthServer | None = None
         self.relay: Relay | None = None
         self.log = log.bind(consumer=consumer)
+        key = services.keys.heartbeat(consumer)
+        self.name = NameClaim(services.redis, key, consumer, self.stop, self.log)
 
     def run(self, handle_signals: bool = True) -> int:
         """Run until stopped; returns the exit code (0 after a clean drain)."""
@@ -79,6 +79,7 @@ class Worker:
             for signum in early_signals.take():  # arrived while the program was starting
                 self._on_signal(signum, None)
         self.wait_for_schema()
+        self.name.take(self._describe, self.services.settings.redis_url)  # or NameTaken
         if self.stop.is_set():
             self.log.info("worker stopped before it started", exit_code=0)
             return 0
@@ -177,31 +178,34 @@ class Worker:
 
     def _heartbeat(self) -> None:
         """Keep `um:worker:heartbeat:<consumer>` alive so `usermgmt health` can tell."""
-        key = self.services.keys.heartbeat(self.consumer)
         while not self.stop.is_set():
-            info = {
-                "consumer": self.consumer,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "only": self.only or "all",
-                "at": time.time(),
-            }
-            if self.events is not None:
-                info["applied"] = self.events.stats.applied
-                info["event_lag"] = self.events.lag.summary().as_dict()
-                info["conflicts"] = dict(self.events.stats.conflicts)
-                info["standing_by"] = self.events.standing_by
             try:
-                self.services.redis.set(key, orjson.dumps(info), ex=HEARTBEAT_TTL_S)
+                self.name.beat(self._describe())
             except REDIS_ERRORS:
                 pass  # the consumers report the outage
             else:
                 self._housekeeping()
             self.stop.wait(HEARTBEAT_EVERY_S)
         try:
-            self.services.redis.delete(key)
+            self.name.release()
         except REDIS_ERRORS:
             pass
+
+    def _describe(self) -> dict[str, object]:
+        """What the heartbeat says: who this worker is, and how its events go."""
+        info: dict[str, object] = {
+            "consumer": self.consumer,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "only": self.only or "all",
+            "at": time.time(),
+        }
+        if self.events is not None:
+            info["applied"] = self.events.stats.applied
+            info["event_lag"] = self.events.lag.summary().as_dict()
+            info["conflicts"] = dict(self.events.stats.conflicts)
+            info["standing_by"] = self.events.standing_by
+        return info
 
     def _housekeeping(self) -> None:
         """Sample the stream gauges; now and then, drop consumers that went away.

@@ -13,6 +13,7 @@ from usermgmt.workers.cli.commands.base import (
 )
 from usermgmt.workers.runtime.bootstrap import bootstrap, default_consumer_name
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, database_unreachable, safe_url
+from usermgmt.workers.runtime.consumer_name import NameTaken
 from usermgmt.workers.runtime.metrics import NO_METRICS, MetricsUnavailable, serve_metrics
 from usermgmt.workers.runtime.runner import NotMigrated, Worker
 
@@ -41,7 +42,8 @@ def register(subparsers: Subparsers) -> None:
         "--consumer",
         metavar="NAME",
         help="consumer name in the groups (default: <host>-<pid>-<random>); "
-        "reuse a name after a crash to finish its pending entries first",
+        "reuse a name after a crash to finish its pending entries first "
+        "(a live worker's name is refused)",
     )
     worker.add_argument(
         "--burst", action="store_true", help="process the event streams until drained, then exit"
@@ -96,7 +98,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             metrics=metrics,
         )
         return worker.run()
-    except NotMigrated as exc:
+    except (NotMigrated, NameTaken) as exc:
         raise CommandFailed(str(exc)) from None
     finally:
         services.close()
