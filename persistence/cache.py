@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import orjson
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import ResponseError
 
 from usermgmt.domain.auth import UserView
 from usermgmt.domain.payloads import text_of
@@ -25,8 +26,14 @@ _INT_FIELDS = frozenset({"id", "wallet", "win_count", "loss_count", "earnings", 
 
 
 def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
-    """A cached user, or None on a miss (or a partial hash left by an expiry race)."""
-    raw = client.hgetall(keys.user(username))
+    """A cached user, or None on a miss (or a partial hash left by an expiry race, or
+    another type of value under the key, which the next write replaces)."""
+    try:
+        raw = client.hgetall(keys.user(username))
+    except ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        return None
     if not raw or not set(_USER_FIELDS) <= {text_of(key) for key in raw}:
         return None
     values: dict[str, Any] = {}
@@ -161,11 +168,14 @@ class PlayerHashes:
             len(earnings), earnings, len(rank), rank,
         )  # fmt: skip
         if session is None:
-            batch.add_packed(head + numbers + free_tail, 3, key)
+            batch.add_packed(head + numbers + free_tail, 3, key, whole=True)
         else:
             live = session.encode()
             batch.add_packed(
-                head_live + numbers + b"$7\r\nsession\r\n" + _bulk(live) + live_tail, 2, key
+                head_live + numbers + b"$7\r\nsession\r\n" + _bulk(live) + live_tail,
+                2,
+                key,
+                whole=True,
             )
 
 
@@ -205,6 +215,7 @@ def queue_session(
         created_at,
         "updated_at",
         updated_at,
+        whole=True,
     )
 
 

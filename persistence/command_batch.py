@@ -10,17 +10,26 @@ next batch's SQL meanwhile.
 at all after an error reply (the event worker acks entries only after their caches and
 dead letters are written). On one server the batch then goes in MULTI/EXEC: a server
 that refuses a command as it is queued (full, loading, read-only) runs none of them.
+A command that fails as it runs (WRONGTYPE) does not stop the others in an EXEC: what
+follows a `barrier(confirmed=True)` is therefore sent once the rest has succeeded.
 On a Redis Cluster the commands are grouped by the node owning each key's slot: one
 write per node and stage, a stage sent once the one before it was answered without an
 error (a node still loading after a restart writes none of what follows). A MOVED reply
 refreshes the slot map and sends its command to the new owner; an ASK reply sends it,
 after ASKING, to the node importing the slot. Neither had run, so nothing runs twice.
+
+A command refused with WRONGTYPE (someone wrote another type of value under one of the
+worker's keys) is mended when its part was queued as `whole` (it writes the key's whole
+value: a user or session hash): the key is deleted and the part written again, in
+MULTI/EXEC, and `replaced` names the key. Any other WRONGTYPE is raised as `WrongType`,
+which names the key.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from hiredis import Reader, pack_command
@@ -45,37 +54,70 @@ class RedisUnavailable(RedisConnectionError):
     """The server answered, but cannot serve writes for now (see `_UNAVAILABLE`)."""
 
 
+class WrongType(ResponseError):
+    """A command met another type of value under its key (`key`)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(f"{message} (key {key})")
+        self.key = key
+
+
+class Parts:
+    """What an in-flight batch keeps of its commands, to mend a key of the wrong type."""
+
+    __slots__ = ("counts", "keys", "parts", "split", "whole")
+
+    def __init__(self, batch: CommandBatch, split: int = 0) -> None:
+        self.parts, self.keys, self.counts = batch.parts, batch.keys, batch.counts
+        self.whole = batch.whole
+        self.split = split  # parts from here on are sent once the others succeeded
+
+
 class CommandBatch:
     """Commands queued for one `send`. Replies come back raw (bytes, ints); an error
     reply does not stop the others from being read, and is raised after them."""
 
-    __slots__ = ("count", "counts", "keys", "parts", "stages")
+    __slots__ = ("confirmed", "count", "counts", "keys", "parts", "stages", "whole")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.keys: list[str | bytes] = []  # the key of each part (routing on a cluster)
         self.counts: list[int] = []  # how many commands each part holds
         self.stages: list[int] = []  # part indices where a `barrier` starts a stage
+        self.whole: set[int] = set()  # parts that write their key's whole value
+        self.confirmed = 0  # parts sent after the others succeeded (`barrier`), if > 0
         self.count = 0
 
-    def add(self, *args: str | bytes | int) -> None:
-        """Queue one command; its key is its first argument (`HSET key …`, `XACK key …`)."""
+    def add(self, *args: str | bytes | int, whole: bool = False) -> None:
+        """Queue one command; its key is its first argument (`HSET key …`, `XACK key …`).
+        `whole`: it writes the key's whole value (see the module's WRONGTYPE)."""
+        if whole:
+            self.whole.add(len(self.parts))
         self.parts.append(pack_command(args))  # type: ignore[arg-type]  # stub: 1-tuple
         self.keys.append(args[1])  # type: ignore[arg-type]  # every command here has a key
         self.counts.append(1)
         self.count += 1
 
-    def add_packed(self, commands: bytes, count: int, key: str | bytes) -> None:
+    def add_packed(self, commands: bytes, count: int, key: str | bytes, whole: bool) -> None:
         """Queue `count` commands already in RESP form, all on `key`."""
+        if whole:
+            self.whole.add(len(self.parts))
         self.parts.append(commands)
         self.keys.append(key)
         self.counts.append(count)
         self.count += count
 
-    def barrier(self) -> None:
-        """Commands queued from now on run after every earlier one has been answered."""
+    def barrier(self, confirmed: bool = False) -> None:
+        """Commands queued from now on run after every earlier one has been answered.
+
+        `confirmed`: on one server too, they are sent only once every earlier command
+        has succeeded (a second round trip, where MULTI/EXEC would run them after a
+        WRONGTYPE): a dead letter's ack waits for the letter.
+        """
         if self.parts and (not self.stages or self.stages[-1] != len(self.parts)):
             self.stages.append(len(self.parts))
+        if confirmed and self.parts:
+            self.confirmed = len(self.parts)
 
     def send(self, client: Redis) -> InFlight | ClusterInFlight:
         """Write every queued command now; read the replies later with `wait`.
@@ -87,24 +129,29 @@ class CommandBatch:
         if nodes.is_cluster(client):
             sent = ClusterInFlight(client, self)
         else:
-            packed = b"".join(self.parts)
+            split = self.confirmed or len(self.parts)
+            packed = b"".join(self.parts[:split])
+            count = sum(self.counts[:split]) if split < len(self.parts) else self.count
             transaction = bool(self.stages)  # a barrier: all or nothing on one server
-            sent = InFlight.write(client.connection_pool, packed, self.count, transaction)
+            sent = InFlight.write(client.connection_pool, packed, count, transaction)
+            sent.batch = Parts(self, split)
         self.parts, self.keys, self.counts, self.stages = [], [], [], []
-        self.count = 0
+        self.whole, self.confirmed, self.count = set(), 0, 0
         return sent
 
 
 class InFlight:
     """Commands written to one connection whose replies have not been read yet."""
 
-    __slots__ = ("asking", "conn", "count", "pool", "transaction")
+    __slots__ = ("asking", "batch", "conn", "count", "pool", "replaced", "transaction")
 
     def __init__(
         self, pool: Any, conn: Any, count: int, asking: bool = False, transaction: bool = False
     ) -> None:
         self.pool, self.conn, self.count = pool, conn, count
         self.asking, self.transaction = asking, transaction
+        self.batch: Parts | None = None  # set by `CommandBatch.send`
+        self.replaced: list[str] = []  # keys of the wrong type, replaced
 
     @classmethod
     def write(
@@ -157,7 +204,18 @@ class InFlight:
 
     def wait(self) -> list[Any]:
         """Every reply; the first error reply is raised once all were read."""
-        return _raise_first_error(self.replies())
+        replies, batch = self.replies(), self.batch
+        if batch is None:
+            return _raise_first_error(replies)
+        if any(map(_wrong_type, replies)):
+            by_part = _split(replies, batch.counts[: batch.split])
+            _mend(batch, by_part, lambda _key: self.pool, self.replaced)
+            replies = [reply for part in by_part for reply in part]
+        _raise_first_error(replies)
+        if batch.split < len(batch.parts):  # the confirmed ones
+            later = b"".join(batch.parts[batch.split :])
+            replies += InFlight.write(self.pool, later, sum(batch.counts[batch.split :])).wait()
+        return replies
 
 
 class ClusterInFlight:
@@ -165,7 +223,9 @@ class ClusterInFlight:
 
     def __init__(self, client: Redis, batch: CommandBatch) -> None:
         self.client = client
+        self.batch = Parts(batch)
         self.parts, self.keys, self.counts = batch.parts, batch.keys, batch.counts
+        self.replaced: list[str] = []  # keys of the wrong type, replaced
         bounds = [0, *batch.stages, len(batch.parts)]
         self.stages = [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
         self.replies: list[list[Any]] = [[] for _ in batch.parts]
@@ -179,11 +239,16 @@ class ClusterInFlight:
         """
         while True:
             self._collect(self.sent)
+            if any(_wrong_type(reply) for part in self.replies for reply in part):
+                _mend(self.batch, self.replies, self._pool_for, self.replaced)
             replies = [reply for part in self.replies for reply in part]
             if not self.stages or any(isinstance(reply, Exception) for reply in replies):
                 self.stages.clear()
                 return _raise_first_error(replies)
             self.sent = self._send(self.stages.pop(0))
+
+    def _pool_for(self, key: str | bytes) -> Any:
+        return nodes.pool_for(self.client, key)
 
     def answered(self) -> bool:
         """Whether every node has begun to answer, with no stage left to send."""
@@ -265,6 +330,42 @@ def _asking_each(part: bytes) -> bytes:
     return b"".join(commands)
 
 
+def _wrong_type(reply: Any) -> bool:
+    return isinstance(reply, Exception) and str(reply).startswith("WRONGTYPE ")
+
+
+def _split(replies: list[Any], counts: list[int]) -> list[list[Any]]:
+    """Replies in the order queued, as one list per part."""
+    by_part, start = [], 0
+    for count in counts:
+        by_part.append(replies[start : start + count])
+        start += count
+    return by_part
+
+
+def _mend(
+    batch: Parts,
+    by_part: list[list[Any]],
+    pool_for: Callable[[str | bytes], Any],
+    replaced: list[str],
+) -> None:
+    """Replace each key a `whole` part met holding another type: DEL it and write the part
+    again, in MULTI/EXEC on the key's server; the part's replies become those. The keys
+    replaced are added to `replaced`; `WrongType` is raised for a part that is not `whole`."""
+    for index, replies in enumerate(by_part):
+        refused = next(filter(_wrong_type, replies), None)
+        if refused is None:
+            continue
+        key = batch.keys[index]
+        name = key.decode() if isinstance(key, bytes) else key
+        if index not in batch.whole:
+            raise WrongType(str(refused), name)
+        packed = pack_command(("DEL", key)) + batch.parts[index]  # type: ignore[arg-type]
+        count = batch.counts[index] + 1
+        by_part[index] = InFlight.write(pool_for(key), packed, count, transaction=True).wait()[1:]
+        replaced.append(name)
+
+
 def _executed(replies: list[Any]) -> list[Any]:
     """The replies of the commands between MULTI and EXEC: EXEC's, or, when the server
     ran none (EXECABORT, or MULTI itself refused), what each got as it was queued."""
@@ -325,4 +426,4 @@ def _read_one(conn: Any) -> Any:
         return exc
 
 
-__all__ = ["ClusterInFlight", "CommandBatch", "InFlight", "RedisUnavailable"]
+__all__ = ["ClusterInFlight", "CommandBatch", "InFlight", "RedisUnavailable", "WrongType"]

@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 import pytest
 from redis import Redis
-from redis.exceptions import ResponseError
 
 from tests.conftest import Backend
 from tests.integration.helpers import (
@@ -38,6 +37,7 @@ from tests.integration.helpers import (
     services_for,
     standings,
 )
+from usermgmt.persistence.command_batch import WrongType
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.events.intake import Intake
 from usermgmt.workers.events.store import EventStore
@@ -1438,16 +1438,16 @@ def test_an_error_reply_is_raised_after_the_next_commit(backend: Backend) -> Non
         add_players(services, "bob")
         worker = EventConsumer(services, "c1", threading.Event())
         worker.setup()
-        backend.redis.set(keys.user("bob"), "not a hash")  # foreign data where a hash goes
+        backend.redis.set(keys.leaderboard, "not a sorted set")  # foreign data
         publish(backend.redis, keys, "update", session_id="s2", players=["bob"])
         worker.handle(next_ready(worker))
         assert worker.next_entries() == []  # nothing new; the writes went out
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
+        with pytest.raises(WrongType, match=f"^WRONGTYPE .* \\(key {keys.leaderboard}\\)$"):
             worker.settle()
         assert worker.in_flight is None
         status = "SELECT status FROM game_sessions WHERE session_id = 's2'"
         assert rows(services, status) == [("in_progress",)]  # committed all the same
-        assert backend.redis.delete(keys.user("bob")) == 1
+        assert backend.redis.delete(keys.leaderboard) == 1
 
 
 @pytest.mark.parametrize("stopped", ["cleanly", "by a crash"])

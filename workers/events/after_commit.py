@@ -98,7 +98,9 @@ class AfterCommit:
                 reason=str(reason),
                 error=message,
             )
-        batch.barrier()  # on a cluster the acks' node is not the caches' one
+        # On a cluster the acks' node is not the caches' one; after dead letters, the acks
+        # wait for them on one server too (MULTI/EXEC would run them after a WRONGTYPE).
+        batch.barrier(confirmed=bool(dead))
         for stream in self.streams:
             ids = [entry.entry_id for entry in acks if entry.stream == stream]
             if ids:

@@ -36,6 +36,7 @@ from structlog.typing import FilteringBoundLogger
 from usermgmt.domain.events import EventKind
 from usermgmt.domain.games import Order
 from usermgmt.persistence import cache
+from usermgmt.persistence.command_batch import WrongType
 from usermgmt.persistence.keys import EVENTS_GROUP
 from usermgmt.persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from usermgmt.workers.events.after_commit import AfterCommit
@@ -177,12 +178,11 @@ class EventConsumer:
             except Interrupted:
                 break
             except REDIS_ERRORS as exc:
-                # Writes not confirmed are dropped: their entries, committed but not
-                # acked, come back and are acked as duplicates (caches refreshed).
-                self.unsent, self.in_flight = None, None
-                self.unsent_applied, self.in_flight_applied = [], []
-                self.intake.look_at_pending_soon()
+                self.drop_writes()
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
+            except WrongType as exc:
+                self.drop_writes()
+                self.replace_wrong_type(exc.key)
             except DATABASE_ERRORS as exc:
                 self.store.close()
                 conflict = conflict_of(exc)
@@ -209,6 +209,34 @@ class EventConsumer:
             dead_lettered=sum(self.stats.dead.values()),
             waiting=len(self.held),
         )
+
+    def drop_writes(self) -> None:
+        """Forget the writes not confirmed: their entries, committed but maybe not acked,
+        come back and are acked as duplicates (caches written again)."""
+        self.unsent, self.in_flight = None, None
+        self.unsent_applied, self.in_flight_applied = [], []
+        self.intake.look_at_pending_soon()
+
+    def replace_wrong_type(self, key: str) -> None:
+        """A key of the worker's held another type of value (someone wrote it by hand).
+        The leaderboard set is replaced, in one transaction, by one rebuilt from the
+        database; a dead-letter stream is never deleted: the worker waits for it to be
+        moved away. The batch's entries are acked as duplicates at the next read."""
+        if key != self.keys.leaderboard:
+            self.wait_backoff(
+                f"Redis key {key} holds another type of value than the worker writes there; "
+                "rename or delete it"
+            )
+            return
+        self.log.error("the leaderboard key held another type of value; rebuilding it", key=key)
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            players = rebuild_leaderboard_cache(self.engine, pipe, self.keys, replace=True)
+            pipe.execute()
+        except (*REDIS_ERRORS, *DATABASE_ERRORS) as exc:
+            self.wait_backoff(f"leaderboard not rebuilt ({exc!r}); the next batch tries again")
+            return
+        self.log.info("leaderboard cache rebuilt from the database", players=players)
 
     def setup(self) -> None:
         """Create the groups, then take this consumer's own pending entries in hand first."""
@@ -443,7 +471,14 @@ class EventConsumer:
         """
         in_flight, self.in_flight = self.in_flight, None
         if in_flight is not None:
-            in_flight.wait()
+            try:
+                in_flight.wait()
+            finally:
+                if in_flight.replaced:
+                    keys = in_flight.replaced
+                    self.log.error(
+                        "cache keys held another type of value; replaced them", keys=keys
+                    )
             applied, self.in_flight_applied = self.in_flight_applied, []
             self.observe_lag(applied)
 
