@@ -47,20 +47,42 @@ def queue_is_locked(pipe: Pipeline, keys: Keys, username: str) -> None:
     pipe.exists(keys.login_lock(username))
 
 
-def record_failure(client: Redis, keys: Keys, username: str) -> bool:
-    """Count a failed login in a sliding 15-minute window; lock on the fifth. Returns locked."""
+def queue_attempt(pipe: Pipeline, keys: Keys, username: str) -> str:
+    """Count a login attempt in the 15-minute window *before* its password is checked
+    (four commands; the third's reply is the count, this attempt included).
+
+    An attempt counts as a failure until it succeeds (`queue_session` forgets them
+    all), so logins sent side by side cannot all be checked before the first failure
+    is counted: at most `LOCKOUT_MAX_FAILURES` guesses a window, however many run at
+    once, on however many workers. Returns the attempt's member, for `forget_attempt`.
+    """
     now = time.time()
     key = keys.login_failures(username)
-    pipe = client.pipeline(transaction=False)
+    attempt = secrets.token_hex(8)
     pipe.zremrangebyscore(key, "-inf", now - LOCKOUT_WINDOW_S)
-    pipe.zadd(key, {secrets.token_hex(8): now})
+    pipe.zadd(key, {attempt: now})
     pipe.zcard(key)
     pipe.expire(key, LOCKOUT_WINDOW_S)
-    failures = pipe.execute()[2]
-    if failures >= LOCKOUT_MAX_FAILURES:
-        lock = client.pipeline(transaction=False)
-        lock.set(keys.login_lock(username), 1, ex=LOCKOUT_DURATION_S)
-        lock.delete(key)
-        lock.execute()
-        return True
-    return False
+    return attempt
+
+
+def too_many(attempts: int) -> bool:
+    """An attempt counted as this one (`queue_attempt`) is not checked: refused as locked."""
+    return attempts > LOCKOUT_MAX_FAILURES
+
+
+def forget_attempt(client: Redis, keys: Keys, username: str, attempt: str) -> None:
+    """An attempt refused unchecked counts no failure."""
+    client.zrem(keys.login_failures(username), attempt)
+
+
+def record_failure(client: Redis, keys: Keys, username: str, attempts: int) -> bool:
+    """A counted attempt failed: the one that makes `LOCKOUT_MAX_FAILURES` locks the
+    username for `LOCKOUT_DURATION_S`. Returns whether it did."""
+    if attempts < LOCKOUT_MAX_FAILURES:
+        return False
+    lock = client.pipeline(transaction=False)
+    lock.set(keys.login_lock(username), 1, ex=LOCKOUT_DURATION_S)
+    lock.delete(keys.login_failures(username))
+    lock.execute()
+    return True

@@ -487,6 +487,45 @@ def test_failures_older_than_the_window_do_not_count(
         assert code(login(redis, keys, "alice", PASSWORD)) == "locked"
 
 
+def test_logins_sent_side_by_side_get_at_most_five_passwords_checked(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eleven wrong passwords and then the right one, in one pipelined burst, to a
+    server checking eight at a time (as several workers would): at most five are checked
+    and the account ends locked, as when they come one by one."""
+    redis, keys = backend.redis, backend.keys
+    real_checkpw = bcrypt.checkpw
+    checked: list[bytes] = []
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        checked.append(password)
+        time.sleep(0.05)  # a real cost-12 check takes longer: the race only widens
+        return real_checkpw(password, hashed)
+
+    with running(with_settings(services, backend, auth_concurrency=8)):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+        passwords = [f"Wrong-pass-{n}" for n in range(11)] + [PASSWORD]
+        ids = [str(uuid.uuid4()) for _ in passwords]
+        burst = redis.pipeline(transaction=False)
+        for request_id, password in zip(ids, passwords, strict=True):
+            payload = {"request_id": request_id, "op": "login", "username": "alice"}
+            burst.xadd(
+                keys.auth_requests, {"payload": orjson.dumps({**payload, "password": password})}
+            )
+        burst.execute()
+        codes = []
+        for request_id in ids:
+            popped = redis.blpop([keys.reply(uuid.UUID(request_id))], timeout=30)
+            assert popped is not None
+            codes.append(code(orjson.loads(popped[1])))
+        after = code(login(redis, keys, "alice", PASSWORD))
+    assert len(checked) <= 5
+    assert len([c for c in codes if c != "locked"]) == len(checked)
+    if "ok" not in codes:  # five wrong ones were checked: locked, as one by one
+        assert len(checked) == 5 and after == "locked"
+
+
 def test_unknown_usernames_are_locked_out_too(services: Services, backend: Backend) -> None:
     """Guessing at a name that does not exist gets the same treatment as a real one."""
     redis, keys = backend.redis, backend.keys

@@ -110,15 +110,18 @@ class Handlers:
         )
 
     def login(self, request: LoginRequest, pipe: Pipeline) -> dict[str, Any]:
-        """Two Redis round trips besides bcrypt: the lock and the live rank before it,
-        the token with the reply after it (`pipe`)."""
+        """Two Redis round trips besides bcrypt: the lock, the attempt's count and the
+        live rank before it, the token with the reply after it (`pipe`)."""
         found = accounts.find_login(self.services.engine, request.username)
         check = self.redis.pipeline(transaction=False)
         auth_store.queue_is_locked(check, self.keys, request.username)
+        attempt = auth_store.queue_attempt(check, self.keys, request.username)
         if found is not None:
             cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
         checked = check.execute()
-        if checked[0]:
+        locked, attempts = checked[0], checked[3]
+        if locked or auth_store.too_many(attempts):
+            auth_store.forget_attempt(self.redis, self.keys, request.username, attempt)
             return error_reply(
                 request.request_id,
                 ErrorCode.LOCKED,
@@ -127,7 +130,7 @@ class Handlers:
         stored = found[0].encode() if found else self.dummy_hash
         matches = bcrypt.checkpw(request.password.encode(), stored)
         if found is None or not matches:
-            auth_store.record_failure(self.redis, self.keys, request.username)
+            auth_store.record_failure(self.redis, self.keys, request.username, attempts)
             return error_reply(
                 request.request_id,
                 ErrorCode.INVALID_CREDENTIALS,
