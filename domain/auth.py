@@ -53,6 +53,9 @@ AuthRequest = Annotated[
 _REQUEST_ADAPTER: TypeAdapter[AuthRequest] = TypeAdapter(AuthRequest)
 
 SECRET_FIELDS = frozenset({"password", "token"})
+# The only text a dead letter keeps of an auth request (`redact`).
+PLAIN_TEXT_FIELDS = frozenset({"request_id", "op", "username"})
+WITHHELD = "[withheld: may be a secret]"
 
 
 class InvalidRequest(ValueError):
@@ -102,12 +105,19 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def redact(data: Any) -> Any:
-    """A copy of a request without its secrets, fit for a dead letter or a log line."""
+def redact(data: Any, field: str | None = None) -> Any:
+    """A copy of a request without anything that may be a secret, fit for a dead letter.
+
+    `password` and `token` go; so does any other text but a `request_id`, `op` or
+    `username` (a client may have put the password under another name, or sent a list):
+    it is replaced by `WITHHELD`. Numbers, booleans and nulls stay.
+    """
     if isinstance(data, dict):
-        return {key: redact(value) for key, value in data.items() if key not in SECRET_FIELDS}
+        return {key: redact(value, key) for key, value in data.items() if key not in SECRET_FIELDS}
     if isinstance(data, list):
         return [redact(item) for item in data]
+    if isinstance(data, str) and field not in PLAIN_TEXT_FIELDS:
+        return WITHHELD
     return data
 
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from usermgmt.domain.auth import (
+    WITHHELD,
     GetUserRequest,
     InvalidRequest,
     LoginRequest,
@@ -24,6 +25,7 @@ from usermgmt.domain.auth import (
     redact,
 )
 from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+from usermgmt.workers.auth.replies import redacted_text
 
 RID = "6f1c2a4e-8b1d-4c3e-9a7f-0d2b5e6c7a81"
 SECRET = "Sup3r-S3cret-Passw0rd"  # distinctive, so finding it in a message means a leak
@@ -280,7 +282,7 @@ def test_redact_removes_password_and_token_everywhere() -> None:
         "op": "login",
         "username": "alice",
         "nested": {"keep": 1},
-        "items": [{"keep": 2}, "plain"],
+        "items": [{"keep": 2}, WITHHELD],
     }
     assert SECRET not in orjson.dumps(cleaned).decode()
     assert data["password"] == SECRET  # a copy: the input is left alone
@@ -288,8 +290,32 @@ def test_redact_removes_password_and_token_everywhere() -> None:
 
 def test_redact_handles_lists_and_scalars() -> None:
     assert redact([{"password": SECRET}, {"token": SECRET, "a": 1}]) == [{}, {"a": 1}]
-    assert redact("text") == "text"
-    assert redact(None) is None
+    assert redact(None) is None and redact(7) == 7 and redact(True) is True
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        ["login", "bob", SECRET],  # a request sent as a list
+        SECRET,  # as a bare string
+        {"op": "login", "username": "bob", "pass": SECRET},  # under another name
+        {"op": "login", "username": "bob", "credentials": {"secret": SECRET}},
+        {"op": "login", "username": "bob", "password": [SECRET]},
+    ],
+)
+def test_a_dead_letter_keeps_no_text_that_may_be_a_password(payload: Any) -> None:
+    text = redacted_text(orjson.dumps(payload))
+    assert SECRET not in text
+    kept = orjson.loads(text)
+    if isinstance(payload, dict):
+        assert (kept["op"], kept["username"]) == ("login", "bob")
+
+
+@pytest.mark.parametrize("payload", [b"op=login&pw=" + SECRET.encode(), b"\xff" + SECRET.encode()])
+def test_a_dead_letter_of_text_that_is_not_json_withholds_it(payload: bytes) -> None:
+    text = redacted_text(payload)
+    assert SECRET not in text
+    assert text == f"[not JSON, {len(payload)} bytes; withheld because it may contain a secret]"
 
 
 # -- replies --------------------------------------------------------------------------------
