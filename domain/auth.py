@@ -13,8 +13,10 @@ from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
 from usermgmt.domain.payloads import load_object
 
 REQUEST_MAX_AGE_S = 30
-CANONICAL_UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-_CANONICAL_UUID = re.compile(CANONICAL_UUID_PATTERN)
+# A UUID in its hyphenated 8-4-4-4-12 form, in either case: the reply key is built from it.
+_HEX = "[0-9a-fA-F]"
+REQUEST_ID_PATTERN = rf"^{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 REPLY_TTL_S = 60
 
 
@@ -74,22 +76,36 @@ def parse_request(raw: str | bytes | None) -> AuthRequest:
     `request_id`), `InvalidRequest` when the request can be answered with an error.
     """
     data = load_object(raw, DeadLetterReason.INVALID_REQUEST)
-    request_id = _request_id(data.get("request_id"))
+    request_id = data["request_id"] = _request_id(data.get("request_id"))
     try:
-        return _REQUEST_ADAPTER.validate_python(data)
+        return _REQUEST_ADAPTER.validate_python(data)  # keeps the `RequestId` as it is
     except ValidationError as exc:
         raise InvalidRequest(request_id, describe_validation_error(exc)) from None
 
 
+class RequestId(uuid.UUID):
+    """A request's UUID that reads as the client wrote it (`str`): the reply key is
+    `<prefix>:auth:reply:` plus that text, the key the client waits on."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        object.__setattr__(self, "text", text)
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def _request_id(value: Any) -> uuid.UUID:
-    # Only the canonical form: the reply key is then exactly `<prefix>:auth:reply:` plus the
-    # text the client sent. `uuid.UUID` would also take upper case, braces, `urn:uuid:` or bare
-    # hex, and the client would wait on a key the reply never reaches.
-    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
-        return uuid.UUID(value)
+    # Only the hyphenated form (either case): `uuid.UUID` would also take braces, `urn:uuid:`
+    # or bare hex, which are not worth a reply key of their own.
+    if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+        return RequestId(value)
     raise InvalidPayload(
         DeadLetterReason.INVALID_REQUEST,
-        "request_id must be a UUID string in canonical lower-case form (8-4-4-4-12 hex digits)",
+        "request_id must be a UUID string in its hyphenated form (8-4-4-4-12 hex digits)",
     )
 
 

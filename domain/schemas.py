@@ -30,7 +30,7 @@ from pydantic import AwareDatetime, Field, TypeAdapter
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
 from usermgmt.domain.accounts import PASSWORD_MAX_BYTES, PASSWORD_MIN_BYTES, Username
-from usermgmt.domain.auth import CANONICAL_UUID_PATTERN, AuthRequest
+from usermgmt.domain.auth import REQUEST_ID_PATTERN, AuthRequest
 from usermgmt.domain.errors import DeadLetterReason, ErrorCode
 from usermgmt.domain.events import MAX_EARNINGS, MAX_META_FIELDS, TerminateEvent, UpdateEvent
 from usermgmt.domain.registrations import Registration
@@ -42,7 +42,7 @@ ID_PREFIX = "urn:usermgmt:schema:"
 ENTRY_ID_PATTERN = r"^[0-9]+-[0-9]+$"
 # secrets.token_urlsafe(32): 43 characters
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{43,}$"  # noqa: S105 - a pattern, not a secret
-CanonicalUuid = Annotated[str, Field(pattern=CANONICAL_UUID_PATTERN)]
+RequestIdText = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
 Count = Annotated[int, Field(ge=0)]
 
 
@@ -67,7 +67,7 @@ class ReplyUser(TypedDict):
 class OkReply(TypedDict):
     """A request that succeeded."""
 
-    request_id: CanonicalUuid
+    request_id: RequestIdText
     ok: Literal[True]
     user: ReplyUser
     token: NotRequired[
@@ -91,7 +91,7 @@ class ReplyError(TypedDict):
 class ErrorReply(TypedDict):
     """A request that failed."""
 
-    request_id: CanonicalUuid
+    request_id: RequestIdText
     ok: Literal[False]
     error: ReplyError
 
@@ -186,10 +186,11 @@ PASSWORD = {
     "bytes, and the schema only bounds the characters.",
 }
 REQUEST_ID = {
-    "pattern": CANONICAL_UUID_PATTERN,
-    "description": "A UUID chosen per request, in canonical lower-case form: the reply "
-    "goes to <prefix>:auth:reply:<request_id>. Any other spelling is dead-lettered "
-    "(invalid_request) unanswered.",
+    "pattern": REQUEST_ID_PATTERN,
+    "description": "A UUID chosen per request, in its hyphenated 8-4-4-4-12 form (lower "
+    "case is canonical; upper case is taken too): the reply goes to "
+    "<prefix>:auth:reply:<request_id>, that exact text, and echoes it. Any other spelling "
+    "is dead-lettered (invalid_request) unanswered.",
 }
 REQUESTS = ("RegisterRequest", "LoginRequest", "GetUserRequest", "VerifyTokenRequest")
 

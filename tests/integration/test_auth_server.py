@@ -692,6 +692,26 @@ def test_the_group_is_created_with_its_stream_when_missing(
     assert len(groups) == 1
 
 
+def test_an_upper_case_request_id_is_answered_on_the_key_of_that_text(
+    services: Services, backend: Backend
+) -> None:
+    """Swift's `UUID().uuidString` is upper case: the client waits on that key."""
+    redis, keys = backend.redis, backend.keys
+    request_id = str(uuid.uuid4()).upper()
+    with running(services):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        payload = {"request_id": request_id, "op": "get_user", "username": "alice"}
+        redis.xadd(keys.auth_requests, {"payload": orjson.dumps(payload)})
+        popped = redis.blpop([f"{backend.prefix}:auth:reply:{request_id}"], timeout=10)
+    assert popped is not None
+    reply = orjson.loads(popped[1])
+    assert (reply["request_id"], reply["ok"], reply["user"]["username"]) == (
+        request_id,
+        True,
+        "alice",
+    )
+
+
 # -- junk ----------------------------------------------------------------------------------
 
 JUNK: list[tuple[str, dict[bytes | str, bytes | str], str]] = [

@@ -25,6 +25,7 @@ from usermgmt.domain.auth import (
     redact,
 )
 from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.replies import redacted_text
 
 RID = "6f1c2a4e-8b1d-4c3e-9a7f-0d2b5e6c7a81"
@@ -143,7 +144,6 @@ def test_a_request_id_that_is_not_a_uuid_string_is_invalid_payload(request_id: o
 @pytest.mark.parametrize(
     "request_id",
     [
-        RID.upper(),  # the reply would go to the lower-case key the client does not watch
         uuid.UUID(RID).hex,  # no hyphens
         "{" + RID + "}",
         "urn:uuid:" + RID,
@@ -152,12 +152,24 @@ def test_a_request_id_that_is_not_a_uuid_string_is_invalid_payload(request_id: o
     ],
     ids=repr,
 )
-def test_only_the_canonical_uuid_form_names_a_reply_key(request_id: str) -> None:
-    """The reply key is the text the client sent, so only one spelling of a UUID is taken."""
+def test_only_the_hyphenated_uuid_form_names_a_reply_key(request_id: str) -> None:
+    """The reply key is the text the client sent: other spellings of a UUID are refused."""
     raw = orjson.dumps({"request_id": request_id, "op": "get_user", "username": "alice"})
     with pytest.raises(InvalidPayload) as caught:
         parse_request(raw)
-    assert "canonical" in caught.value.message
+    assert "hyphenated form" in caught.value.message
+
+
+@given(st.uuids())
+def test_an_upper_case_uuid_is_taken_and_its_reply_key_is_that_text(value: uuid.UUID) -> None:
+    """Some stacks write UUIDs in upper case (Swift's `uuidString`): the client waits on
+    the key made of the text it sent, and the reply echoes that text."""
+    text = str(value).upper()
+    request = parse_request(orjson.dumps({"request_id": text, "op": "get_user", "username": "a1b"}))
+    assert request.request_id == value
+    assert str(request.request_id) == text
+    assert Keys("um").reply(request.request_id) == f"um:auth:reply:{text}"
+    assert ok_reply(request.request_id, USER)["request_id"] == text
 
 
 @given(st.uuids())
