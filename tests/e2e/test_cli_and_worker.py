@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -172,6 +173,35 @@ def test_a_bad_setting_exits_2_with_one_line_naming_it(cli: Any) -> None:
         assert len(lines) == 1, case
         assert variable in lines[0], case
         assert "Traceback" not in result.stderr, case
+        assert result.stdout == "", case
+
+
+def test_a_bad_setting_out_of_range_or_a_missing_redis_database_exits_2(cli: Any) -> None:
+    """Values a consumer cannot hold (a Redis argument, a wait, a BIGINT) stop the worker at
+    start, like any bad setting; so does a database number the server does not have (no
+    Redis has 2**31 - 1 databases: only it can tell, when the worker connects)."""
+    missing_db = urlsplit(REDIS_URL)._replace(path="/2147483646", query="").geturl()
+    cases = [
+        ("USERMGMT_REDIS_URL", missing_db, "DB index is out of range"),
+        ("USERMGMT_REDIS_URL", urlsplit(REDIS_URL)._replace(path="/abc").geturl(), "'abc'"),
+        ("USERMGMT_MAX_WAIT_S", "inf", "finite number"),
+        ("USERMGMT_SESSION_TIMEOUT_S", "inf", "finite number"),
+        ("USERMGMT_CLAIM_IDLE_MS", "99999999999999999999", "86400000"),
+        ("USERMGMT_STARTING_WALLET", str(2**63), str(2**63 - 1)),
+    ]
+    results = in_parallel(
+        [
+            lambda variable=variable, value=value: cli("worker", **{variable: value})
+            for variable, value, _ in cases
+        ]
+    )
+    for (variable, _, said), result in zip(cases, results, strict=True):
+        case = (variable, result.stderr)
+        assert result.returncode == 2, case
+        lines = stderr_lines(result)
+        assert len(lines) == 1, case
+        assert lines[0].startswith(f"usermgmt: error: invalid setting {variable}="), case
+        assert said in lines[0], case
         assert result.stdout == "", case
 
 

@@ -38,8 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and run its command, mapping failures to exit codes."""
+    from redis.exceptions import ResponseError
+
     from usermgmt.workers.cli.commands.base import CommandFailed, UsageError
-    from usermgmt.workers.runtime.settings import ConfigError
+    from usermgmt.workers.runtime.settings import ConfigError, missing_redis_database
 
     args = build_parser().parse_args(argv)
     try:
@@ -55,6 +57,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"usermgmt: {exc}", file=sys.stderr)
         return 1
+    except ResponseError as exc:  # a setting only the server can judge: the database number
+        config_error = missing_redis_database(exc)
+        if config_error is None:
+            raise
+        print(f"usermgmt: error: {config_error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("usermgmt: interrupted", file=sys.stderr)
         return 1

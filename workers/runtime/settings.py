@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import parse_url
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 from sqlalchemy.exc import ArgumentError
 
 from usermgmt.domain.waiting import Limits
@@ -15,6 +18,17 @@ from usermgmt.persistence.db import normalize_url
 from usermgmt.workers.runtime.connections import ClusterMode, safe_url
 
 ENV_PREFIX = "USERMGMT_"
+DAY_S = 86_400
+# Durations in entry-id time: compared with entry-id milliseconds in Python, and a test
+# (or an operator) may use a huge value for "never": a century, about 3.2e12 ms, fits 64 bits.
+CENTURY_S = 100 * 365 * DAY_S
+BIGINT_MAX = 2**63 - 1  # SQL BIGINT, and a Redis integer
+MAX_AUTH_CONCURRENCY = 1_024
+# Redis accepts at most 2**31 - 1 databases (`databases` is a C int): indexes 0 to 2**31 - 2.
+MAX_REDIS_DB = 2**31 - 2
+# The URL's numeric options (redis-py `URL_QUERY_ARGUMENT_PARSERS`): seconds, or counts.
+MAX_URL_SECONDS = DAY_S
+MAX_URL_INT = 2**31 - 1
 
 
 class ConfigError(Exception):
@@ -25,7 +39,7 @@ class Settings(BaseSettings):
     """Runtime configuration, read once at start and passed in."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True, allow_inf_nan=False
     )
 
     redis_url: str = "redis://localhost:6379/0"
@@ -33,33 +47,42 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///usermgmt.db"
     key_prefix: str = Field("um", pattern=r"^[A-Za-z0-9_.\-]{1,32}$")
     bcrypt_rounds: int = Field(12, ge=4, le=31)
-    user_cache_ttl: int = Field(300, ge=1)
-    max_deliveries: int = Field(5, ge=1)
-    max_wait_s: float = Field(60.0, gt=0)
-    session_timeout_s: float = Field(21_600.0, ge=0)  # 0: live sessions never expire
-    claim_idle_ms: int = Field(30_000, ge=100)
-    starting_wallet: int = Field(0, ge=0)
+    # Every number has an upper bound that no deployment needs to reach, so it stays
+    # within what its consumer can hold: Redis EX/PX and XAUTOCLAIM arguments, the
+    # timeouts of `threading` waits, SQL BIGINT; floats must be finite (`allow_inf_nan`).
+    user_cache_ttl: int = Field(300, ge=1, le=365 * DAY_S)
+    max_deliveries: int = Field(5, ge=1, le=1_000_000)
+    max_wait_s: float = Field(60.0, gt=0, le=CENTURY_S)
+    session_timeout_s: float = Field(21_600.0, ge=0, le=CENTURY_S)  # 0: never expire
+    claim_idle_ms: int = Field(30_000, ge=100, le=DAY_S * 1000)
+    starting_wallet: int = Field(0, ge=0, le=BIGINT_MAX)  # `users.wallet` is a BIGINT
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    rank_refresh_s: float = Field(30.0, gt=0)
+    rank_refresh_s: float = Field(30.0, gt=0, le=DAY_S)
     batch_size: int = Field(5_000, ge=1, le=10_000)
     # One event worker reads new entries at a time, the others stand by (`events.lease`).
     events_lease: bool = True
-    auth_concurrency: int = Field(default_factory=lambda: max(2, os.cpu_count() or 2), ge=1)
+    auth_concurrency: int = Field(
+        default_factory=lambda: min(max(2, os.cpu_count() or 2), MAX_AUTH_CONCURRENCY),
+        ge=1,
+        le=MAX_AUTH_CONCURRENCY,
+    )
     # The bcrypt threads' CPU priority: `idle` (Linux SCHED_IDLE), or a nice value.
     auth_nice: Literal["idle"] | int = "idle"
-    retry_delay_ms: int = Field(1_000, ge=10)
-    consumer_idle_remove_s: float = Field(3_600.0, gt=0)
+    retry_delay_ms: int = Field(1_000, ge=10, le=3_600 * 1000)
+    consumer_idle_remove_s: float = Field(3_600.0, gt=0, le=365 * DAY_S)
     # Event streams keep entries this long (never an unapplied one); replay and restore
     # need them: keep more than the time between two backups.
-    stream_retention_s: float = Field(7 * 24 * 3_600.0, ge=0)
-    trim_interval_s: float = Field(60.0, ge=0)  # 0: the worker never trims
+    stream_retention_s: float = Field(7 * DAY_S, ge=0, le=CENTURY_S)
+    trim_interval_s: float = Field(60.0, ge=0, le=7 * DAY_S)  # 0: the worker never trims
 
     def limits(self) -> Limits:
         """How long game events may wait, for the planner (in entry-id milliseconds)."""
+        # At least 1 ms: a tiny positive timeout must not round to 0, which means "never".
+        timeout_s = self.session_timeout_s
         return Limits(
-            max_wait_ms=round(self.max_wait_s * 1000),
-            session_timeout_ms=round(self.session_timeout_s * 1000),
+            max_wait_ms=max(1, round(self.max_wait_s * 1000)),
+            session_timeout_ms=max(1, round(timeout_s * 1000)) if timeout_s > 0 else 0,
         )
 
     @field_validator("auth_nice", mode="before")
@@ -79,9 +102,10 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, value: str) -> str:
         try:
-            parse_url(value)  # type: ignore[no-untyped-call]
+            options = parse_url(value)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ValueError(f"not a Redis URL ({exc})") from None
+        _check_redis_options(value, options)
         return value
 
     @field_validator("database_url")
@@ -94,6 +118,26 @@ class Settings(BaseSettings):
         if not (url.drivername.startswith("sqlite") or url.drivername.startswith("postgresql")):
             raise ValueError(f"unsupported database {url.drivername!r}; use sqlite or postgresql")
         return value
+
+
+def _check_redis_options(url: str, options: dict[str, object]) -> None:
+    """What `parse_url` lets through but the connection cannot use: a database path that
+    is not a number (redis-py silently uses 0), a database or count out of range, a
+    timeout that is not a finite positive number of seconds."""
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if parts.scheme.lower() != "unix" and not re.fullmatch(r"/?[0-9]*", path):
+        raise ValueError(f"database {path.lstrip('/')!r} is not a number from 0 to {MAX_REDIS_DB}")
+    for name, parser in URL_QUERY_ARGUMENT_PARSERS.items():
+        number = options.get(name)
+        if parser is float and isinstance(number, float):
+            if not (math.isfinite(number) and 0 < number <= MAX_URL_SECONDS):
+                raise ValueError(f"{name} must be seconds, > 0 and <= {MAX_URL_SECONDS}")
+        elif parser is int and isinstance(number, int):
+            low = 1 if name in ("max_connections", "socket_read_size") else 0
+            top = MAX_REDIS_DB if name == "db" else MAX_URL_INT
+            if not low <= number <= top:
+                raise ValueError(f"{name} must be from {low} to {top}")
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -109,6 +153,21 @@ def load_settings(**overrides: object) -> Settings:
         value = f"={shown!r}" if shown is not None else ""
         message = str(error["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"invalid setting {variable}{value}: {message}") from None
+
+
+def missing_redis_database(exc: BaseException) -> ConfigError | None:
+    """The one-line error when Redis has no database of the URL's number (only the server
+    knows how many it has: it answers `DB index is out of range`); None for other errors."""
+    if "DB index is out of range" not in str(exc):
+        return None
+    try:
+        shown = f"={safe_url(Settings().redis_url)!r}"
+    except (ValidationError, ValueError):
+        shown = ""
+    return ConfigError(
+        f"invalid setting {ENV_PREFIX}REDIS_URL{shown}: the Redis server has no database "
+        "of that number (DB index is out of range); use one below its `databases` setting"
+    )
 
 
 def _shown(field: str, given: object) -> str | None:
