@@ -1450,13 +1450,20 @@ def test_an_error_reply_is_raised_after_the_next_commit(backend: Backend) -> Non
         assert backend.redis.delete(keys.leaderboard) == 1
 
 
+@pytest.mark.parametrize("next_name", ["c1", "c2"])
 @pytest.mark.parametrize("stopped", ["cleanly", "by a crash"])
 def test_only_a_crash_counts_a_delivery_for_what_a_consumer_left_pending(
-    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch, stopped: str
+    services: Services,
+    backend: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    stopped: str,
+    next_name: str,
 ) -> None:
     """c1 reads a burst but decides none of it (its entries wait in the buffer for the
     clock), then stops. Started again, it takes them back: a delivery more after a crash,
-    none after a clean stop (SIGTERM), which handed nothing to a consumer that failed."""
+    none after a clean stop (SIGTERM), which handed nothing to a consumer that failed.
+    The same when the next worker has another name (the default names are new each
+    time) and claims them once they are idle."""
     add_players(services, "alice", "bob")
     keys = backend.keys
     burst(
@@ -1484,9 +1491,11 @@ def test_only_a_crash_counts_a_delivery_for_what_a_consumer_left_pending(
         backend.redis.delete(keys.events_stopped("c1"))  # a crash leaves no mark
     monkeypatch.undo()
 
-    again = drain_recording(services, consumer="c1")
+    if next_name != "c1":  # another consumer's entries are claimed once idle that long
+        time.sleep(services.settings.claim_idle_ms / 1000)
+    again = drain_recording(services, consumer=next_name)
     counted = 1 if stopped == "cleanly" else 2
     assert [deliveries for _, _, deliveries in again.handed] == [counted, counted]
     assert standings(services)["alice"][:3] == (1, 0, 5)
     assert pending_count(backend.redis, keys) == 0
-    assert backend.redis.exists(keys.events_stopped("c1"))  # the drain stopped cleanly too
+    assert backend.redis.exists(keys.events_stopped(next_name))  # it stopped cleanly too

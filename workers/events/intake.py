@@ -27,7 +27,7 @@ from structlog.typing import FilteringBoundLogger
 from usermgmt.domain.events import EventKind, entry_id_key, entry_order
 from usermgmt.domain.games import Order
 from usermgmt.persistence.games import load_checkpoints
-from usermgmt.persistence.keys import EVENTS_GROUP
+from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.persistence.waiting import waiting_keys
 from usermgmt.workers.runtime.settings import Settings
 from usermgmt.workers.runtime.streams import (
@@ -80,6 +80,8 @@ class Intake:
         self.horizon_ms = 0  # every entry of an earlier millisecond is decided or in hand
         self.last_claim = 0.0
         self.last_fresh = time.monotonic()
+        # A consumer that stopped cleanly marks it: its entries are taken over uncounted.
+        self.stopped_mark = Keys(settings.key_prefix).events_stopped
 
     def reset(self) -> None:
         """Let go of everything in hand (set-up takes this consumer's pending entries back)."""
@@ -215,6 +217,7 @@ class Intake:
                 self.settings.claim_idle_ms,
                 self.settings.batch_size,
                 keep=in_hand,
+                stopped_mark=self.stopped_mark,
             )
             if claimed and waiting is None:
                 waiting = self.waiting_keys()

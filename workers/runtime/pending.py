@@ -7,7 +7,7 @@ idle time, and drop consumers that hold nothing.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 from redis import Redis
@@ -109,6 +109,7 @@ def claim_idle(
     min_idle_ms: int,
     count: int,
     keep: Collection[str] = (),
+    stopped_mark: Callable[[str], str] | None = None,
 ) -> list[Entry]:
     """Take over up to `count` entries left pending for longer than `min_idle_ms`.
 
@@ -119,25 +120,57 @@ def claim_idle(
     consumer's own idle entries in `keep` (already in hand) are claimed with JUSTID,
     which counts no delivery, and not returned; the rest are delivered with XCLAIM,
     which takes each only if it is still idle (another consumer may have been first).
+    Entries of a consumer that stopped cleanly (its `stopped_mark` key exists: it was
+    not handed them to crash) are claimed with JUSTID too and read with XRANGE.
     """
     kept: list[str] = []
-    wanted: list[str] = []
+    wanted: list[tuple[str, str]] = []  # (entry id, the consumer holding it)
     for row in _pending(client, stream, group, None, idle_ms=min_idle_ms or None):
         entry_id = text_of(row["message_id"])
-        (kept if entry_id in keep else wanted).append(entry_id)
+        if entry_id in keep:
+            kept.append(entry_id)
+        else:
+            wanted.append((entry_id, text_of(row["consumer"])))
         if len(wanted) >= count:
             break
     if kept:
         client.xclaim(stream, group, consumer, min_idle_ms, list[Any](kept), justid=True)
     if not wanted:
         return []
-    messages = client.xclaim(stream, group, consumer, min_idle_ms, list[Any](wanted))
-    deleted = [text_of(m[0]) for m in messages if m is not None and m[1] is None]
-    if deleted:  # deleted while pending: nothing left to apply
+    stopped = _stopped_cleanly(client, {holder for _, holder in wanted}, stopped_mark)
+    counted = [entry_id for entry_id, holder in wanted if holder not in stopped]
+    uncounted = [entry_id for entry_id, holder in wanted if holder in stopped]
+    entries: list[Entry] = []
+    deleted: list[str] = []  # deleted while pending: nothing left to apply
+    if counted:
+        messages = client.xclaim(stream, group, consumer, min_idle_ms, list[Any](counted))
+        deleted += [text_of(m[0]) for m in messages if m is not None and m[1] is None]
+        entries += stream_entries(
+            stream, [m for m in messages if m is not None and m[1] is not None]
+        )
+    if uncounted:
+        ids = client.xclaim(stream, group, consumer, min_idle_ms, list[Any](uncounted), justid=True)
+        taken = [text_of(entry_id) for entry_id in ids]
+        found = entries_of(client, stream, taken)
+        deleted += sorted(set(taken) - {entry.entry_id for entry in found})
+        entries = sorted([*entries, *found], key=lambda entry: entry_id_key(entry.entry_id))
+    if deleted:
         client.xack(stream, group, *deleted)
-    entries = stream_entries(stream, [m for m in messages if m is not None and m[1] is not None])
     fill_deliveries(client, group, entries)
     return entries
+
+
+def _stopped_cleanly(
+    client: Redis, consumers: Collection[str], stopped_mark: Callable[[str], str] | None
+) -> set[str]:
+    """The consumers among these whose clean-stop mark exists (one round trip)."""
+    if stopped_mark is None or not consumers:
+        return set()
+    names = sorted(consumers)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.exists(stopped_mark(name))
+    return {name for name, found in zip(names, pipe.execute(), strict=True) if found}
 
 
 def remove_idle_consumers(
