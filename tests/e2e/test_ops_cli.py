@@ -245,6 +245,8 @@ def test_dead_letters_are_listed_shown_retried_and_purged(
     assert "password was removed" in all_.stderr
     assert "retried 0 letter(s), 1 not retryable" in all_.stdout
     assert stack.cli("dlq", "purge").returncode == 2  # stdin is not a terminal: no prompt
+    typo = stack.cli("dlq", "purge", "--reason", "invalid_requests", "--yes")
+    assert typo.returncode == 2 and "invalid choice: 'invalid_requests'" in typo.stderr
     assert stack.redis.xlen(keys.dlq) == 1
     purged = stack.cli("dlq", "purge", "--reason", "invalid_request", "--yes")
     assert purged.returncode == 0 and purged.stdout.strip() == "deleted 1 dead letter(s)"

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from rich.table import Table
 
+from usermgmt.domain.errors import DeadLetterReason
 from usermgmt.workers.cli.commands.base import (
     CommandFailed,
     Subparsers,
@@ -18,6 +19,8 @@ from usermgmt.workers.cli.commands.base import (
 )
 from usermgmt.workers.cli.commands.ops import make_console
 from usermgmt.workers.ops import dlq
+
+REASONS = [str(reason) for reason in DeadLetterReason]  # a typo is a usage error
 
 DEFAULT_LIMIT = 100
 MESSAGE_WIDTH = 70
@@ -35,7 +38,7 @@ def register(subparsers: Subparsers) -> None:
     commands = parser.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
 
     list_ = commands.add_parser("list", help="list dead letters, oldest first")
-    list_.add_argument("--reason", metavar="R", help="only letters with this reason code")
+    list_.add_argument("--reason", choices=REASONS, help="only letters with this reason code")
     list_.add_argument(
         "--limit",
         type=positive,
@@ -61,11 +64,13 @@ def register(subparsers: Subparsers) -> None:
     )
     retry.add_argument("id", nargs="?", metavar="ID", help="the letter to retry")
     retry.add_argument("--all", action="store_true", help="retry every letter (see --reason)")
-    retry.add_argument("--reason", metavar="R", help="with --all: only letters with this reason")
+    retry.add_argument(
+        "--reason", choices=REASONS, help="with --all: only letters with this reason"
+    )
     retry.set_defaults(func=cmd_retry)
 
     purge = commands.add_parser("purge", help="delete dead letters for good")
-    purge.add_argument("--reason", metavar="R", help="only letters with this reason code")
+    purge.add_argument("--reason", choices=REASONS, help="only letters with this reason code")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(func=cmd_purge)
 
