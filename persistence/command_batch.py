@@ -205,14 +205,13 @@ class InFlight:
     def wait(self) -> list[Any]:
         """Every reply; the first error reply is raised once all were read."""
         replies, batch = self.replies(), self.batch
-        if batch is None:
-            return _raise_first_error(replies)
-        if any(map(_wrong_type, replies)):
-            by_part = _split(replies, batch.counts[: batch.split])
-            _mend(batch, by_part, lambda _key: self.pool, self.replaced)
-            replies = [reply for part in by_part for reply in part]
-        _raise_first_error(replies)
-        if batch.split < len(batch.parts):  # the confirmed ones
+        if _first_error(replies) is not None:
+            if batch is not None and any(map(_wrong_type, replies)):
+                by_part = _split(replies, batch.counts[: batch.split])
+                _mend(batch, by_part, lambda _key: self.pool, self.replaced)
+                replies = [reply for part in by_part for reply in part]
+            _raise_first_error(replies)
+        if batch is not None and batch.split < len(batch.parts):  # the confirmed ones
             later = b"".join(batch.parts[batch.split :])
             replies += InFlight.write(self.pool, later, sum(batch.counts[batch.split :])).wait()
         return replies
@@ -239,10 +238,13 @@ class ClusterInFlight:
         """
         while True:
             self._collect(self.sent)
-            if any(_wrong_type(reply) for part in self.replies for reply in part):
-                _mend(self.batch, self.replies, self._pool_for, self.replaced)
             replies = [reply for part in self.replies for reply in part]
-            if not self.stages or any(isinstance(reply, Exception) for reply in replies):
+            error = _first_error(replies)
+            if error is not None and any(map(_wrong_type, replies)):
+                _mend(self.batch, self.replies, self._pool_for, self.replaced)
+                replies = [reply for part in self.replies for reply in part]
+                error = _first_error(replies)
+            if not self.stages or error is not None:
                 self.stages.clear()
                 return _raise_first_error(replies)
             self.sent = self._send(self.stages.pop(0))
@@ -373,8 +375,12 @@ def _executed(replies: list[Any]) -> list[Any]:
     return executed if isinstance(executed, list) else replies[1:-1]
 
 
+def _first_error(replies: list[Any]) -> Exception | None:
+    return next((reply for reply in replies if isinstance(reply, Exception)), None)
+
+
 def _raise_first_error(replies: list[Any]) -> list[Any]:
-    error = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    error = _first_error(replies)
     if error is not None:
         raise error_of(error)
     return replies
