@@ -85,6 +85,21 @@ def test_keep_fresh_counts_no_delivery_and_reports_entries_gone(backend: Backend
     assert row["times_delivered"] == 1
 
 
+def test_keep_fresh_lets_go_of_an_entry_another_consumer_took_over(backend: Backend) -> None:
+    """c1 stalled (or was stopping) and c2 claimed its idle entry: c1's next refresh must
+    not take it back (XCLAIM with no idle time would), or both would decide it."""
+    redis, keys = backend.redis, backend.keys
+    ensure_group(redis, keys.update_stream, EVENTS_GROUP)
+    taken = redis.xadd(keys.update_stream, {"payload": b"1"}).decode()
+    kept = redis.xadd(keys.update_stream, {"payload": b"2"}).decode()
+    read_group(redis, EVENTS_GROUP, "c1", [keys.update_stream], 10, None)
+    redis.xclaim(keys.update_stream, EVENTS_GROUP, "c2", 0, [taken])
+    gone = keep_fresh(redis, EVENTS_GROUP, "c1", {keys.update_stream: [taken, kept]})
+    assert gone == {taken}
+    assert own_pending(redis, keys.update_stream, EVENTS_GROUP, "c2") == [taken]
+    assert own_pending(redis, keys.update_stream, EVENTS_GROUP, "c1") == [kept]
+
+
 def test_count_is_per_stream_and_a_block_returns_empty(backend: Backend) -> None:
     redis, keys = backend.redis, backend.keys
     ensure_group(redis, keys.update_stream, EVENTS_GROUP)

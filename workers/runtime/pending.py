@@ -50,15 +50,23 @@ def own_pending(client: Redis, stream: str, group: str, consumer: str) -> list[s
 def keep_fresh(client: Redis, group: str, consumer: str, held: dict[str, list[str]]) -> set[str]:
     """Reset the idle time of entries in hand (XCLAIM JUSTID: no delivery is counted).
 
-    `held`: entry ids by stream. Returns the ids that are no longer pending (another
-    worker decided and acked them, or they were trimmed).
+    `held`: entry ids by stream. Only entries still pending on this consumer are touched:
+    one that another consumer took over (it sat idle while this one was stalled or
+    stopping) stays theirs; XCLAIM alone would take it back, and both would hold it.
+    Returns the ids to let go: no longer pending here (taken over, or decided and acked
+    by another worker, or trimmed).
     """
     pipe = client.pipeline(transaction=False)
-    asked = [(stream, ids) for stream, ids in held.items() if ids]
-    for stream, ids in asked:
-        pipe.xclaim(stream, group, consumer, 0, list[Any](ids), justid=True)
+    asked: list[list[str]] = []
     gone: set[str] = set()
-    for (_, ids), claimed in zip(asked, pipe.execute(), strict=True):
+    for stream, ids in held.items():
+        ours = set(own_pending(client, stream, group, consumer)) if ids else set()
+        mine = [entry_id for entry_id in ids if entry_id in ours]
+        gone.update(entry_id for entry_id in ids if entry_id not in ours)
+        if mine:
+            pipe.xclaim(stream, group, consumer, 0, list[Any](mine), justid=True)
+            asked.append(mine)
+    for ids, claimed in zip(asked, pipe.execute() if asked else [], strict=True):
         still = {text_of(entry_id) for entry_id in claimed}
         gone.update(entry_id for entry_id in ids if entry_id not in still)
     return gone
