@@ -88,7 +88,11 @@ def load_world(
     # of every session loaded (a replaced roster frees the players it drops, an ended
     # session frees them all). A session the world already knows has its whole
     # roster; a player it knows, their membership.
-    memberships = _memberships(db, "user_id", sorted(new_ids))
+    # Players a duplicate refreshes (`also_touched`) need their live session too: the
+    # cache written for them says where they play now, which may be a later session.
+    refreshed = {uid for uids in world.also_touched.values() for uid in uids}
+    refreshed -= world.by_id.keys()
+    memberships = _memberships(db, "user_id", sorted({*new_ids, *refreshed}))
     memberships += _memberships(db, "session_pk", sorted(new_sessions))
     others = sorted({pk for _, pk, sid in memberships if sid not in world.sessions})
     new_sessions.update((_pk(s), s) for s in _load_sessions(db, world, "id", others, lock))

@@ -214,6 +214,31 @@ def test_the_same_event_published_twice_applies_once(services: Services, backend
     assert pending_count(backend.redis, keys) == 0
 
 
+def test_a_late_duplicate_refreshes_a_player_with_the_session_they_play_in_now(
+    services: Services, backend: Backend
+) -> None:
+    """bob was in s1's roster without a result, then matched again into s2. A copy of
+    s1's terminate published later (or redelivered after a crash) refreshes bob's hash:
+    it must say s2, where bob plays now, not that he is free. Found by the model test."""
+    add_players(services, "alice", "bob")
+    keys = backend.keys
+    end = {
+        "event_id": str(uuid.uuid4()),
+        "session_id": "s1",
+        "results": [{"username": "alice", "outcome": "win", "earnings": 40}],
+    }
+    publish(backend.redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    publish(backend.redis, keys, "terminate", **end)
+    publish(backend.redis, keys, "update", session_id="s2", players=["bob"])
+    drain(services)
+    assert backend.redis.hget(keys.user("bob"), "session") == b"s2"
+
+    publish(backend.redis, keys, "terminate", **end)  # a new worker: it knows nobody yet
+    assert drain(services).stats.duplicates == 1
+    assert backend.redis.hget(keys.user("bob"), "session") == b"s2"
+    assert backend.redis.hget(keys.user("alice"), "session") is None
+
+
 def test_a_redelivered_duplicate_refreshes_lost_caches(
     services: Services, backend: Backend
 ) -> None:
