@@ -56,11 +56,15 @@ def create_user(engine: Engine, username: str, password_hash: str, wallet: int) 
                 )
                 .returning(User.id)
             ).scalar_one()
-            stats_id = conn.execute(
-                insert(Stats)
-                .values(user_id=user_id, win_count=0, loss_count=0, earnings=0)
-                .returning(Stats.id)
-            ).scalar_one()
+            # The stats and leaderboard rows take the user's id: ids that do not depend
+            # on which of two workers' registrations commits first, so a replay makes them
+            # the same.
+            stats_id = user_id
+            conn.execute(
+                insert(Stats).values(
+                    id=stats_id, user_id=user_id, win_count=0, loss_count=0, earnings=0
+                )
+            )
             # A new player with no earnings ranks after everyone who has some.
             rank = (
                 1
@@ -70,7 +74,11 @@ def create_user(engine: Engine, username: str, password_hash: str, wallet: int) 
                     .where(LeaderboardEntry.earnings > 0)
                 ).scalar_one()
             )
-            conn.execute(insert(LeaderboardEntry).values(stats_id=stats_id, rank=rank, earnings=0))
+            conn.execute(
+                insert(LeaderboardEntry).values(
+                    id=stats_id, stats_id=stats_id, rank=rank, earnings=0
+                )
+            )
             outbox.add_registration(
                 conn,
                 user_id=user_id,

@@ -102,8 +102,8 @@ def _insert_users(conn: Connection, registrations: list[Registration]) -> None:
     )
     conn.execute(
         text(
-            "INSERT INTO stats (user_id, win_count, loss_count, earnings) "
-            "VALUES (:user_id, 0, 0, 0)"
+            "INSERT INTO stats (id, user_id, win_count, loss_count, earnings) "
+            "VALUES (:user_id, :user_id, 0, 0, 0)"  # the user's id, as `create_user` does
         ),
         [{"user_id": reg.user_id} for reg in sorted(registrations, key=lambda r: r.user_id)],
     )
@@ -112,23 +112,24 @@ def _insert_users(conn: Connection, registrations: list[Registration]) -> None:
         # Ranks are refreshed once the replay is done.
         conn.execute(
             text(
-                "INSERT INTO leaderboard (stats_id, rank, earnings) "
-                "SELECT id, 1, 0 FROM stats WHERE user_id IN :ids ORDER BY id"
+                "INSERT INTO leaderboard (id, stats_id, rank, earnings) "
+                "SELECT id, id, 1, 0 FROM stats WHERE user_id IN :ids ORDER BY id"
             ).bindparams(bindparam("ids", expanding=True)),
             {"ids": list(chunk)},
         )
 
 
 def fix_sequences(conn: Connection) -> None:
-    """PostgreSQL: move the users id sequence past the explicit ids a replay inserted."""
+    """PostgreSQL: move the id sequences past the explicit ids a replay inserted."""
     if conn.dialect.name != "postgresql":
         return  # SQLite's INTEGER PRIMARY KEY continues from the largest id by itself
-    conn.execute(
-        text(
-            "SELECT setval(pg_get_serial_sequence('users', 'id'), "
-            "COALESCE((SELECT MAX(id) FROM users), 0) + 1, false)"
+    for table in ("users", "stats", "leaderboard"):
+        conn.execute(
+            text(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "  # noqa: S608
+                f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+            )
         )
-    )
 
 
 # -- checkpoints and backup marks ----------------------------------------------------------

@@ -20,15 +20,13 @@ from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.relay import Relay
 from usermgmt.workers.runtime.bootstrap import Services
 
-# Every table a replay must reproduce, as comparable rows (no surrogate keys where the
-# live and replayed databases may number rows differently; timestamps only where the
-# event carries them).
+# Every table a replay must reproduce, as comparable rows (the players' rows with their
+# ids; no surrogate keys of game rows, which the live and replayed databases may number
+# differently; timestamps only where the event carries them).
 TABLES: dict[str, str] = {
     "users": "SELECT id, username, username_key, password_hash, wallet, created_at FROM users",
-    "stats": "SELECT user_id, win_count, loss_count, earnings FROM stats",
-    "leaderboard": (
-        "SELECT s.user_id, l.rank, l.earnings FROM leaderboard l JOIN stats s ON s.id = l.stats_id"
-    ),
+    "stats": "SELECT id, user_id, win_count, loss_count, earnings FROM stats",
+    "leaderboard": "SELECT id, stats_id, rank, earnings FROM leaderboard",
     "game_sessions": "SELECT session_id, status, meta, end_reason FROM game_sessions",
     "session_players": (
         "SELECT g.session_id, p.user_id FROM session_players p "

@@ -206,3 +206,26 @@ def test_conflicting_and_invalid_registrations_are_skipped(
 def _streams(services: Services) -> list[str]:
     keys = services.keys
     return [keys.accounts_stream, keys.update_stream, keys.terminate_stream]
+
+
+def test_stats_and_leaderboard_rows_take_their_users_id(backend: Backend) -> None:
+    """Two workers registering at once numbered the stats rows in commit order, which a
+    replay (registrations in stream order) cannot repeat. The rows now take the user's
+    id; on PostgreSQL the sequences are moved ahead first, as such a race leaves them."""
+    with services_for(backend) as services:
+        if backend.name.startswith("postgres"):
+            with services.engine.begin() as conn:
+                for table in ("stats", "leaderboard"):
+                    sequence = f"pg_get_serial_sequence('{table}', 'id')"
+                    conn.execute(text(f"SELECT setval({sequence}, 40)"))
+        for name in ("ann", "ben", "cid"):
+            accounts.create_user(services.engine, name, "h" * 60, 0)
+        with services.engine.connect() as conn:
+            ids = conn.execute(
+                text(
+                    "SELECT u.id, s.id, l.id, l.stats_id FROM users u "
+                    "JOIN stats s ON s.user_id = u.id JOIN leaderboard l ON l.stats_id = s.id"
+                )
+            ).all()
+    assert len(ids) == 3
+    assert all(len(set(row)) == 1 for row in ids), ids
