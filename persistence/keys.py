@@ -54,6 +54,12 @@ class Keys:
         lease, `usermgmt.workers.events.lease`); beside the streams, in their slot."""
         return f"{self.prefix}:{{events}}:reader"
 
+    @property
+    def ranks_dirty(self) -> str:
+        """`um:{events}:ranks-dirty`: set by an event worker that stands by with stats
+        changed since its last rank refresh; the reading worker takes it and refreshes."""
+        return f"{self.prefix}:{{events}}:ranks-dirty"
+
     def events_stopped(self, consumer: str) -> str:
         """`um:events:stopped:<consumer>`: set when that event consumer stopped cleanly,
         taken when it starts again (its pending entries then count no delivery)."""

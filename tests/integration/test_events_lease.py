@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from tests.integration.test_events_delivery import (
     wait_for,
 )
 from usermgmt.workers.events import lease
+from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.events.lease import TTL_MS
 from usermgmt.workers.runtime.streams import Entry
 
@@ -80,3 +82,32 @@ def test_a_busy_reader_keeps_its_lease(backend: Backend, monkeypatch: pytest.Mon
                 wait_for(lambda: reader.stats.applied == len(events), timeout=60)
                 assert standby.stats.applied == 0
         check_history(services, backend, events)
+
+
+def test_a_worker_that_stands_by_with_dirty_ranks_tells_the_reader(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A applied games and lost the lease before its idle refresh; B reads and had
+    refreshed already (it never stood by: a lease that changed hands under load). A's
+    note makes B refresh, so the leaderboard table is exact once idle (the outside
+    check saw it stale 6 s with a 2 s interval)."""
+    keys = backend.keys
+    events = rematch_history(PLAYERS, 20, "d", seed=6)
+    with services_for(backend, events_lease=True) as services:
+        add_players(services, *PLAYERS)
+        with running(services, consumer="A") as reader:
+            wait_for(lambda: backend.redis.get(keys.events_reader) == b"A")
+            monkeypatch.setattr(reader.ranks, "due", lambda idle: False)  # not refreshed yet
+            burst(backend.redis, backend, events)
+            wait_for(lambda: reader.stats.applied == len(events))
+            backend.redis.set(keys.events_reader, "B", px=TTL_MS)  # B took the lease
+            wait_for(lambda: reader.standing_by)
+            assert backend.redis.get(keys.ranks_dirty) == b"A"
+
+        b = EventConsumer(services, "B", threading.Event())
+        b.ranks.dirty, b.waited_for_entries = False, True  # B refreshed before A's batches
+        refreshed: list[bool] = []
+        monkeypatch.setattr(b, "begin_rank_refresh", lambda: refreshed.append(True))
+        b.on_idle()
+        assert refreshed == [True]
+        assert not backend.redis.exists(keys.ranks_dirty)

@@ -63,6 +63,7 @@ __all__ = ["ConsumerStats", "EventConsumer", "Interrupted", "tune_gc"]
 log = structlog.get_logger("usermgmt.events")
 
 BLOCK_MS = 1_000
+RANKS_DIRTY_TTL_S = 3600  # a hand-over's note to the next reader (`stand_by`)
 STOPPED_TTL_S = 7 * 24 * 3600  # a clean stop is remembered this long for a restart
 CLOCK_PAUSE_S = 0.001  # an entry of the server's current millisecond waits for the next
 LONG_WAIT_MS = 10_000  # a waiting entry older than this is logged, once
@@ -298,6 +299,8 @@ class EventConsumer:
             return False
         if not self.burst and not self.waited_for_entries:
             return False
+        if not self.burst and self.lease.enabled and self.redis.getdel(self.keys.ranks_dirty):
+            self.ranks.dirty = True  # a worker that stood by left them so
         if not self.burst and self.ranks.due(idle=True):
             self.begin_rank_refresh()
         gc.collect()  # also the auth threads' garbage: automatic collection is off
@@ -346,8 +349,12 @@ class EventConsumer:
         if not self.standing_by:
             self.standing_by = True
             # The new reader refreshes ranks: an older snapshot written after its newer
-            # one would leave the table stale once idle.
+            # one would leave the table stale once idle. It is told when this worker's
+            # batches left them dirty (it may not have stood by itself: a lease that
+            # changed hands under load).
             self.ranks.abandon(wait=False)
+            if self.ranks.dirty:
+                self.redis.set(self.keys.ranks_dirty, self.consumer, ex=RANKS_DIRTY_TTL_S)
             self.log.info(
                 "standing by: another worker reads new entries", reader=self.lease.holder()
             )
