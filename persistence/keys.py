@@ -55,6 +55,12 @@ class Keys:
         return f"{self.prefix}:{{events}}:reader"
 
     @property
+    def accounts_relay(self) -> str:
+        """`um:{events}:accounts-relay`: held by the outbox relay that is publishing, so
+        two workers never send the same registrations."""
+        return f"{self.prefix}:{{events}}:accounts-relay"
+
+    @property
     def ranks_dirty(self) -> str:
         """`um:{events}:ranks-dirty`: set by an event worker that stands by with stats
         changed since its last rank refresh; the reading worker takes it and refreshes."""

@@ -103,6 +103,40 @@ def test_the_relay_publishes_each_registration_once_across_restarts(
     ) == [(entries[-1],)]
 
 
+def test_two_workers_relays_publish_each_registration_once(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker process has a relay; passes that overlap sent the same rows twice (the
+    outside check: 150 registrations, 205-249 accounts entries with two workers)."""
+    for index in range(40):
+        accounts.create_user(services.engine, f"player{index}", HASH, wallet=0)
+    real_unpublished = outbox.unpublished
+    both_read = threading.Barrier(2, timeout=2)
+
+    def unpublished_together(engine: sa.Engine, limit: int) -> list[outbox.OutboxRow]:
+        found = real_unpublished(engine, limit)
+        try:
+            both_read.wait()  # without the relay lock both read the same rows here
+        except threading.BrokenBarrierError:
+            pass  # the other relay waits for the lock: only one reads at a time
+        return found
+
+    monkeypatch.setattr(outbox, "unpublished", unpublished_together)
+    relays = [Relay(services, threading.Event(), batch=7) for _ in range(2)]
+    counts: list[int] = []
+    threads = [
+        threading.Thread(target=lambda r=relay: counts.append(r.publish_pending()))
+        for relay in relays
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(counts) == 40
+    assert [p["user_id"] for p in stream_payloads(services)] == list(range(1, 41))
+    assert not services.redis.exists(services.keys.accounts_relay)
+
+
 def test_relay_batches_publish_everything_in_id_order(services: Services) -> None:
     for index in range(7):
         accounts.create_user(services.engine, f"player{index}", HASH, wallet=0)

@@ -8,13 +8,20 @@ Two callers share one `Relay`:
   commit and the publish, Redis away for a moment, users created outside the auth
   server).
 
-Delivery is at least once: a crash between the XADD and the marking publishes a row
-again on the next pass. Replay recognises the copy (same event id and user id).
+Across processes, one relay publishes at a time (a short Redis lock,
+`um:{events}:accounts-relay`): two workers' relays would otherwise read the same
+unpublished rows and both send them. Delivery is still at least once: a crash between
+the XADD and the marking publishes a row again on the next pass, and a lock held past
+`LOCK_WAIT_S` is not waited for. Replay recognises a copy (same event id and user id).
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import structlog
@@ -35,6 +42,8 @@ log = structlog.get_logger("usermgmt.relay")
 
 RELAY_INTERVAL_S = 1.0
 RELAY_BATCH = 500
+LOCK_TTL_MS = 5_000  # a relay that dies holding the lock holds it this long at most
+LOCK_WAIT_S = 5.0
 
 
 class Relay:
@@ -91,7 +100,7 @@ class Relay:
         """XADD every unpublished row (oldest first) and mark it; returns how many."""
         engine, redis, keys = self.services.engine, self.services.redis, self.services.keys
         total = 0
-        with self.lock:
+        with self.lock, self.one_publisher():
             while True:
                 rows = outbox.unpublished(engine, self.batch)
                 if not rows:
@@ -115,3 +124,20 @@ class Relay:
                     break
         self.published += total
         return total
+
+    @contextmanager
+    def one_publisher(self) -> Iterator[None]:
+        """Hold the relay lock shared by every worker (waiting up to `LOCK_WAIT_S`)."""
+        redis, key = self.services.redis, self.services.keys.accounts_relay
+        token = os.urandom(8).hex()
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while not redis.set(key, token, nx=True, px=LOCK_TTL_MS):
+            if time.monotonic() > deadline:
+                log.warning("the outbox relay lock is held too long; publishing anyway")
+                break
+            time.sleep(0.005)
+        try:
+            yield
+        finally:
+            if redis.get(key) == token.encode():
+                redis.delete(key)
