@@ -10,8 +10,6 @@ next batch's SQL meanwhile.
 at all after an error reply (the event worker acks entries only after their caches and
 dead letters are written). On one server the batch then goes in MULTI/EXEC: a server
 that refuses a command as it is queued (full, loading, read-only) runs none of them.
-A command that fails as it runs (WRONGTYPE) does not stop the others in an EXEC: what
-follows a `barrier(confirmed=True)` is therefore sent once the rest has succeeded.
 On a Redis Cluster the commands are grouped by the node owning each key's slot: one
 write per node and stage, a stage sent once the one before it was answered without an
 error (a node still loading after a restart writes none of what follows). A MOVED reply
@@ -22,7 +20,9 @@ A command refused with WRONGTYPE (someone wrote another type of value under one 
 worker's keys) is mended when its part was queued as `whole` (it writes the key's whole
 value: a user or session hash): the key is deleted and the part written again, in
 MULTI/EXEC, and `replaced` names the key. Any other WRONGTYPE is raised as `WrongType`,
-which names the key.
+which names the key and carries the commands it refused, to send again once the key is
+put right: in an EXEC the other commands ran (the acks among them); on a cluster the
+stages after it were not sent.
 """
 
 from __future__ import annotations
@@ -55,29 +55,29 @@ class RedisUnavailable(RedisConnectionError):
 
 
 class WrongType(ResponseError):
-    """A command met another type of value under its key (`key`)."""
+    """Commands met another type of value under their key (`key`); `refused` holds them
+    (RESP), `ran_the_rest`: whether the batch's other commands, acks included, ran."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, key: str, refused: list[bytes], ran_the_rest: bool) -> None:
         super().__init__(f"{message} (key {key})")
-        self.key = key
+        self.key, self.refused, self.ran_the_rest = key, refused, ran_the_rest
 
 
 class Parts:
     """What an in-flight batch keeps of its commands, to mend a key of the wrong type."""
 
-    __slots__ = ("counts", "keys", "parts", "split", "whole")
+    __slots__ = ("counts", "keys", "parts", "whole")
 
-    def __init__(self, batch: CommandBatch, split: int = 0) -> None:
+    def __init__(self, batch: CommandBatch) -> None:
         self.parts, self.keys, self.counts = batch.parts, batch.keys, batch.counts
         self.whole = batch.whole
-        self.split = split  # parts from here on are sent once the others succeeded
 
 
 class CommandBatch:
     """Commands queued for one `send`. Replies come back raw (bytes, ints); an error
     reply does not stop the others from being read, and is raised after them."""
 
-    __slots__ = ("confirmed", "count", "counts", "keys", "parts", "stages", "whole")
+    __slots__ = ("count", "counts", "keys", "parts", "stages", "whole")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
@@ -85,7 +85,6 @@ class CommandBatch:
         self.counts: list[int] = []  # how many commands each part holds
         self.stages: list[int] = []  # part indices where a `barrier` starts a stage
         self.whole: set[int] = set()  # parts that write their key's whole value
-        self.confirmed = 0  # parts sent after the others succeeded (`barrier`), if > 0
         self.count = 0
 
     def add(self, *args: str | bytes | int, whole: bool = False) -> None:
@@ -107,17 +106,10 @@ class CommandBatch:
         self.counts.append(count)
         self.count += count
 
-    def barrier(self, confirmed: bool = False) -> None:
-        """Commands queued from now on run after every earlier one has been answered.
-
-        `confirmed`: on one server too, they are sent only once every earlier command
-        has succeeded (a second round trip, where MULTI/EXEC would run them after a
-        WRONGTYPE): a dead letter's ack waits for the letter.
-        """
+    def barrier(self) -> None:
+        """Commands queued from now on run after every earlier one has been answered."""
         if self.parts and (not self.stages or self.stages[-1] != len(self.parts)):
             self.stages.append(len(self.parts))
-        if confirmed and self.parts:
-            self.confirmed = len(self.parts)
 
     def send(self, client: Redis) -> InFlight | ClusterInFlight:
         """Write every queued command now; read the replies later with `wait`.
@@ -129,14 +121,12 @@ class CommandBatch:
         if nodes.is_cluster(client):
             sent = ClusterInFlight(client, self)
         else:
-            split = self.confirmed or len(self.parts)
-            packed = b"".join(self.parts[:split])
-            count = sum(self.counts[:split]) if split < len(self.parts) else self.count
+            packed = b"".join(self.parts)
             transaction = bool(self.stages)  # a barrier: all or nothing on one server
-            sent = InFlight.write(client.connection_pool, packed, count, transaction)
-            sent.batch = Parts(self, split)
+            sent = InFlight.write(client.connection_pool, packed, self.count, transaction)
+            sent.batch = Parts(self)
         self.parts, self.keys, self.counts, self.stages = [], [], [], []
-        self.whole, self.confirmed, self.count = set(), 0, 0
+        self.whole, self.count = set(), 0
         return sent
 
 
@@ -207,13 +197,10 @@ class InFlight:
         replies, batch = self.replies(), self.batch
         if _first_error(replies) is not None:
             if batch is not None and any(map(_wrong_type, replies)):
-                by_part = _split(replies, batch.counts[: batch.split])
-                _mend(batch, by_part, lambda _key: self.pool, self.replaced)
+                by_part = _split(replies, batch.counts)
+                _mend(batch, by_part, lambda _key: self.pool, self.replaced, ran_the_rest=True)
                 replies = [reply for part in by_part for reply in part]
             _raise_first_error(replies)
-        if batch is not None and batch.split < len(batch.parts):  # the confirmed ones
-            later = b"".join(batch.parts[batch.split :])
-            replies += InFlight.write(self.pool, later, sum(batch.counts[batch.split :])).wait()
         return replies
 
 
@@ -241,7 +228,7 @@ class ClusterInFlight:
             replies = [reply for part in self.replies for reply in part]
             error = _first_error(replies)
             if error is not None and any(map(_wrong_type, replies)):
-                _mend(self.batch, self.replies, self._pool_for, self.replaced)
+                _mend(self.batch, self.replies, self._pool_for, self.replaced, ran_the_rest=False)
                 replies = [reply for part in self.replies for reply in part]
                 error = _first_error(replies)
             if not self.stages or error is not None:
@@ -350,10 +337,12 @@ def _mend(
     by_part: list[list[Any]],
     pool_for: Callable[[str | bytes], Any],
     replaced: list[str],
+    ran_the_rest: bool,
 ) -> None:
     """Replace each key a `whole` part met holding another type: DEL it and write the part
     again, in MULTI/EXEC on the key's server; the part's replies become those. The keys
-    replaced are added to `replaced`; `WrongType` is raised for a part that is not `whole`."""
+    replaced are added to `replaced`. A part that is not `whole` raises `WrongType`, with
+    every refused part on its key."""
     for index, replies in enumerate(by_part):
         refused = next(filter(_wrong_type, replies), None)
         if refused is None:
@@ -361,7 +350,12 @@ def _mend(
         key = batch.keys[index]
         name = key.decode() if isinstance(key, bytes) else key
         if index not in batch.whole:
-            raise WrongType(str(refused), name)
+            parts = [
+                batch.parts[other]
+                for other, answers in enumerate(by_part)
+                if batch.keys[other] == key and any(map(_wrong_type, answers))
+            ]
+            raise WrongType(str(refused), name, parts, ran_the_rest)
         packed = pack_command(("DEL", key)) + batch.parts[index]  # type: ignore[arg-type]
         count = batch.counts[index] + 1
         by_part[index] = InFlight.write(pool_for(key), packed, count, transaction=True).wait()[1:]

@@ -9,6 +9,7 @@ The worker neither stops nor loses an event, and says which key it met.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import structlog
@@ -63,7 +64,12 @@ def test_a_dead_letter_stream_of_another_type_pauses_the_consumer_until_it_is_mo
     keys, redis = backend.keys, backend.redis
     redis.set(keys.dlq, "not a stream")
     reported: list[str] = []
-    monkeypatch.setattr(EventConsumer, "wait_backoff", lambda _self, text: reported.append(text))
+
+    def report(_consumer: EventConsumer, text: str) -> None:
+        reported.append(text)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(EventConsumer, "wait_backoff", report)
     bad, totals = publish_games([redis, another_client(backend)], keys)
     stop = threading.Event()
     consumer = EventConsumer(services, "c1", stop)

@@ -98,9 +98,7 @@ class AfterCommit:
                 reason=str(reason),
                 error=message,
             )
-        # On a cluster the acks' node is not the caches' one; after dead letters, the acks
-        # wait for them on one server too (MULTI/EXEC would run them after a WRONGTYPE).
-        batch.barrier(confirmed=bool(dead))
+        batch.barrier()  # on a cluster the acks' node is not the caches' one
         for stream in self.streams:
             ids = [entry.entry_id for entry in acks if entry.stream == stream]
             if ids:

@@ -183,7 +183,7 @@ class EventConsumer:
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except WrongType as exc:
                 self.drop_writes()
-                self.replace_wrong_type(exc.key)
+                self.replace_wrong_type(exc)
             except DATABASE_ERRORS as exc:
                 self.store.close()
                 conflict = conflict_of(exc)
@@ -218,17 +218,40 @@ class EventConsumer:
         self.unsent_applied, self.in_flight_applied = [], []
         self.intake.look_at_pending_soon()
 
-    def replace_wrong_type(self, key: str) -> None:
+    def replace_wrong_type(self, refused: WrongType) -> None:
         """A key of the worker's held another type of value (someone wrote it by hand).
+
         The leaderboard set is replaced, in one transaction, by one rebuilt from the
-        database; a dead-letter stream is never deleted: the worker waits for it to be
-        moved away. The batch's entries are acked as duplicates at the next read."""
-        if key != self.keys.leaderboard:
-            self.wait_backoff(
-                f"Redis key {key} holds another type of value than the worker writes there; "
-                "rename or delete it"
-            )
+        database. Any other key (the dead-letter stream) is never deleted: the worker
+        waits until it is moved away, then sends what it refused again when the rest of
+        its batch ran (one server, in an EXEC: the acks too); on a cluster the acks were
+        not sent, and the entries come back to be decided again.
+        """
+        key = refused.key
+        if key == self.keys.leaderboard:
+            self.rebuild_leaderboard()
             return
+        message = (
+            f"Redis key {key} holds another type of value than the worker writes there; "
+            "rename or delete it"
+        )
+        while not self.stop.is_set():
+            try:
+                if self.redis.type(key) in (b"none", b"stream", "none", "stream"):
+                    if refused.ran_the_rest:
+                        writes = cache.CommandBatch()
+                        for part in refused.refused:
+                            writes.add_packed(part, 1, key, whole=False)
+                        writes.send(self.redis).wait()
+                    self.log.info("the key of another type is gone; writing to it again", key=key)
+                    return
+            except (*REDIS_ERRORS, ResponseError) as exc:
+                self.log.warning("cannot check or write the key yet", key=key, error=repr(exc))
+            self.wait_backoff(message)
+        self.log.error("stopped with writes refused by a key of another type", key=key)
+
+    def rebuild_leaderboard(self) -> None:
+        key = self.keys.leaderboard
         self.log.error("the leaderboard key held another type of value; rebuilding it", key=key)
         try:
             pipe = self.redis.pipeline(transaction=True)
