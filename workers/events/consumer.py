@@ -14,7 +14,9 @@ Delivery semantics (docs/protocol.md, "Delivery"), each kept by one part:
   that, or dead-lettered as `wait_timeout`;
 - a delivery that ends without a decision (a crash, an entry that fails to apply)
   counts, and `max_deliveries` of them dead-letter the entry (`batch`);
-- the database being away pauses the batch in hand (nothing is dead-lettered for it).
+- the database being away pauses the batch in hand (nothing is dead-lettered for it);
+- a key of the worker's holding another type of value is mended or waited out
+  (`wrong_type`).
 
 This module wires those parts and runs the loop: set-up and recovery, the next
 entries, one batch, when its writes go out and their replies are read, and ranks.
@@ -46,6 +48,7 @@ from usermgmt.workers.events.intake import Intake, Key
 from usermgmt.workers.events.lease import STANDBY_POLL_S, Lease
 from usermgmt.workers.events.ranks import READING_POLL_MS, RankRefresher
 from usermgmt.workers.events.store import EventStore
+from usermgmt.workers.events.wrong_type import KeyRepair
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
     DATABASE_ERRORS,
@@ -141,6 +144,7 @@ class EventConsumer:
             enabled=self.settings.events_lease and not burst,
         )
         self.standing_by = False
+        self.key_repair = KeyRepair(self.redis, self.engine, self.keys, stop)
         player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.after_commit = AfterCommit(self.keys, self.streams, player_hashes, self.log)
         self.applier = Applier(
@@ -183,7 +187,7 @@ class EventConsumer:
                 self.wait_backoff(redis_unreachable(self.settings.redis_url, exc))
             except WrongType as exc:
                 self.drop_writes()
-                self.replace_wrong_type(exc)
+                self.key_repair.handle(exc, self.log, self.wait_backoff)
             except DATABASE_ERRORS as exc:
                 self.store.close()
                 conflict = conflict_of(exc)
@@ -217,50 +221,6 @@ class EventConsumer:
         self.unsent, self.in_flight = None, None
         self.unsent_applied, self.in_flight_applied = [], []
         self.intake.look_at_pending_soon()
-
-    def replace_wrong_type(self, refused: WrongType) -> None:
-        """A key of the worker's held another type of value (someone wrote it by hand).
-
-        The leaderboard set is replaced, in one transaction, by one rebuilt from the
-        database. Any other key (the dead-letter stream) is never deleted: the worker
-        waits until it is moved away, then sends what it refused again when the rest of
-        its batch ran (one server, in an EXEC: the acks too); on a cluster the acks were
-        not sent, and the entries come back to be decided again.
-        """
-        key = refused.key
-        if key == self.keys.leaderboard:
-            self.rebuild_leaderboard()
-            return
-        message = (
-            f"Redis key {key} holds another type of value than the worker writes there; "
-            "rename or delete it"
-        )
-        while not self.stop.is_set():
-            try:
-                if self.redis.type(key) in (b"none", b"stream", "none", "stream"):
-                    if refused.ran_the_rest:
-                        writes = cache.CommandBatch()
-                        for part in refused.refused:
-                            writes.add_packed(part, 1, key, whole=False)
-                        writes.send(self.redis).wait()
-                    self.log.info("the key of another type is gone; writing to it again", key=key)
-                    return
-            except (*REDIS_ERRORS, ResponseError) as exc:
-                self.log.warning("cannot check or write the key yet", key=key, error=repr(exc))
-            self.wait_backoff(message)
-        self.log.error("stopped with writes refused by a key of another type", key=key)
-
-    def rebuild_leaderboard(self) -> None:
-        key = self.keys.leaderboard
-        self.log.error("the leaderboard key held another type of value; rebuilding it", key=key)
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            players = rebuild_leaderboard_cache(self.engine, pipe, self.keys, replace=True)
-            pipe.execute()
-        except (*REDIS_ERRORS, *DATABASE_ERRORS) as exc:
-            self.wait_backoff(f"leaderboard not rebuilt ({exc!r}); the next batch tries again")
-            return
-        self.log.info("leaderboard cache rebuilt from the database", players=players)
 
     def setup(self) -> None:
         """Create the groups, then take this consumer's own pending entries in hand first."""
