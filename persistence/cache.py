@@ -26,8 +26,9 @@ _INT_FIELDS = frozenset({"id", "wallet", "win_count", "loss_count", "earnings", 
 
 
 def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
-    """A cached user, or None on a miss (or a partial hash left by an expiry race, or
-    another type of value under the key, which the next write replaces)."""
+    """A cached user, or None on a miss: also a partial hash left by an expiry race, and
+    a key spoilt by hand (another type of value, a field that is not a number), which
+    the next write replaces."""
     try:
         raw = client.hgetall(keys.user(username))
     except ResponseError as exc:
@@ -37,10 +38,13 @@ def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
     if not raw or not set(_USER_FIELDS) <= {text_of(key) for key in raw}:
         return None
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        name, text = text_of(key), text_of(value)
-        values[name] = int(text) if name in _INT_FIELDS else text
-    return UserView.model_validate(values)
+    try:
+        for key, value in raw.items():
+            name, text = text_of(key), text_of(value)
+            values[name] = int(text) if name in _INT_FIELDS else text
+        return UserView.model_validate(values)
+    except ValueError:  # pydantic's ValidationError is one too
+        return None
 
 
 def live_rank(client: Redis, keys: Keys, username: str) -> int | None:

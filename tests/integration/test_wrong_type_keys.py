@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import structlog
+from redis import Redis
 from structlog.testing import capture_logs
 
 from tests.conftest import Backend
@@ -97,9 +99,21 @@ def test_a_dead_letter_stream_of_another_type_pauses_the_consumer_until_it_is_mo
     assert bad in [letter["payload"] for letter in dead_letters(redis, keys)]
 
 
-def test_get_user_replaces_a_user_key_of_another_type(services: Services, backend: Backend) -> None:
+def _a_string(redis: Redis, key: str) -> None:
+    redis.set(key, "written by hand")
+
+
+def _a_hash_with_a_bad_number(redis: Redis, key: str) -> None:
+    fields = {"id": 1, "username": "Zed", "win_count": 0, "loss_count": 0, "earnings": 0}
+    redis.hset(key, mapping={**fields, "wallet": "12abc", "rank": 1})
+
+
+@pytest.mark.parametrize("spoil", [_a_string, _a_hash_with_a_bad_number])
+def test_get_user_replaces_a_spoilt_user_key(
+    services: Services, backend: Backend, spoil: Callable[[Redis, str], None]
+) -> None:
     accounts.create_user(services.engine, "Zed", "$2b$04$" + "x" * 53, wallet=7)
-    backend.redis.set(backend.keys.user("zed"), "written by hand")
+    spoil(backend.redis, backend.keys.user("zed"))
     stop = threading.Event()
     thread = threading.Thread(target=AuthServer(services, "a1", stop).run, daemon=True)
     thread.start()
