@@ -33,6 +33,7 @@ from usermgmt.workers.runtime.streams import (
     claim_idle,
     ensure_group,
     is_missing_group,
+    keep_fresh,
     read_history,
     read_new,
 )
@@ -73,6 +74,9 @@ class AuthServer:
         self.backoff = Backoff()
         self.clock = RedisClock(self.redis)  # request ages, as Redis stamps entry ids
         self.last_claim = 0.0
+        # Requests in hand are kept fresh this often, so no other worker reclaims them.
+        self.fresh_every_s = services.settings.claim_idle_ms / 1000 / 3
+        self.last_fresh = 0.0
         # Entry ids being served now, so a reclaim of a slow one does not run it twice.
         self.in_flight: set[str] = set()
         self.in_flight_lock = threading.Lock()
@@ -109,6 +113,7 @@ class AuthServer:
 
     def poll_once(self) -> None:
         """Claim abandoned requests now and then, else read new ones up to the free slots."""
+        self.keep_fresh()
         now = time.monotonic()
         claim_every = self.services.settings.claim_idle_ms / 1000 / 2
         if now - self.last_claim >= claim_every:
@@ -126,9 +131,10 @@ class AuthServer:
         free = self.acquire_slots()
         if free == 0:
             return
+        block_ms = max(1, min(BLOCK_MS, int(self.fresh_every_s * 1000)))
         try:
             entries = read_new(
-                self.redis, AUTH_GROUP, self.consumer, [self.keys.auth_requests], free, BLOCK_MS
+                self.redis, AUTH_GROUP, self.consumer, [self.keys.auth_requests], free, block_ms
             )
         except BaseException:
             # A failed read must give its slots back, or the server never reads again.
@@ -139,13 +145,42 @@ class AuthServer:
 
     def acquire_slots(self) -> int:
         """Take as many free worker slots as are available (at least one, or none on stop)."""
-        while not self.slots.acquire(timeout=0.2):
+        while not self.slots.acquire(timeout=min(0.2, self.fresh_every_s)):
             if self.stop.is_set():
                 return 0
+            self.keep_fresh()  # every slot busy: the requests in hand are slow ones
         taken = 1
         while taken < self.depth and self.slots.acquire(blocking=False):
             taken += 1
         return taken
+
+    def keep_fresh(self) -> None:
+        """Reset the idle time of the requests in hand (XCLAIM JUSTID, every
+        `claim_idle_ms / 3`): a slow request is busy, not abandoned, and another
+        worker's reclaim must not serve it a second time (a second reply, a failed
+        login counted twice). One another worker took anyway stays theirs."""
+        now = time.monotonic()
+        if now - self.last_fresh < self.fresh_every_s:
+            return
+        self.last_fresh = now
+        with self.in_flight_lock:
+            in_hand = sorted(self.in_flight)
+        if not in_hand:
+            return
+        stream = self.keys.auth_requests
+        gone = keep_fresh(self.redis, AUTH_GROUP, self.consumer, {stream: in_hand})
+        # Not pending here: answered and acked meanwhile, or taken over (still pending).
+        taken = [entry_id for entry_id in sorted(gone) if self._pending(entry_id)]
+        if taken:
+            self.log.warning(
+                "requests in hand were taken over by another worker and may be answered "
+                "twice; USERMGMT_CLAIM_IDLE_MS is shorter than this worker stalled",
+                entry_ids=taken,
+            )
+
+    def _pending(self, entry_id: str) -> bool:
+        stream = self.keys.auth_requests
+        return bool(self.redis.xpending_range(stream, AUTH_GROUP, entry_id, entry_id, 1))
 
     def release_slots(self, count: int) -> None:
         for _ in range(count):
