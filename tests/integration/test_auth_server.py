@@ -928,9 +928,7 @@ def test_a_slow_request_is_served_once_while_other_servers_reclaim_idle_ones(
         replies = redis.lrange(keys.reply(slow_id), 0, -1)
     # The servers have stopped and their pools are drained: count what really ran.
     assert len(calls) == 1
-    assert [orjson.loads(reply)["error"]["code"] for reply in replies] == [
-        "invalid_credentials"
-    ]
+    assert [orjson.loads(reply)["error"]["code"] for reply in replies] == ["invalid_credentials"]
     assert redis.zcard(keys.login_failures("slow")) == 1
 
 
