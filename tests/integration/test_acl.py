@@ -27,6 +27,7 @@ from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.client.auth import AuthClient
 from usermgmt.workers.ops import acl, dlq, status
 from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.connections import make_redis
 from usermgmt.workers.runtime.settings import Settings
 from usermgmt.workers.runtime.streams import remove_idle_consumers
 
@@ -186,6 +187,15 @@ def test_the_worker_role_runs_the_worker_and_nothing_outside_the_prefix(
         auth_concurrency=2,
     )
     services = Services(settings, clients["worker"], make_engine(database_url), keys)
+    # The worker's own connection (USERMGMT_REDIS_CLUSTER=auto) tells a cluster from a
+    # single server without INFO, which the role denies.
+    credentials = server_url.replace("redis://", f"redis://{prefix}-worker:{PASSWORD}@", 1)
+    own = make_redis(credentials)
+    try:
+        assert isinstance(own, RedisCluster) == (server_url != REDIS_URL)
+        assert own.set(f"{prefix}:probe", 1) and own.delete(f"{prefix}:probe")
+    finally:
+        own.close()
     try:
         for name in ("alice", "bob"):
             accounts.create_user(services.engine, name, "x" * 60, wallet=0)

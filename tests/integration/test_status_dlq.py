@@ -332,6 +332,9 @@ def test_the_worker_heartbeat_removes_idle_consumers(services: Services, backend
             redis.xreadgroup(group, name, {stream: ">"}, count=1)
             redis.xack(stream, group, entry_id)
     redis.set(keys.heartbeat("other-live-worker"), orjson.dumps({"at": 0}), ex=60)
+    # Heartbeats spoilt by hand are read as saying nothing; they stop nothing.
+    redis.set(keys.heartbeat("junk"), b"1", ex=60)
+    redis.rpush(keys.heartbeat("a-list"), b"x")
     settings = make_settings(backend, consumer_idle_remove_s=0.001)
     worker = Worker(dataclasses.replace(services, settings=settings), "this-worker")
 

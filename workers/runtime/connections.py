@@ -6,7 +6,13 @@ from typing import Any, Literal, cast
 
 from redis import Redis
 from redis.cluster import RedisCluster
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, RedisClusterException
+from redis.exceptions import (
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import Engine, text
@@ -62,9 +68,19 @@ def make_redis(url: str, cluster: ClusterMode = "auto") -> Redis:
 
 
 def _is_cluster(client: Redis) -> bool:
+    """`INFO cluster`; a user whose ACL denies INFO (`usermgmt acl`'s roles do: it is
+    flagged dangerous) asks `CLUSTER SLOTS`, which every role may run."""
     try:
-        info = client.info("cluster")
+        try:
+            info = client.info("cluster")
+        except NoPermissionError:
+            client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+            return True
     except REDIS_ERRORS:
+        return False
+    except ResponseError as exc:  # "This instance has cluster support disabled"
+        if isinstance(exc, NoPermissionError) or "cluster support disabled" not in str(exc):
+            raise
         return False
     return bool(info.get("cluster_enabled"))
 

@@ -31,6 +31,7 @@ from structlog.typing import FilteringBoundLogger
 
 from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.connections import REDIS_ERRORS, redis_unreachable
+from usermgmt.workers.runtime.redis_info import beat_of
 
 HEARTBEAT_EVERY_S = 5
 HEARTBEAT_TTL_S = 15
@@ -40,15 +41,6 @@ WATCH_EVERY_S = 0.25
 
 class NameTaken(Exception):
     """A live worker already runs under this consumer name."""
-
-
-def beat_of(raw: object) -> dict[str, Any]:
-    """A heartbeat's fields; {} for none or one that is not a JSON object."""
-    try:
-        beat = orjson.loads(raw) if isinstance(raw, bytes | str) and raw else {}
-    except orjson.JSONDecodeError:
-        return {}
-    return beat if isinstance(beat, dict) else {}
 
 
 def left_by_the_dead(beat: dict[str, Any]) -> bool:

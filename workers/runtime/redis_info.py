@@ -130,19 +130,28 @@ def consumer_infos(client: Redis, key: str, group: str) -> list[ConsumerInfo]:
     return sorted(consumers, key=lambda consumer: consumer.idle_ms)
 
 
+def beat_of(raw: object) -> dict[str, Any]:
+    """A heartbeat's fields; {} for none or one that is not a JSON object."""
+    try:
+        beat = orjson.loads(raw) if isinstance(raw, bytes | str) and raw else {}
+    except orjson.JSONDecodeError:
+        return {}
+    return beat if isinstance(beat, dict) else {}
+
+
 def alive_workers(client: Redis, keys: Keys) -> list[WorkerInfo]:
     """Workers whose heartbeat key has not expired, by consumer name."""
     workers: list[WorkerInfo] = []
     now = time.time()
     for key in sorted(client.scan_iter(match=f"{keys.heartbeat_prefix}*", count=500)):
-        raw = client.get(key)
+        try:
+            raw = client.get(key)
+        except ResponseError:  # another type of value, written by hand
+            continue
         if raw is None:  # expired between SCAN and GET
             continue
         consumer = text_of(key)[len(keys.heartbeat_prefix) :]
-        try:
-            info: dict[str, Any] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            info = {}
+        info = beat_of(raw)
         beat = info.get("at")
         lag = info.get("event_lag")
         conflicts = info.get("conflicts")
