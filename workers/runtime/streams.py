@@ -48,8 +48,15 @@ def ensure_group(client: Redis, stream: str, group: str) -> None:
 
 
 def is_missing_group(exc: ResponseError) -> bool:
-    """Whether Redis lost the stream or group (a restart without persistence)."""
-    return "NOGROUP" in str(exc)
+    """Whether the stream or group is gone: Redis restarted without persistence, or
+    someone deleted the stream (`UNBLOCKED …` when a read was waiting on it; fakeredis
+    says the key must exist)."""
+    message = str(exc)
+    return (
+        "NOGROUP" in message
+        or message.startswith("UNBLOCKED")
+        or "requires the key to exist" in message
+    )
 
 
 @dataclass
