@@ -25,6 +25,7 @@ from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops import dlq, status
 from usermgmt.workers.runtime import redis_info
 from usermgmt.workers.runtime.bootstrap import Services
+from usermgmt.workers.runtime.clock import redis_time_ms
 from usermgmt.workers.runtime.metrics import PrometheusMetrics
 from usermgmt.workers.runtime.runner import Worker
 from usermgmt.workers.runtime.streams import Entry, dead_letter, ensure_group, remove_idle_consumers
@@ -352,6 +353,22 @@ def test_the_worker_heartbeat_removes_idle_consumers(services: Services, backend
 
     wait_for(pruned, timeout=10)
     assert consumers_left() == {"this-worker", "other-live-worker"}
+
+
+def test_every_worker_deletes_auth_requests_too_old_to_answer(
+    services: Services, backend: Backend
+) -> None:
+    """With no auth consumer reading (`--only events`), requests and their passwords
+    still leave Redis once they are older than 30 s, as one would have dropped them."""
+    keys, redis = backend.keys, backend.redis
+    now_ms = redis_time_ms(redis)
+    old = {"request_id": str(uuid.uuid4()), "op": "login", "password": "old-secret-1"}
+    new = {"request_id": str(uuid.uuid4()), "op": "login", "password": "new-secret-1"}
+    redis.xadd(keys.auth_requests, {"payload": orjson.dumps(old)}, id=f"{now_ms - 31_000}-0")
+    kept = redis.xadd(keys.auth_requests, {"payload": orjson.dumps(new)}, id=f"{now_ms - 29_000}-0")
+    worker = Worker(services, "events-only", only="events")
+    worker._housekeeping()
+    assert [entry_id for entry_id, _ in redis.xrange(keys.auth_requests)] == [kept]
 
 
 # -- metrics --------------------------------------------------------------------------------

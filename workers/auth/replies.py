@@ -12,9 +12,10 @@ import orjson
 from redis import Redis
 from redis.client import Pipeline
 
-from usermgmt.domain.auth import REPLY_TTL_S, redact
+from usermgmt.domain.auth import REPLY_TTL_S, REQUEST_MAX_AGE_S, redact
 from usermgmt.persistence import nodes
 from usermgmt.persistence.keys import AUTH_GROUP, Keys
+from usermgmt.workers.runtime.clock import redis_time_ms
 from usermgmt.workers.runtime.streams import Entry, dead_letter
 
 
@@ -70,3 +71,17 @@ def redacted_text(payload: bytes | None) -> str:
         return orjson.dumps(redact(orjson.loads(payload))).decode()
     except orjson.JSONDecodeError:
         return f"[not JSON, {len(payload)} bytes; withheld because it may contain a secret]"
+
+
+def drop_stale_requests(redis: Redis, keys: Keys) -> int:
+    """Delete the requests older than `REQUEST_MAX_AGE_S` that nobody has read (no auth
+    consumer runs, or none keeps up); returns how many.
+
+    An auth consumer would drop them unanswered when it read them, and they hold
+    passwords: every worker (events-only ones too) trims them away as it beats, so no
+    password outlives its request by more than a heartbeat. Entry ids carry the Redis
+    server's clock, so the cut is taken on it. One a consumer is serving was read
+    already; one left pending comes back without its fields, and is dropped as stale.
+    """
+    cut_ms = redis_time_ms(redis) - REQUEST_MAX_AGE_S * 1000
+    return int(redis.xtrim(keys.auth_requests, minid=f"{cut_ms}-0", approximate=False))

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from usermgmt.persistence.db import checkpoint_wal, current_revision, is_sqlite
 from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP
 from usermgmt.workers.auth.relay import Relay
+from usermgmt.workers.auth.replies import drop_stale_requests
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops.trim import Trimmer
@@ -208,7 +209,8 @@ class Worker:
         return info
 
     def _housekeeping(self) -> None:
-        """Sample the stream gauges; now and then, drop consumers that went away.
+        """Sample the stream gauges, delete auth requests too old to answer; now and
+        then, drop consumers that went away.
 
         Housekeeping never stops the worker: a failure is logged and tried next beat.
         """
@@ -220,6 +222,9 @@ class Worker:
     def _sample_and_prune(self) -> None:
         redis, keys = self.services.redis, self.services.keys
         self.metrics.sample_streams(redis, keys)
+        dropped = drop_stale_requests(redis, keys)
+        if dropped:
+            self.log.info("deleted auth requests older than 30 s that nobody read", count=dropped)
         idle_s = self.services.settings.consumer_idle_remove_s
         if time.monotonic() - self.last_prune < min(PRUNE_EVERY_S, idle_s):
             return
