@@ -49,6 +49,13 @@ class Keys:
         return f"{self.prefix}:dlq"
 
     @property
+    def dlq_retired(self) -> str:
+        """`um:dlq:retired`: what `usermgmt dlq retry` and `purge` took out of `um:dlq`
+        (which entry, for what reason), so a replay still decides those entries as the
+        live worker did."""
+        return f"{self.prefix}:dlq:retired"
+
+    @property
     def events_reader(self) -> str:
         """`um:{events}:reader`: the consumer name of the worker reading new events (a
         lease, `usermgmt.workers.events.lease`); beside the streams, in their slot."""

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import orjson
 import pytest
+from redis import Redis
 from sqlalchemy import text
 
 from tests.conftest import POSTGRES_ON, Backend
 from tests.integration.helpers import dead_letters, drain, publish, services_for
 from tests.integration.replay_helpers import new_relay, play_history, register, table_rows
 from usermgmt.persistence import accounts
+from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.persistence.keys import Keys
+from usermgmt.workers.ops import dlq
 from usermgmt.workers.ops.replay import Replayer, rebuild_caches
 from usermgmt.workers.runtime.bootstrap import Services
 
@@ -76,6 +80,42 @@ def test_full_replay_reproduces_the_live_tables(live: Services, target_url: str)
         assert user.id == max(row[0] for row in expected["users"]) + 1
     finally:
         replayed.engine.dispose()
+
+
+def test_a_replay_after_letters_are_retried_and_purged_reproduces_the_live_tables(
+    live: Services, target_url: str
+) -> None:
+    """The fix-and-retry the operations guide describes: the player g5 named registers,
+    its letter is retried (applied live as a new entry), the other letters purged. The
+    entry dead-lettered first must stay dead in the replay, not apply at its old place."""
+    redis, keys = live.redis, live.keys
+    letters = dead_letters(redis, keys)
+    [unknown] = [d for d in dead_lettered_ids(redis, keys) if d[1] == "unknown_user"]
+    register(live, new_relay(live), "nobody")
+    dlq.retry(redis, keys, unknown[0])
+    drain(live)
+    assert dlq.purge(redis, keys) == len(letters) - 1
+    assert not dead_letters(redis, keys)
+    expected = table_rows(live.engine)
+    # Applied live as a new entry, with the player who registered since.
+    assert ("g5", "in_progress") in [row[:2] for row in expected["game_sessions"]]
+
+    summary, replayed = replay_into(live, target_url)
+
+    try:
+        assert table_rows(replayed.engine) == expected
+        assert summary.dead_lettered == len(letters)  # type: ignore[attr-defined]
+        assert summary.total_invalid == 0  # type: ignore[attr-defined]
+    finally:
+        replayed.engine.dispose()
+
+
+def dead_lettered_ids(redis: Redis, keys: Keys) -> list[tuple[str, str]]:
+    """(letter id, reason) of every letter in the dead-letter stream."""
+    return [
+        (text_of(letter_id), str(orjson.loads(fields[b"payload"])["reason"]))
+        for letter_id, fields in redis.xrange(keys.dlq)
+    ]
 
 
 def test_replaying_twice_changes_nothing(live: Services, tmp_path: Path) -> None:

@@ -4,12 +4,19 @@ A retry re-publishes the letter's original payload to the event stream it came f
 and deletes the letter, in one MULTI/EXEC guarded by WATCH, so a letter is
 re-published at most once even when two operators retry it at the same moment.
 Event ids make a repeated publish harmless anyway.
+
+A letter taken out of `um:dlq` (retried or purged) leaves a record in
+`um:dlq:retired`: which entry was dead-lettered, and why. Some decisions cannot be
+made again from the streams (`unknown_user`: the player registered later;
+`max_deliveries`), and a replay takes them from the letters; without the record it
+would apply the retried entry at its old place too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -161,8 +168,9 @@ def retry(client: Redis, keys: Keys, letter_id: str) -> str:
                 stream = retry_target(keys, letter)
                 pipe.multi()
                 pipe.xadd(stream, {"payload": letter.payload.encode("utf-8")})
+                pipe.xadd(keys.dlq_retired, retired_record(letter, "retried"))
                 pipe.xdel(keys.dlq, letter_id)
-                entry_id, _ = pipe.execute()
+                entry_id, _, _ = pipe.execute()
                 return text_of(entry_id)
             except WatchError:
                 continue  # a letter was added meanwhile: read again
@@ -178,13 +186,36 @@ def _retry_across_slots(client: Redis, keys: Keys, letter_id: str) -> str:
         raise LetterNotFound(f"no dead letter {letter_id} in {keys.dlq}")
     letter = Letter.from_fields(*rows[0])
     entry_id = client.xadd(retry_target(keys, letter), {"payload": letter.payload.encode()})
+    client.xadd(keys.dlq_retired, retired_record(letter, "retried"))
     client.xdel(keys.dlq, letter_id)
     return text_of(entry_id)
 
 
 def purge(client: Redis, keys: Keys, reason: str | None = None) -> int:
-    """Delete every letter (or those with `reason`); returns how many were deleted."""
-    ids = [letter.id for letter in letters(client, keys, reason)]
-    for start in range(0, len(ids), PAGE):
-        client.xdel(keys.dlq, *ids[start : start + PAGE])
-    return len(ids)
+    """Delete every letter (or those with `reason`), each leaving its record in
+    `um:dlq:retired`; returns how many were deleted.
+
+    On one server each page's records and deletions are one transaction; on a cluster
+    (two slots) the records go first, so a crash between leaves a letter in both,
+    which a replay reads alike.
+    """
+    found = list(letters(client, keys, reason))
+    for start in range(0, len(found), PAGE):
+        page = found[start : start + PAGE]
+        with client.pipeline(transaction=not nodes.is_cluster(client)) as pipe:
+            for letter in page:
+                pipe.xadd(keys.dlq_retired, retired_record(letter, "purged"))
+            if nodes.is_cluster(client):
+                pipe.execute()
+            pipe.xdel(keys.dlq, *[letter.id for letter in page])
+            pipe.execute()
+    return len(found)
+
+
+def retired_record(letter: Letter, how: str) -> dict[str, bytes]:
+    """The `um:dlq:retired` entry of a letter taken out of `um:dlq`: its fields but the
+    payload (the event itself stays in its stream), how it went, and when."""
+    record = {**letter.to_json(), "letter_id": letter.id, "retired": how}
+    record["retired_at"] = datetime.now(UTC).isoformat()
+    del record["payload"], record["id"]
+    return {"payload": orjson.dumps(record)}

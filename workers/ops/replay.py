@@ -11,9 +11,10 @@ How replay matches what the live worker did:
   time included), so replaying the same streams makes the same decisions,
   dead letters and waiting entries included, however the chunks fall.
 - Two decisions depend on more than the streams, and are taken from the
-  dead-letter stream: `max_deliveries` (a worker crashed on the entry) and
-  `unknown_user` (the player registered after the event was decided). The live
-  worker's planner recorded the second in `dead_events`; so does the replay.
+  dead-letter stream (and from `um:dlq:retired`, the letters retried or purged since):
+  `max_deliveries` (a worker crashed on the entry) and `unknown_user` (the player
+  registered after the event was decided). The live worker's planner recorded the
+  second in `dead_events`; so does the replay.
 - A registration commits a moment before its accounts entry is added, so live, a
   game event right after a registration already saw the player: accounts entries
   are merged `ACCOUNT_LEAD_MS` ahead of their ids.
@@ -145,7 +146,10 @@ class Replayer:
         started = time.perf_counter()
         if not isinstance(starts, dict):
             starts = dict.fromkeys(self.kinds, starts)
-        self.dead_letters = load_dead_letters(self.redis, self.keys.dlq)
+        self.dead_letters = {
+            **load_dead_letters(self.redis, self.keys.dlq_retired),
+            **load_dead_letters(self.redis, self.keys.dlq),
+        }
         clock_ms = redis_time_ms(self.redis)  # entries of later milliseconds are not replayed
         readers = [
             self.read(stream, starts.get(stream, FIRST), min(end, self.last_entry(stream)))
