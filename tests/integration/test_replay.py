@@ -15,8 +15,8 @@ from sqlalchemy import text
 from tests.conftest import POSTGRES_ON, Backend
 from tests.integration.helpers import dead_letters, drain, publish, services_for
 from tests.integration.replay_helpers import new_relay, play_history, register, table_rows
-from usermgmt.persistence import accounts
 from usermgmt.domain.payloads import text_of
+from usermgmt.persistence import accounts
 from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.ops import dlq
