@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from redis import Redis
 from redis.exceptions import WatchError
+from redis.typing import EncodableT, FieldT
 
 from usermgmt.domain.errors import InvalidPayload
 from usermgmt.domain.events import EventKind, parse_event
@@ -212,7 +213,7 @@ def purge(client: Redis, keys: Keys, reason: str | None = None) -> int:
     return len(found)
 
 
-def retired_record(letter: Letter, how: str) -> dict[str, bytes]:
+def retired_record(letter: Letter, how: str) -> dict[FieldT, EncodableT]:
     """The `um:dlq:retired` entry of a letter taken out of `um:dlq`: its fields but the
     payload (the event itself stays in its stream), how it went, and when."""
     record = {**letter.to_json(), "letter_id": letter.id, "retired": how}
