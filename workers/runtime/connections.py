@@ -56,7 +56,10 @@ def make_redis(url: str, cluster: ClusterMode = "auto") -> Redis:
     When nothing answers, "auto" makes a single-server client, which reports the outage
     on first use. The cluster client offers the same commands: it is typed as `Redis`.
     """
-    single = Redis.from_url(url, **_CLIENT_OPTIONS)
+    options = dict(_CLIENT_OPTIONS)
+    if url.lower().startswith("unix:"):
+        del options["socket_keepalive"]  # a TCP option; a Unix socket's connection refuses it
+    single = Redis.from_url(url, **options)
     if cluster == "off" or (cluster == "auto" and not _is_cluster(single)):
         return single
     single.close()
