@@ -32,7 +32,7 @@ def socket_path(tmp_path: Path) -> Iterator[Path]:
             str(tmp_path),
         ],
         stdout=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 (started before any thread of the test)
     )
     try:
         deadline = time.monotonic() + 10
