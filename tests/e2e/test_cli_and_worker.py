@@ -272,6 +272,37 @@ def test_migrate_against_an_unreachable_database_is_one_line(cli: Any) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["migrate"], ["leaderboard"], ["user", "alice"]])
+def test_a_file_that_is_not_a_database_is_one_line(
+    cli: Any, tmp_path: Path, command: list[str]
+) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("shopping list: eggs, milk\n" * 100)
+    result = cli(*command, USERMGMT_DATABASE_URL=f"sqlite:///{path}")
+    assert result.returncode == 1
+    lines = stderr_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert "(file is not a database)" in lines[0] and str(path) in lines[0]
+    assert path.read_text().startswith("shopping list")
+
+
+@pytest.mark.parametrize("command", [["acl"], ["leaderboard", "--json"]])
+def test_output_cut_short_by_its_reader_is_no_traceback(stack: Stack, command: list[str]) -> None:
+    """`usermgmt … | head`: the reader goes before the output is written."""
+    process = subprocess.Popen(
+        [*USERMGMT, *command],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # as `head` does once it has read what it wanted
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert process.returncode == 1
+
+
 # -- the worker process ----------------------------------------------------------------------
 
 

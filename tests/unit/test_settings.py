@@ -125,6 +125,8 @@ DB = "redis://cache.internal:6379"
 # Values a consumer cannot hold (Redis PX/EX, a `threading` wait, SQL BIGINT) or that
 # are not finite, with what the one-line message must say (the bound, or the reason).
 OUT_OF_RANGE = [
+    ("DATABASE_URL", "sqlite://", "an in-memory SQLite database ends with its connection"),
+    ("DATABASE_URL", "sqlite:///:memory:", "give a file, e.g. sqlite:///usermgmt.db"),
     ("REDIS_URL", f"{DB}/abc", "database 'abc' is not a number"),
     ("REDIS_URL", f"{DB}/-1", "database '-1' is not a number"),
     ("REDIS_URL", f"{DB}/1/2", "database '1/2' is not a number"),
@@ -381,7 +383,6 @@ def test_sqlite_and_postgresql_urls_are_accepted() -> None:
     for url in (
         "sqlite:///relative.db",
         "sqlite:////abs/path.db",
-        "sqlite://",
         "postgresql://u:p@h:5432/db",
         "postgresql+psycopg://u@h/db",
     ):

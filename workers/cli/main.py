@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,7 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `usermgmt` console script."""
     early_signals.hold()  # the worker takes them over; other commands get them back
     try:
-        return run(argv)
+        code = run(argv)
+        sys.stdout.flush()  # here, not at exit, where a broken pipe is a traceback
+        return code
+    except BrokenPipeError:  # the reader went away (`usermgmt … | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         early_signals.release(deliver=False)  # the program is ending anyway
 
@@ -39,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and run its command, mapping failures to exit codes."""
     from redis.exceptions import ResponseError
+    from sqlalchemy.exc import DatabaseError
 
     from usermgmt.workers.cli.commands.base import CommandFailed, UsageError
+    from usermgmt.workers.runtime.connections import database_unreachable
     from usermgmt.workers.runtime.settings import ConfigError, missing_redis_database
 
     args = build_parser().parse_args(argv)
@@ -63,9 +71,23 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"usermgmt: error: {config_error}", file=sys.stderr)
         return 2
+    except DatabaseError as exc:  # not an outage (those are caught nearer): a file that is
+        # not a database, a schema not ours
+        print(f"usermgmt: {database_unreachable(_database_url(args), exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("usermgmt: interrupted", file=sys.stderr)
         return 1
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    """The database URL the command used (`--database`, or the settings')."""
+    from usermgmt.workers.cli.commands.base import settings_from
+
+    try:
+        return settings_from(args).database_url
+    except Exception:  # the settings were read before the failure; this is a fallback
+        return str(getattr(args, "database", None) or "USERMGMT_DATABASE_URL")
 
 
 if __name__ == "__main__":
