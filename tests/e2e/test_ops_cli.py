@@ -224,6 +224,8 @@ def test_dead_letters_are_listed_shown_retried_and_purged(
     assert "unknown_user" in shown.stdout and '"session_id": "s1"' in shown.stdout
     # Usage errors and misses, in-process (no need for a process each).
     assert in_process(stack, monkeypatch, capsys, "dlq", "show", "1-1")[0] == 1
+    for action in ("show", "retry"):  # not an id at all: a usage error, not a traceback
+        assert in_process(stack, monkeypatch, capsys, "dlq", action, "garbage")[0] == 2
     assert in_process(stack, monkeypatch, capsys, "dlq", "retry")[0] == 2
     assert in_process(stack, monkeypatch, capsys, "dlq", "retry", letter["id"], "--all")[0] == 2
     code, table, _ = in_process(stack, monkeypatch, capsys, "dlq", "list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -50,7 +51,9 @@ def register(subparsers: Subparsers) -> None:
     list_.set_defaults(func=cmd_list)
 
     show = commands.add_parser("show", help="show one dead letter with its payload")
-    show.add_argument("id", metavar="ID", help="the letter's id in the dead-letter stream")
+    show.add_argument(
+        "id", type=entry_id, metavar="ID", help="the letter's id in the dead-letter stream"
+    )
     show.add_argument("--json", action="store_true", help="print a JSON object")
     show.set_defaults(func=cmd_show)
 
@@ -62,7 +65,7 @@ def register(subparsers: Subparsers) -> None:
         "password was removed) and payloads that can never apply are refused. Exit 1 when "
         "any letter could not be retried.",
     )
-    retry.add_argument("id", nargs="?", metavar="ID", help="the letter to retry")
+    retry.add_argument("id", nargs="?", type=entry_id, metavar="ID", help="the letter to retry")
     retry.add_argument("--all", action="store_true", help="retry every letter (see --reason)")
     retry.add_argument(
         "--reason", choices=REASONS, help="with --all: only letters with this reason"
@@ -73,6 +76,15 @@ def register(subparsers: Subparsers) -> None:
     purge.add_argument("--reason", choices=REASONS, help="only letters with this reason code")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(func=cmd_purge)
+
+
+def entry_id(value: str) -> str:
+    """An argparse type: a stream entry id, `<ms>-<seq>` (as `dlq list` shows them)."""
+    if not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", value):
+        raise argparse.ArgumentTypeError(
+            f"not a dead letter id: {value!r} (ids look like 1733312130123-0; see `dlq list`)"
+        )
+    return value
 
 
 def positive(value: str) -> int:
