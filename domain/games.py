@@ -17,6 +17,7 @@ from usermgmt.domain.errors import DeadLetterReason
 from usermgmt.domain.events import GameEvent, UpdateEvent, entry_order
 
 ENDED = "ended"
+BIGINT_MAX = 2**63 - 1  # a wallet or earnings column (SQL BIGINT), and a Redis integer
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from usermgmt.domain.errors import DeadLetterReason
 from usermgmt.domain.events import TerminateEvent, UpdateEvent
 from usermgmt.domain.games import (
     APPLIED,
+    BIGINT_MAX,
     DUPLICATE,
     ENDED,
     Changes,
@@ -305,6 +306,17 @@ class _Planner:
         if outsiders:
             message = f"not in the roster of {event.session_id}: {', '.join(outsiders)}"
             self.resolve(entry, Decision(Outcome.DEAD, DeadLetterReason.NOT_IN_ROSTER, message))
+            return
+        if past_bigint := [
+            player.username
+            for player, result in zip(players, event.results, strict=True)
+            if max(player.wallet, player.earnings) > BIGINT_MAX - result.earnings
+        ]:
+            message = (
+                f"crediting would take the wallet or earnings of {', '.join(past_bigint)} "
+                f"past {BIGINT_MAX}, the largest a BIGINT holds"
+            )
+            self.resolve(entry, Decision(Outcome.DEAD, DeadLetterReason.INVALID_EVENT, message))
             return
         unfinished = set(session.roster).difference(p.id for p in players)
         self._credit(session, players, event)

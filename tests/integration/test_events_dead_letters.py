@@ -19,9 +19,11 @@ from tests.integration.helpers import (
     drain,
     pending_count,
     publish,
+    rows,
     services_for,
     standings,
 )
+from usermgmt.domain.games import BIGINT_MAX
 
 DLQ_FIELDS = {"stream", "entry_id", "payload", "reason", "message", "deliveries", "failed_at"}
 
@@ -164,6 +166,28 @@ def test_every_reason_is_dead_lettered_with_its_fields_and_acked(backend: Backen
         assert standings(services) == before  # and none of them changed anything
         # The live session is untouched by the entries that broke its rules.
         assert backend.redis.exists(keys.session("live"))
+
+
+def test_a_result_taking_a_wallet_past_bigint_is_dead_lettered_alike_on_each_database(
+    backend: Backend,
+) -> None:
+    """SQLite would turn the wallet into a float and PostgreSQL refuse the batch until
+    `max_deliveries`: the planner decides it first, the same way on both."""
+    keys = backend.keys
+    with services_for(backend) as services:
+        add_players(services, "alice", "bob", wallet=BIGINT_MAX - 5)
+        publish(backend.redis, keys, "update", session_id="rich", players=["alice", "bob"])
+        results = [{"username": "alice", "outcome": "win", "earnings": 6}]
+        too_much = publish(backend.redis, keys, "terminate", session_id="rich", results=results)
+        results = [{"username": "alice", "outcome": "win", "earnings": 5}]
+        publish(backend.redis, keys, "terminate", session_id="rich", results=results)
+        drain(services)
+        [letter] = dead_letters(backend.redis, keys)
+        assert (letter["entry_id"], letter["reason"]) == (too_much, "invalid_event")
+        assert "alice" in letter["message"] and letter["deliveries"] == 1
+        wallets = rows(services, "SELECT username, wallet FROM users ORDER BY id")
+        assert wallets == [("alice", BIGINT_MAX), ("bob", BIGINT_MAX - 5)]  # ints, exact
+        assert standings(services)["alice"][:3] == (1, 0, 5)
 
 
 def test_dead_letters_are_written_once(backend: Backend) -> None:

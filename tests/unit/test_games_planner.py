@@ -26,6 +26,7 @@ from usermgmt.domain.errors import DeadLetterReason
 from usermgmt.domain.events import GameEvent, Result, TerminateEvent, UpdateEvent
 from usermgmt.domain.games import (
     APPLIED,
+    BIGINT_MAX,
     DUPLICATE,
     ENDED,
     Changes,
@@ -511,6 +512,23 @@ def test_terminate_naming_a_player_outside_the_roster_is_dead() -> None:
     assert decision.reason is DeadLetterReason.NOT_IN_ROSTER
     assert "bob" in decision.message and "alice" not in decision.message
     assert run.changes.empty and not world.sessions["s1"].ended
+
+
+def test_terminate_taking_a_wallet_past_bigint_is_dead_and_credits_nobody() -> None:
+    """SQLite would store such a wallet as a float, PostgreSQL refuse it: both decide it
+    here, alike, and a replay decides it again."""
+    world = make_world("alice", "bob", wallet=BIGINT_MAX - 10)
+    add_session(world, "s1", "alice", "bob")
+    run = decide(world, terminate("s1", ("alice", "loss", 0), ("bob", "win", 11)))
+    [decision] = run.decisions
+    assert decision is not None and decision.outcome is Outcome.DEAD
+    assert decision.reason is DeadLetterReason.INVALID_EVENT
+    assert "bob" in decision.message and "alice" not in decision.message
+    assert run.changes.empty and not world.sessions["s1"].ended
+    assert world.players["alice"].loss_count == 0
+    exactly = decide(world, terminate("s1", ("alice", "loss", 0), ("bob", "win", 10)))
+    assert exactly.outcomes == [Outcome.APPLIED]
+    assert world.players["bob"].wallet == BIGINT_MAX
 
 
 def test_terminate_of_an_ended_session_is_dead() -> None:

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 from sqlalchemy.exc import ArgumentError
 
+from usermgmt.domain.games import BIGINT_MAX
 from usermgmt.domain.waiting import Limits
 from usermgmt.persistence.db import normalize_url
 from usermgmt.workers.runtime.connections import ClusterMode, safe_url
@@ -22,7 +23,6 @@ DAY_S = 86_400
 # Durations in entry-id time: compared with entry-id milliseconds in Python, and a test
 # (or an operator) may use a huge value for "never": a century, about 3.2e12 ms, fits 64 bits.
 CENTURY_S = 100 * 365 * DAY_S
-BIGINT_MAX = 2**63 - 1  # SQL BIGINT, and a Redis integer
 MAX_AUTH_CONCURRENCY = 1_024
 # Redis accepts at most 2**31 - 1 databases (`databases` is a C int): indexes 0 to 2**31 - 2.
 MAX_REDIS_DB = 2**31 - 2
