@@ -56,18 +56,22 @@ def take_snapshot(source: Path, dest: Path, marks: dict[str, str], now: datetime
     """
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
-    src = sqlite3.connect(source, timeout=BUSY_TIMEOUT_S)
     try:
-        dst = sqlite3.connect(partial)
+        src = sqlite3.connect(source, timeout=BUSY_TIMEOUT_S)
         try:
-            src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
+            dst = sqlite3.connect(partial)
+            try:
+                src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
+            finally:
+                dst.close()
         finally:
-            dst.close()
-    finally:
-        src.close()
-    _write_marks(partial, marks, now)
-    _finalize(partial)
-    os.replace(partial, dest)
+            src.close()
+        _write_marks(partial, marks, now)
+        _finalize(partial)
+        os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a failed copy leaves nothing behind
+        raise
     _fsync_dir(dest.parent)
     return inspect_snapshot(dest)
 

@@ -176,6 +176,19 @@ def test_a_bad_setting_exits_2_with_one_line_naming_it(cli: Any) -> None:
         assert result.stdout == "", case
 
 
+def test_a_bad_argument_is_a_usage_error(cli: Any) -> None:
+    cases = [
+        (["worker", "--drain-timeout", "-1"], "must be seconds"),
+        (["worker", "--drain-timeout", "nan"], "must be seconds"),
+        (["worker", "--drain-timeout", "inf"], "must be seconds"),
+        (["replay", "--from", "5", "--to", "3"], "nothing to replay"),
+    ]
+    results = in_parallel([lambda args=args: cli(*args) for args, _ in cases])
+    for (args, said), result in zip(cases, results, strict=True):
+        assert result.returncode == 2, (args, result.stderr)
+        assert said in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
 def test_a_bad_setting_out_of_range_or_a_missing_redis_database_exits_2(cli: Any) -> None:
     """Values a consumer cannot hold (a Redis argument, a wait, a BIGINT) stop the worker at
     start, like any bad setting; so does a database number the server does not have (no

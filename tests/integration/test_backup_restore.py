@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -269,6 +270,18 @@ def test_cli_backup_of_postgresql_points_to_pg_dump(
     assert main(["backup", str(tmp_path / "pg.db")]) == 1
     err = capsys.readouterr().err
     assert "pg_dump" in err and len(err.strip().splitlines()) == 1
+    assert "docs/operations.md" in err  # where the PostgreSQL steps are
     assert not (tmp_path / "pg.db").exists()
     assert main(["restore", str(tmp_path / "pg.db")]) == 1
     assert "pg_restore" in capsys.readouterr().err
+
+
+def test_a_failed_backup_leaves_no_file_behind(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "snap.db"
+    # The database exists but was never migrated: the copy fails once it is written.
+    sqlite3.connect(tmp_path / "cli.db").execute("CREATE TABLE unrelated (x)").connection.close()
+    assert main(["backup", str(target)]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cli.db"]

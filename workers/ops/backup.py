@@ -48,12 +48,14 @@ DEFAULT_LOOKBACK_S = 600.0
 
 PG_BACKUP_HINT = (
     "backup copies SQLite databases only; for PostgreSQL take a dump with "
-    "`pg_dump --format=custom --file PATH DBNAME` (see the README, Backups and restores)"
+    "`pg_dump --format=custom --file PATH DBNAME` "
+    '(see docs/operations.md, "Backups, retention and replay")'
 )
 PG_RESTORE_HINT = (
     "restore puts back SQLite snapshots only; for PostgreSQL restore the dump with "
     "`pg_restore --clean --if-exists --dbname DBNAME PATH`, then run "
-    "`usermgmt replay --since-checkpoint --refresh-caches` (see the README)"
+    "`usermgmt replay --since-checkpoint --refresh-caches` "
+    '(see docs/operations.md, "Backups, retention and replay")'
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from usermgmt.persistence.db import current_revision, upgrade
 from usermgmt.workers.cli.commands.base import (
@@ -50,7 +51,7 @@ def register(subparsers: Subparsers) -> None:
     )
     worker.add_argument(
         "--drain-timeout",
-        type=float,
+        type=seconds,
         default=30.0,
         metavar="S",
         help="seconds to finish the batch in hand after a signal (default 30)",
@@ -102,6 +103,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CommandFailed(str(exc)) from None
     finally:
         services.close()
+
+
+def seconds(value: str) -> float:
+    """An argparse type: a finite number of seconds, > 0 and at most a day."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not (math.isfinite(number) and 0 < number <= 86_400):
+        raise argparse.ArgumentTypeError(f"must be seconds, > 0 and <= 86400, got {value}")
+    return number
 
 
 def port_number(value: str) -> int:
