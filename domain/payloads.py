@@ -17,13 +17,16 @@ def load_object(raw: str | bytes | None, reason: DeadLetterReason) -> dict[str, 
     """Decode a payload that must be a JSON object.
 
     Raises `InvalidPayload`: `invalid_json` when it is not JSON, `reason` when the
-    field is missing or holds something other than an object.
+    field is missing, holds something other than an object, or a number beyond any
+    double (`1e400`: JSON's grammar allows it).
     """
     if raw is None:
         raise InvalidPayload(reason, "entry has no payload field")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("number is infinity"):  # JSON, but no value can hold it
+            raise InvalidPayload(reason, f"a number is out of range: {exc}") from None
         raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidPayload(reason, f"payload must be a JSON object, got {type(data).__name__}")

@@ -70,6 +70,15 @@ def test_text_that_is_not_json_is_invalid_json() -> None:
     assert caught.value.message
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400"])
+def test_a_number_beyond_any_double_is_invalid_event_not_invalid_json(number: bytes) -> None:
+    payload = b'{"event_id": "%s", "session_id": "s1", "players": ["alice"], "meta": {"x": %s}}'
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event(EventKind.UPDATE, payload % (str(uuid.uuid4()).encode(), number))
+    assert caught.value.reason is DeadLetterReason.INVALID_EVENT
+    assert "out of range" in caught.value.message
+
+
 @pytest.mark.parametrize("body", [[], "text", 42, None])
 def test_json_that_is_not_an_object_is_invalid_event(body: Any) -> None:
     assert rejected(EventKind.TERMINATE, body).reason is DeadLetterReason.INVALID_EVENT
