@@ -70,6 +70,7 @@ def test_full_replay_reproduces_the_live_tables(live: Services, target_url: str)
 
     try:
         assert table_rows(replayed.engine) == expected
+        assert checkpoints(replayed) == checkpoints(live)  # the accounts stream's too
         assert summary.dead_lettered == len(letters)  # type: ignore[attr-defined]
         assert summary.waiting == 0  # type: ignore[attr-defined]
         assert summary.total_invalid == 0  # type: ignore[attr-defined]
@@ -108,6 +109,12 @@ def test_a_replay_after_letters_are_retried_and_purged_reproduces_the_live_table
         assert summary.total_invalid == 0  # type: ignore[attr-defined]
     finally:
         replayed.engine.dispose()
+
+
+def checkpoints(services: Services) -> dict[str, str]:
+    with services.engine.connect() as conn:
+        found = conn.execute(text("SELECT stream, last_entry_id FROM stream_checkpoints"))
+        return {str(stream): str(entry_id) for stream, entry_id in found}
 
 
 def dead_lettered_ids(redis: Redis, keys: Keys) -> list[tuple[str, str]]:

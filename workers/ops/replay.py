@@ -46,6 +46,7 @@ from usermgmt.domain.registrations import ACCOUNTS, parse_registration
 from usermgmt.domain.waiting import Limits
 from usermgmt.persistence import cache
 from usermgmt.persistence.db import IMMEDIATE
+from usermgmt.persistence.games import save_checkpoints
 from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.ranking import rebuild_leaderboard_cache, refresh_ranks
 from usermgmt.persistence.replay import apply_registrations, fix_sequences, live_sessions
@@ -228,6 +229,8 @@ class Replayer:
         now = _when(chunk[-1].ms)
         with self.engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
             decisions = apply_registrations(conn, registrations, now)
+            # As the live relay records it: every accounts entry up to here is in.
+            save_checkpoints(conn, {chunk[-1].stream: chunk[-1].entry_id}, now)
         for decision in decisions:
             if decision.outcome is Outcome.APPLIED:
                 self.summary.applied += 1
