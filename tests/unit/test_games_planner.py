@@ -486,13 +486,19 @@ def test_an_aborted_game_without_results_only_ends_the_session() -> None:
     assert run.changes.membership == {1: None}
 
 
+def dead_letter_of(run: Run, reason: DeadLetterReason) -> str:
+    """The message of the one decision of `run`, which must dead-letter for `reason`."""
+    [decision] = run.decisions
+    assert decision is not None and decision.outcome is Outcome.DEAD
+    assert decision.reason is reason
+    return decision.message
+
+
 def test_terminate_naming_an_unknown_player_is_dead() -> None:
     world = make_world("alice")
     add_session(world, "s1", "alice")
     run = decide(world, terminate("s1", ("alice", "win", 1), ("ghost", "loss", 0)))
-    [decision] = run.decisions
-    assert decision is not None and decision.outcome is Outcome.DEAD
-    assert decision.reason is DeadLetterReason.UNKNOWN_USER and "ghost" in decision.message
+    assert "ghost" in dead_letter_of(run, DeadLetterReason.UNKNOWN_USER)
     assert run.changes.empty and not world.sessions["s1"].ended
     assert world.players["alice"].earnings == 0
 
@@ -507,10 +513,8 @@ def test_terminate_naming_a_player_outside_the_roster_is_dead() -> None:
     world = make_world("alice", "bob")
     add_session(world, "s1", "alice")
     run = decide(world, terminate("s1", ("alice", "win", 1), ("bob", "loss", 0)))
-    [decision] = run.decisions
-    assert decision is not None and decision.outcome is Outcome.DEAD
-    assert decision.reason is DeadLetterReason.NOT_IN_ROSTER
-    assert "bob" in decision.message and "alice" not in decision.message
+    message = dead_letter_of(run, DeadLetterReason.NOT_IN_ROSTER)
+    assert "bob" in message and "alice" not in message
     assert run.changes.empty and not world.sessions["s1"].ended
 
 
@@ -520,10 +524,8 @@ def test_terminate_taking_a_wallet_past_bigint_is_dead_and_credits_nobody() -> N
     world = make_world("alice", "bob", wallet=BIGINT_MAX - 10)
     add_session(world, "s1", "alice", "bob")
     run = decide(world, terminate("s1", ("alice", "loss", 0), ("bob", "win", 11)))
-    [decision] = run.decisions
-    assert decision is not None and decision.outcome is Outcome.DEAD
-    assert decision.reason is DeadLetterReason.INVALID_EVENT
-    assert "bob" in decision.message and "alice" not in decision.message
+    message = dead_letter_of(run, DeadLetterReason.INVALID_EVENT)
+    assert "bob" in message and "alice" not in message
     assert run.changes.empty and not world.sessions["s1"].ended
     assert world.players["alice"].loss_count == 0
     exactly = decide(world, terminate("s1", ("alice", "loss", 0), ("bob", "win", 10)))
