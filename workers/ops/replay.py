@@ -269,14 +269,18 @@ class Replayer:
 
     def record_live_decisions(self, chunk: list[StreamEntry]) -> None:
         """The `dead_events` rows of the live planner's decisions not taken here
-        (`unknown_user`), as it recorded them."""
+        (`unknown_user`), as it recorded them, and the checkpoints past them (the live
+        planner decided them: its checkpoint counts them)."""
         rows = []
+        checkpoints: dict[str, str] = {}
         for entry in chunk:
             letter = self.dead_letters.get((entry.stream, entry.entry_id))
             if letter is not None and letter.reason == DeadLetterReason.UNKNOWN_USER:
                 rows.append((entry.kind, entry.entry_id, letter.reason, letter.message))
+                checkpoints[entry.stream] = entry.entry_id  # a stream's chunk is in id order
         if rows:
-            _attempts(lambda: _save_dead_rows(self.engine, rows))
+            now = _when(chunk[-1].ms)
+            _attempts(lambda: _save_dead_rows(self.engine, rows, checkpoints, now))
 
     def count_dead(self, stream: str, entry_id: str, reason: str) -> None:
         """A dead letter decided here: as live (in the dlq), or only here (`invalid`)."""
@@ -331,9 +335,15 @@ def load_dead_letters(redis: Redis, dlq: str) -> dict[tuple[str, str], Letter]:
     return found
 
 
-def _save_dead_rows(engine: Engine, rows: list[tuple[str, str, str, str]]) -> None:
+def _save_dead_rows(
+    engine: Engine,
+    rows: list[tuple[str, str, str, str]],
+    checkpoints: dict[str, str],
+    now: datetime,
+) -> None:
     with engine.connect().execution_options(**{IMMEDIATE: True}) as conn, conn.begin():
         save_dead_rows(conn, rows)
+        save_checkpoints(conn, checkpoints, now)
 
 
 def rebuild_caches(engine: Engine, redis: Redis, keys: Keys) -> dict[str, int]:
