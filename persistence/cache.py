@@ -17,6 +17,7 @@ from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
 from usermgmt.domain.auth import UserView
+from usermgmt.domain.games import BIGINT_MAX
 from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.command_batch import ClusterInFlight, CommandBatch, InFlight
 from usermgmt.persistence.keys import Keys
@@ -27,8 +28,8 @@ _INT_FIELDS = frozenset({"id", "wallet", "win_count", "loss_count", "earnings", 
 
 def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
     """A cached user, or None on a miss: also a partial hash left by an expiry race, and
-    a key spoilt by hand (another type of value, a field that is not a number), which
-    the next write replaces."""
+    a key spoilt by hand (another type of value, a field that is not a number or one
+    no BIGINT holds), which the next write replaces."""
     try:
         raw = client.hgetall(keys.user(username))
     except ResponseError as exc:
@@ -42,6 +43,8 @@ def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
         for key, value in raw.items():
             name, text = text_of(key), text_of(value)
             values[name] = int(text) if name in _INT_FIELDS else text
+            if name in _INT_FIELDS and not -BIGINT_MAX - 1 <= values[name] <= BIGINT_MAX:
+                return None  # no column holds it: written by hand
         return UserView.model_validate(values)
     except ValueError:  # pydantic's ValidationError is one too
         return None

@@ -27,6 +27,7 @@ from usermgmt.domain.auth import WITHHELD, parse_request
 from usermgmt.persistence import auth_store
 from usermgmt.persistence.keys import AUTH_GROUP, Keys
 from usermgmt.workers.auth import server as auth_server
+from usermgmt.workers.auth.handlers import Handlers
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.client.auth import AuthClient, AuthError
 from usermgmt.workers.runtime.bootstrap import Services
@@ -352,6 +353,22 @@ def test_two_racing_registrations_of_one_name_have_exactly_one_winner(
     outcomes = sorted("ok" if reply["ok"] else reply["error"]["code"] for reply in replies)
     assert outcomes == ["ok", "username_taken"]
     assert table_counts(services) == (1, 1, 1)
+
+
+def test_a_reply_that_cannot_be_encoded_is_still_answered_as_internal(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that builds a reply orjson refuses (an int past 64 bits) must not leave the
+    client without its one reply, nor the request pending for ever."""
+
+    def unencodable(_self: Handlers, request: Any) -> dict[str, Any]:
+        return {"request_id": str(request.request_id), "ok": True, "user": {"wallet": 2**64}}
+
+    monkeypatch.setattr(Handlers, "get_user", unencodable)
+    with running(services):
+        reply = raw_request(backend.redis, backend.keys, op="get_user", username="alice")
+        poll(lambda: stream_is_clean(backend.redis, backend.keys))
+    assert (reply["ok"], reply["error"]["code"]) == (False, "internal")
 
 
 def test_register_is_one_transaction(services: Services, backend: Backend) -> None:

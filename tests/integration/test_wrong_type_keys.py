@@ -108,7 +108,14 @@ def _a_hash_with_a_bad_number(redis: Redis, key: str) -> None:
     redis.hset(key, mapping={**fields, "wallet": "12abc", "rank": 1})
 
 
-@pytest.mark.parametrize("spoil", [_a_string, _a_hash_with_a_bad_number])
+def _a_hash_with_a_number_no_bigint_holds(redis: Redis, key: str) -> None:
+    fields = {"id": 1, "username": "Zed", "win_count": 0, "loss_count": 0, "earnings": 0}
+    redis.hset(key, mapping={**fields, "wallet": str(2**64), "rank": 1})
+
+
+@pytest.mark.parametrize(
+    "spoil", [_a_string, _a_hash_with_a_bad_number, _a_hash_with_a_number_no_bigint_holds]
+)
 def test_get_user_replaces_a_spoilt_user_key(
     services: Services, backend: Backend, spoil: Callable[[Redis, str], None]
 ) -> None:

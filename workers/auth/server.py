@@ -276,7 +276,16 @@ class AuthServer:
         # same round trip (a login's token exists before its reply can be read).
         pipe = self.redis.pipeline(transaction=False)
         reply = self.handlers.answer(request, pipe)
-        finish(self.redis, self.keys, entry, reply=(request.request_id, reply), pipe=pipe)
+        try:
+            finish(self.redis, self.keys, entry, reply=(request.request_id, reply), pipe=pipe)
+        except REDIS_ERRORS:
+            raise
+        except Exception as exc:  # a reply that cannot be sent (a bug): still one reply
+            self.log.exception("reply could not be encoded", op=request.op, error=repr(exc))
+            reply = error_reply(
+                request.request_id, ErrorCode.INTERNAL, "the request could not be served"
+            )
+            finish(self.redis, self.keys, entry, reply=(request.request_id, reply))
         outcome = "ok" if reply["ok"] else reply["error"]["code"]
         self.metrics.observe_auth(request.op, outcome, time.perf_counter() - started)
         self.log.info(
