@@ -179,9 +179,14 @@ def test_a_bad_setting_exits_2_with_one_line_naming_it(cli: Any) -> None:
 def test_a_bad_argument_is_a_usage_error(cli: Any) -> None:
     cases = [
         (["worker", "--drain-timeout", "-1"], "must be seconds"),
+        (["worker", "--drain-timeout", "0"], "must be seconds"),
         (["worker", "--drain-timeout", "nan"], "must be seconds"),
         (["worker", "--drain-timeout", "inf"], "must be seconds"),
         (["replay", "--from", "5", "--to", "3"], "nothing to replay"),
+        (["replay", "--since-checkpoint", "--lookback-s", "inf"], "must be seconds"),
+        (["replay", "--since-checkpoint", "--lookback-s", "-5"], "must be seconds"),
+        (["dlq", "show", str(2**64) + "-0"], "not a dead letter id"),
+        (["dlq", "retry", "1-" + str(2**64)], "not a dead letter id"),
     ]
     results = in_parallel([lambda args=args: cli(*args) for args, _ in cases])
     for (args, said), result in zip(cases, results, strict=True):

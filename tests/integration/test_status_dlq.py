@@ -251,6 +251,26 @@ def test_retry_refuses_auth_requests_foreign_streams_and_broken_payloads(
     assert not redis.exists(keys.auth_requests)
 
 
+def test_a_retired_letters_key_of_another_type_stops_retry_and_purge_before_any_change(
+    services: Services, backend: Backend
+) -> None:
+    """In MULTI/EXEC Redis would run the rest: the letter deleted and re-published, its
+    record refused. So nothing is done until the key is moved away."""
+    keys, redis = backend.keys, backend.redis
+    letter = add_letter(backend, keys.update_stream, '{"event_id": "e"}', "unknown_user")
+    redis.set(keys.dlq_retired, "written by hand")
+    with pytest.raises(dlq.NotRetryable, match="rename or delete it"):
+        dlq.retry(redis, keys, letter)
+    with pytest.raises(dlq.NotRetryable, match="rename or delete it"):
+        dlq.purge(redis, keys)
+    assert [x.id for x in dlq.letters(redis, keys)] == [letter]
+    assert not redis.exists(keys.update_stream)
+    redis.delete(keys.dlq_retired)
+    assert dlq.purge(redis, keys) == 1
+    (record,) = redis.xrange(keys.dlq_retired)
+    assert orjson.loads(record[1][b"payload"])["retired"] == "purged"
+
+
 def test_list_filters_by_reason_and_purge_deletes_only_what_was_asked(
     services: Services, backend: Backend
 ) -> None:

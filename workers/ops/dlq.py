@@ -161,7 +161,8 @@ def retry(client: Redis, keys: Keys, letter_id: str) -> str:
     with client.pipeline(transaction=True) as pipe:
         for _ in range(WATCH_ATTEMPTS):
             try:
-                pipe.watch(keys.dlq)  # type: ignore[no-untyped-call]
+                pipe.watch(keys.dlq, keys.dlq_retired)  # type: ignore[no-untyped-call]
+                check_retired(pipe, keys)
                 rows = xrange_rows(pipe, keys.dlq, letter_id, letter_id, 1)
                 if not rows:
                     raise LetterNotFound(f"no dead letter {letter_id} in {keys.dlq}")
@@ -182,6 +183,7 @@ def retry(client: Redis, keys: Keys, letter_id: str) -> str:
 
 
 def _retry_across_slots(client: Redis, keys: Keys, letter_id: str) -> str:
+    check_retired(client, keys)
     rows = xrange_rows(client, keys.dlq, letter_id, letter_id, 1)
     if not rows:
         raise LetterNotFound(f"no dead letter {letter_id} in {keys.dlq}")
@@ -200,6 +202,7 @@ def purge(client: Redis, keys: Keys, reason: str | None = None) -> int:
     (two slots) the records go first, so a crash between leaves a letter in both,
     which a replay reads alike.
     """
+    check_retired(client, keys)
     found = list(letters(client, keys, reason))
     for start in range(0, len(found), PAGE):
         page = found[start : start + PAGE]
@@ -211,6 +214,18 @@ def purge(client: Redis, keys: Keys, reason: str | None = None) -> int:
             pipe.xdel(keys.dlq, *[letter.id for letter in page])
             pipe.execute()
     return len(found)
+
+
+def check_retired(client: Redis, keys: Keys) -> None:
+    """`NotRetryable` when `um:dlq:retired` holds another type of value than a stream: in
+    a transaction Redis would still run the rest (the letter deleted, its record not
+    written), and a replay would then apply its entry where the live worker did not."""
+    kind = text_of(client.type(keys.dlq_retired))
+    if kind not in ("none", "stream"):
+        raise NotRetryable(
+            f"Redis key {keys.dlq_retired} holds a {kind}, not the stream of retired "
+            "letters; rename or delete it, then try again"
+        )
 
 
 def retired_record(letter: Letter, how: str) -> dict[FieldT, EncodableT]:

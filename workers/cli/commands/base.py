@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeAlias
 
@@ -68,3 +69,23 @@ def connected(settings: Settings, redis: bool = True, database: bool = True) -> 
         raise CommandFailed(database_unreachable(settings.database_url, exc)) from None
     finally:
         services.close()
+
+
+def seconds(low: float, high: float, zero: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from `low` (itself only with
+    `zero`) to `high`."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+        above = number >= low if zero else number > low
+        if not (math.isfinite(number) and above and number <= high):
+            bound = ">=" if zero else ">"
+            raise argparse.ArgumentTypeError(
+                f"must be seconds, {bound} {low:g} and <= {high:,.0f}, got {value}"
+            )
+        return number
+
+    return parse

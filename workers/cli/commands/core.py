@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from usermgmt.persistence.db import current_revision, upgrade
 from usermgmt.workers.cli.commands.base import (
     CommandFailed,
     Subparsers,
     add_database_option,
+    seconds,
     settings_from,
 )
 from usermgmt.workers.runtime.bootstrap import bootstrap, default_consumer_name
@@ -51,7 +51,7 @@ def register(subparsers: Subparsers) -> None:
     )
     worker.add_argument(
         "--drain-timeout",
-        type=seconds,
+        type=seconds(0, 86_400, zero=False),
         default=30.0,
         metavar="S",
         help="seconds to finish the batch in hand after a signal (default 30)",
@@ -103,17 +103,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CommandFailed(str(exc)) from None
     finally:
         services.close()
-
-
-def seconds(value: str) -> float:
-    """An argparse type: a finite number of seconds, > 0 and at most a day."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not (math.isfinite(number) and 0 < number <= 86_400):
-        raise argparse.ArgumentTypeError(f"must be seconds, > 0 and <= 86400, got {value}")
-    return number
 
 
 def port_number(value: str) -> int:

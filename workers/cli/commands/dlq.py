@@ -80,7 +80,8 @@ def register(subparsers: Subparsers) -> None:
 
 def entry_id(value: str) -> str:
     """An argparse type: a stream entry id, `<ms>-<seq>` (as `dlq list` shows them)."""
-    if not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", value):
+    parts = value.split("-")
+    if not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", value) or max(map(int, parts)) >= 2**64:
         raise argparse.ArgumentTypeError(
             f"not a dead letter id: {value!r} (ids look like 1733312130123-0; see `dlq list`)"
         )
@@ -192,7 +193,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return 1
-        deleted = dlq.purge(services.redis, services.keys, args.reason)
+        try:
+            deleted = dlq.purge(services.redis, services.keys, args.reason)
+        except dlq.NotRetryable as exc:
+            raise CommandFailed(str(exc)) from None
     print(f"deleted {deleted} dead letter(s)")
     return 0
 

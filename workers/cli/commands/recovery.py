@@ -23,6 +23,7 @@ from usermgmt.workers.cli.commands.base import (
     UsageError,
     add_database_option,
     connected,
+    seconds,
     settings_from,
 )
 from usermgmt.workers.ops.backup import (
@@ -64,7 +65,7 @@ def register(subparsers: Subparsers) -> None:
     )
     replay.add_argument(
         "--lookback-s",
-        type=float,
+        type=seconds(0, 30 * 86_400),
         default=DEFAULT_LOOKBACK_S,
         metavar="S",
         help="with --since-checkpoint and no backup marks: start this long before the "
