@@ -127,6 +127,8 @@ DB = "redis://cache.internal:6379"
 OUT_OF_RANGE = [
     ("DATABASE_URL", "sqlite://", "an in-memory SQLite database ends with its connection"),
     ("DATABASE_URL", "sqlite:///:memory:", "give a file, e.g. sqlite:///usermgmt.db"),
+    ("DATABASE_URL", "sqlite:///file::memory:?cache=shared&uri=true", "in-memory SQLite"),
+    ("DATABASE_URL", "sqlite:///file:x?mode=memory&uri=true", "in-memory SQLite"),
     ("REDIS_URL", f"{DB}/abc", "database 'abc' is not a number"),
     ("REDIS_URL", f"{DB}/-1", "database '-1' is not a number"),
     ("REDIS_URL", f"{DB}/1/2", "database '1/2' is not a number"),

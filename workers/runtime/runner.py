@@ -224,7 +224,7 @@ class Worker:
         self.metrics.sample_streams(redis, keys)
         dropped = drop_stale_requests(redis, keys)
         if dropped:
-            self.log.info("deleted auth requests older than 30 s that nobody read", count=dropped)
+            self.log.info("deleted auth requests too old to answer (over 30 s)", count=dropped)
         idle_s = self.services.settings.consumer_idle_remove_s
         if time.monotonic() - self.last_prune < min(PRUNE_EVERY_S, idle_s):
             return

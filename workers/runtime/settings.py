@@ -117,7 +117,9 @@ class Settings(BaseSettings):
             raise ValueError("not a SQLAlchemy database URL") from None
         if not (url.drivername.startswith("sqlite") or url.drivername.startswith("postgresql")):
             raise ValueError(f"unsupported database {url.drivername!r}; use sqlite or postgresql")
-        if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+        if url.drivername.startswith("sqlite") and (
+            not url.database or ":memory:" in url.database or url.query.get("mode") == "memory"
+        ):
             raise ValueError(
                 "an in-memory SQLite database ends with its connection; give a file, "
                 "e.g. sqlite:///usermgmt.db"

@@ -141,7 +141,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     start = _entry_id(args.start, "--from") if args.start else None
     end = _entry_id(args.end, "--to", end=True) if args.end else LAST
     if start is not None and start > end:
-        raise UsageError(f"--from {args.start} comes after --to {args.end}: nothing to replay")
+        raise UsageError(
+            f"--from {args.start} comes after --to {args.end or 'the end'}: nothing to replay"
+        )
     if start is not None and args.since_checkpoint:
         raise UsageError("--from and --since-checkpoint cannot be combined")
     settings = settings_from(args)
