@@ -278,9 +278,7 @@ class AuthServer:
         reply = self.handlers.answer(request, pipe)
         try:
             finish(self.redis, self.keys, entry, reply=(request.request_id, reply), pipe=pipe)
-        except REDIS_ERRORS:
-            raise
-        except Exception as exc:  # a reply that cannot be sent (a bug): still one reply
+        except TypeError as exc:  # orjson refused the reply (a bug): still one reply
             self.log.exception("reply could not be encoded", op=request.op, error=repr(exc))
             reply = error_reply(
                 request.request_id, ErrorCode.INTERNAL, "the request could not be served"
