@@ -151,11 +151,12 @@ class _Planner:
             for order in self.waiters.woken_by((kind, key)):
                 heapq.heappush(self.woken, order)
 
-    def wake_queued(self, entry: PlannedEntry) -> None:
+    def wake_queued(self, entry: PlannedEntry, session_only: bool = False) -> None:
         """Decide again the entries queued behind others that share `entry`'s session or
-        players: with `entry` decided, what holds them may have changed."""
+        players: with `entry` decided, what holds them may have changed (`session_only`:
+        only its session's)."""
         if self.waiters:
-            for order in self.waiters.queued_after(entry):
+            for order in self.waiters.queued_after(entry, session_only):
                 heapq.heappush(self.woken, order)
 
     def decide(self, entry: PlannedEntry) -> None:
@@ -180,18 +181,30 @@ class _Planner:
         """A final decision; entries queued behind this one are decided again.
 
         `others`: users an applied entry touched beyond the players it names.
+
+        Only what the decision can change is woken: the entries queued right behind this
+        one (`Wake.entry`), and, when it applied, those of its session queued behind
+        others. An entry queued behind another waits for that one whatever else is
+        decided, but for what an update wants: the players not yet in its own session.
+        An applied update changes that only for its own session's entries (a player it
+        adds is in their session now; one it drops is free, and wanted by them again);
+        for any other session's, a player it moves was and stays in another session, and
+        a player freed is woken as such (`Wake.player`). A dead letter changes nothing.
+        Waking every entry that shares a player, as before, re-decided each of them at
+        every decision: with thousands waiting behind one lost terminate, their timeouts
+        took minutes of CPU, for the same decisions.
         """
         self.plan.decided.append((entry, decision))
         if entry.order in self.before:
             self.plan.waits_removed.append(entry)
+        self.wake("entry", entry.order)
         if decision.outcome is Outcome.APPLIED:
             self.world.processed.add(entry.event_id)
             touched = ",".join(map(str, sorted(others))) or None
             self.changes.processed.append(
                 (entry.event_id, entry.stream_kind, entry.entry_id, touched)
             )
-        self.wake("entry", entry.order)
-        self.wake_queued(entry)
+            self.wake_queued(entry, session_only=True)
 
     def wait(self, entry: PlannedEntry, wake: Wake, waits_for: str, holds: bool = True) -> None:
         self.waiters.add(Waiter(entry, waits_for, wake, holds))

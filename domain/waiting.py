@@ -121,14 +121,15 @@ class Waiters:
             self._in_heap.discard(heapq.heappop(heap))
         return self.by_order[heap[0]] if heap else None
 
-    def queued_after(self, entry: PlannedEntry) -> list[Order]:
+    def queued_after(self, entry: PlannedEntry, session_only: bool = False) -> list[Order]:
         """Later waiters queued behind some earlier entry that share `entry`'s session or
-        one of its players: what they queue behind may have changed with `entry`."""
+        (unless `session_only`) one of its players: what they queue behind may have
+        changed with `entry`."""
         found: list[Order] = []
         after, by_order = entry.order, self.by_order
         event = entry.event
         indexed = [self._sessions.get(event.session_id)]
-        if isinstance(event, UpdateEvent) and self._players:
+        if not session_only and isinstance(event, UpdateEvent) and self._players:
             indexed += map(self._players.get, event.player_keys)
         for orders in indexed:
             if orders:

@@ -5,7 +5,9 @@ the decisions do not depend on how the entries are cut into batches (docs/protoc
 
 from __future__ import annotations
 
+import random
 import uuid
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +33,7 @@ from tests.unit.test_games_planner import (
     terminate,
     update,
 )
+from usermgmt.domain import planner
 from usermgmt.domain.errors import DeadLetterReason
 from usermgmt.domain.events import GameEvent, Result, TerminateEvent, UpdateEvent
 from usermgmt.domain.games import APPLIED, ENDED, Outcome, PlannedEntry, World
@@ -258,6 +261,55 @@ def test_entries_queued_behind_a_timed_out_entry_are_then_decided(restart: bool)
     assert timed_out.plan.waits_removed == [start, restart_]
     last = worker.batch(horizon_ms=T + 1_021)
     assert [(p, d.reason) for p, d in last.plan.decided] == [(other, DeadLetterReason.WAIT_TIMEOUT)]
+
+
+def test_a_backlog_behind_a_lost_terminate_times_out_in_a_number_of_decisions_linear_in_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A game server died: its session holds two players for ever, while matchmaking goes
+    on rematching forty. Nearly every update ends up queued behind one that wants those
+    two. When they time out, each decision may wake only what it can change: waking every
+    entry sharing a player re-decided the whole backlog at each decision (47,926
+    decisions for 1,000 entries, minutes of CPU for 10,000, in a worker that no longer
+    answered SIGTERM). The decisions are those of before, only fewer times taken."""
+    names = [f"p{number:03d}" for number in range(40)]
+    world = make_world(*names)
+    add_session(world, "lost-1", "p000", "p001")  # its terminate never comes
+    rng = random.Random(7)
+    free, live, entries = set(names), {}, []  # the matchmaker thinks lost-1 ended
+    while len(entries) < 1_000:
+        if live and (rng.random() < 0.5 or len(free) < 4):
+            session_id = rng.choice(sorted(live))
+            players = live.pop(session_id)
+            results = [(name, "loss", 0) for name in players]
+            event: GameEvent = terminate(session_id, *results)
+            free |= set(players)
+        else:
+            players = rng.sample(sorted(free), 4)
+            free -= set(players)
+            session_id = f"g{len(entries)}"
+            live[session_id] = players
+            event = update(session_id, *players)
+        entries.append(entry(event, ms=T + len(entries) // 20, seq=len(entries)))
+    decisions = [0]
+    real_decide = planner._Planner.decide
+
+    def counted(self: Any, item: PlannedEntry) -> None:
+        decisions[0] += 1
+        real_decide(self, item)
+
+    monkeypatch.setattr(planner._Planner, "decide", counted)
+    waiters = Waiters()
+    limits = Limits(max_wait_ms=1_000, session_timeout_ms=0)
+    planner.plan_batch(world, entries, waiters, limits, horizon_ms=T + 50)
+    waiting = len(waiters)
+    assert waiting > 900  # nearly all of them wait, behind p000 and p001
+    decisions[0] = 0
+    plan = planner.plan_batch(world, [], waiters, limits, horizon_ms=T + 10_000)
+    assert len(plan.decided) == waiting and not waiters
+    # The same before and after the change: 780 freed once the first waiters went.
+    assert Counter(d.outcome for _, d in plan.decided) == {Outcome.APPLIED: 780, Outcome.DEAD: 184}
+    assert decisions[0] < 3 * waiting  # 1,354 (47,926 before)
 
 
 @RESTART
