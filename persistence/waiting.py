@@ -137,3 +137,25 @@ def save_dead_rows(conn: Connection, rows: list[tuple[str, str, str, str]]) -> N
         "ON CONFLICT (stream, entry_id) DO NOTHING",
         rows,
     )
+
+
+def decided_already(
+    conn: Connection, entries: Sequence[tuple[str, str, str]]
+) -> set[tuple[str, str]]:
+    """Of these (stream kind, entry id, event id)s, the entries with a committed decision:
+    their event applied (under any entry), or the entry dead-lettered by the planner."""
+    db = Driver(conn)
+    event_ids = sorted({event_id for _, _, event_id in entries})
+    applied: set[str] = set()
+    for chunk in chunks(event_ids):
+        where = f"event_id IN ({marks(len(chunk))})"
+        applied.update(
+            str(row[0])
+            for row in db.rows(f"SELECT event_id FROM processed_events WHERE {where}", chunk)  # noqa: S608
+        )
+    dead = load_dead(conn, [(kind, entry_id) for kind, entry_id, _ in entries])
+    return {
+        (kind, entry_id)
+        for kind, entry_id, event_id in entries
+        if event_id in applied or (kind, entry_id) in dead
+    }

@@ -1450,6 +1450,40 @@ def test_an_error_reply_is_raised_after_the_next_commit(backend: Backend) -> Non
         assert backend.redis.delete(keys.leaderboard) == 1
 
 
+def test_an_entry_decided_before_its_acks_were_lost_again_and_again_is_acked_not_dead(
+    backend: Backend,
+) -> None:
+    """A worker crashed between each commit and its acks until the entries counted more
+    deliveries than `max_deliveries`: they were decided (applied) all the same, so they
+    are acked as duplicates, not dead-lettered as never decided."""
+    with services_for(backend, max_deliveries=2) as services:
+        add_players(services, "alice", "bob")
+        keys, redis = backend.keys, backend.redis
+        burst(
+            redis,
+            backend,
+            [
+                update("s1", "alice", "bob"),
+                terminate("s1", result("alice", 5), result("bob", 0, "loss")),
+            ],
+        )
+        drain(services, consumer="c1")
+        assert standings(services)["alice"][:3] == (1, 0, 5)
+        # The acks lost, four crashes over: pending again on c1, delivered four times.
+        streams = [keys.update_stream, keys.terminate_stream]
+        for stream in streams:
+            redis.xgroup_setid(stream, "usermgmt-events", "0")
+            redis.xreadgroup("usermgmt-events", "c1", {stream: ">"})
+            ids = [entry_id for entry_id, _, _ in pending(redis, stream)]
+            redis.xclaim(stream, "usermgmt-events", "c1", 0, ids, retrycount=4)
+        assert pending_count(redis, keys) == 2
+        again = drain(services, consumer="c1")
+        assert (again.stats.duplicates, sum(again.stats.dead.values())) == (2, 0)
+        assert dead_letters(redis, keys) == []
+        assert pending_count(redis, keys) == 0
+        assert standings(services)["alice"][:3] == (1, 0, 5)
+
+
 @pytest.mark.parametrize("next_name", ["c1", "c2"])
 @pytest.mark.parametrize("stopped", ["cleanly", "by a crash"])
 def test_only_a_crash_counts_a_delivery_for_what_a_consumer_left_pending(

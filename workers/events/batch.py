@@ -70,25 +70,57 @@ class Applier:
         self.failures: Counter[Key] = Counter()  # deliveries that ended without a decision
 
     def check(self, entries: list[Entry]) -> Batch:
-        """Parse and plan the entries; dead-letter those delivered too often or invalid."""
+        """Parse and plan the entries; dead-letter those delivered too often or invalid.
+
+        An entry delivered too often whose decision was committed (a worker crashed, over
+        and over, between a commit and its acks) is not dead-lettered: it has been
+        decided, and is planned again to be acked as such (`exhausted`).
+        """
         batch = Batch()
+        exhausted: list[tuple[Entry, PlannedEntry]] = []
         for entry in entries:
             key = self.intake.key(entry)
-            if entry.deliveries + self.failures[key] > self.settings.max_deliveries:
-                entry.deliveries += self.failures[key]
-                message = f"delivered {entry.deliveries} times without being decided"
-                batch.dead.append((entry, DeadLetterReason.MAX_DELIVERIES, message))
-                continue
+            over = entry.deliveries + self.failures[key] > self.settings.max_deliveries
             try:
                 event = parse_event(self.intake.kinds[entry.stream], entry.payload)
             except InvalidPayload as exc:
-                batch.dead.append((entry, exc.reason, exc.message))
+                if over:
+                    self.exhaust(batch, entry, key)
+                else:
+                    batch.dead.append((entry, exc.reason, exc.message))
+                continue
+            planned = PlannedEntry(
+                event, key[0], entry.entry_id, entry.payload, entry.deliveries > 1
+            )
+            if over:
+                exhausted.append((entry, planned))
                 continue
             batch.parsed[key] = entry
-            batch.planned.append(
-                PlannedEntry(event, key[0], entry.entry_id, entry.payload, entry.deliveries > 1)
-            )
+            batch.planned.append(planned)
+        if exhausted:
+            self.plan_decided(batch, exhausted)
         return batch
+
+    def plan_decided(self, batch: Batch, exhausted: list[tuple[Entry, PlannedEntry]]) -> None:
+        """Entries delivered too often: those decided already are planned (to be acked as
+        the planner decides them again: a duplicate, or their recorded dead letter), the
+        rest dead-lettered as `max_deliveries`."""
+        decided = self.store.decided_already(
+            [(p.stream_kind, p.entry_id, p.event_id) for _, p in exhausted]
+        )
+        for entry, planned in exhausted:
+            key = (planned.stream_kind, planned.entry_id)
+            if key in decided:
+                batch.parsed[key] = entry
+                batch.planned.append(planned)
+            else:
+                self.exhaust(batch, entry, key)
+        batch.planned.sort(key=lambda planned: planned.order)
+
+    def exhaust(self, batch: Batch, entry: Entry, key: Key) -> None:
+        entry.deliveries += self.failures[key]
+        message = f"delivered {entry.deliveries} times without being decided"
+        batch.dead.append((entry, DeadLetterReason.MAX_DELIVERIES, message))
 
     def apply(self, batch: Batch) -> list[Applied]:
         """Commit the batch; the database being away pauses here until it is back."""

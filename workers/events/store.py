@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -42,6 +42,7 @@ from usermgmt.persistence.games import (
 from usermgmt.persistence.sql import pipelined
 from usermgmt.persistence.waiting import (
     StoredWaiter,
+    decided_already,
     load_dead,
     load_waiting,
     save_dead,
@@ -177,6 +178,12 @@ class EventStore:
             or (p.stream_kind in done and (p.order[0], p.order[2]) <= done[p.stream_kind])
         ]
         return load_dead(conn, again) if again else None
+
+    def decided_already(self, entries: Sequence[tuple[str, str, str]]) -> set[tuple[str, str]]:
+        """Of these (stream kind, entry id, event id)s, those a committed batch decided
+        (`persistence.waiting.decided_already`), read in a transaction of their own."""
+        with self.transaction() as conn:
+            return decided_already(conn, entries)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
