@@ -56,6 +56,12 @@ class Keys:
         return f"{self.prefix}:dlq:retired"
 
     @property
+    def dlq_unwritten(self) -> str:
+        """`um:dlq:unwritten`: dead letters refused by an `um:dlq` of another type, kept
+        (as the XADDs the worker sent) until they can be written, across restarts."""
+        return f"{self.prefix}:dlq:unwritten"
+
+    @property
     def events_reader(self) -> str:
         """`um:{events}:reader`: the consumer name of the worker reading new events (a
         lease, `usermgmt.workers.events.lease`); beside the streams, in their slot."""

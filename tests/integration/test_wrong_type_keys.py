@@ -99,6 +99,43 @@ def test_a_dead_letter_stream_of_another_type_pauses_the_consumer_until_it_is_mo
     assert bad in [letter["payload"] for letter in dead_letters(redis, keys)]
 
 
+def test_dead_letters_refused_by_a_dlq_of_another_type_are_written_after_a_restart(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stops (or is killed) while it waits for the key to be moved: on one
+    server the entries were acked with the batch, so the letters it could not write are
+    kept in `um:dlq:unwritten` and written, once, when a worker starts again."""
+    add_players(services, *PLAYERS)
+    keys, redis = backend.keys, backend.redis
+    redis.set(keys.dlq, "not a stream")
+    reported: list[str] = []
+
+    def report(_consumer: EventConsumer, text: str) -> None:
+        reported.append(text)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(EventConsumer, "wait_backoff", report)
+    bad, totals = publish_games([redis, another_client(backend)], keys)
+    stop = threading.Event()
+    thread = threading.Thread(target=EventConsumer(services, "c1", stop).run, daemon=True)
+    thread.start()
+    wait_until(lambda: reported)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert redis.type(keys.dlq) == b"string"
+    if not backend.cluster:  # acked with the batch: only the kept copy remains
+        assert redis.llen(keys.dlq_unwritten) == 1
+    monkeypatch.undo()
+    redis.delete(keys.dlq)
+
+    EventConsumer(services, "c1", threading.Event(), burst=True).run()
+
+    assert [letter["payload"] for letter in dead_letters(redis, keys)] == [bad]
+    assert not redis.exists(keys.dlq_unwritten)
+    assert_exact(services, redis, keys, totals)
+
+
 def _a_string(redis: Redis, key: str) -> None:
     redis.set(key, "written by hand")
 

@@ -229,6 +229,7 @@ class EventConsumer:
         for stream in self.streams:
             ensure_group(self.redis, stream, EVENTS_GROUP)
         self.ensure_leaderboard_cache()
+        self.key_repair.write_unwritten(self.log, self.wait_backoff)  # left by a stop
         self.intake.reset()
         stopped = self.redis.getdel(self.keys.events_stopped(self.consumer))
         self.intake.take_back(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import cast
 
 from redis import Redis
 from redis.exceptions import ResponseError
@@ -43,19 +44,49 @@ class KeyRepair:
             self.wait_until_moved(refused, log, wait)
 
     def wait_until_moved(self, refused: WrongType, log: FilteringBoundLogger, wait: Wait) -> None:
-        key = refused.key
+        """Keep the refused dead letters in `um:dlq:unwritten` (their entries are acked
+        already), then write them once the key is moved (`write_unwritten`). A worker
+        stopped meanwhile, or killed, writes them when it starts again."""
+        in_memory: list[bytes] = []
+        if refused.ran_the_rest and refused.refused:
+            try:
+                self.redis.rpush(self.keys.dlq_unwritten, *refused.refused)
+            except (*REDIS_ERRORS, ResponseError) as exc:
+                log.warning("refused dead letters kept in memory only", error=repr(exc))
+                in_memory = refused.refused
+        self.write_unwritten(log, wait, refused.key, in_memory, until_moved=True)
+
+    def write_unwritten(
+        self,
+        log: FilteringBoundLogger,
+        wait: Wait,
+        key: str | None = None,
+        in_memory: list[bytes] | None = None,
+        until_moved: bool = False,
+    ) -> None:
+        """Write the dead letters `um:dlq:unwritten` keeps (and `in_memory`) once `key`
+        (`um:dlq`) is a stream again, and forget them in the same transaction.
+
+        `until_moved`: wait for the key even with no letter to write (on a cluster the
+        acks did not run: the entries come back, to be decided once it is moved).
+        """
+        key = key or self.keys.dlq
         message = (
             f"Redis key {key} holds another type of value than the worker writes there; "
             "rename or delete it"
         )
         while not self.stop.is_set():
             try:
+                kept = cast(list[bytes], self.redis.lrange(self.keys.dlq_unwritten, 0, -1))
+                if not (kept or in_memory or until_moved):
+                    return
                 if self.redis.type(key) in (b"none", b"stream", "none", "stream"):
-                    if refused.ran_the_rest:
-                        writes = cache.CommandBatch()
-                        for part in refused.refused:
-                            writes.add_packed(part, 1, key, whole=False)
-                        writes.send(self.redis).wait()
+                    writes = cache.CommandBatch()
+                    for part in [*kept, *(in_memory or [])]:
+                        writes.add_packed(part, 1, key, whole=False)
+                    writes.barrier()  # one server: the letters and the forgetting together
+                    writes.add("DEL", self.keys.dlq_unwritten)
+                    writes.send(self.redis).wait()
                     log.info("the key of another type is gone; writing to it again", key=key)
                     return
             except (*REDIS_ERRORS, ResponseError) as exc:
