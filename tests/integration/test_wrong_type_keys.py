@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import Backend
 from tests.integration.helpers import add_players, another_client, dead_letters
-from tests.integration.rematch import PLAYERS, assert_exact, publish_games
+from tests.integration.rematch import PLAYERS, Totals, assert_exact, publish_games
 from tests.integration.replay_helpers import wait_until
 from usermgmt.persistence import accounts
 from usermgmt.workers.auth.server import AuthServer
@@ -59,12 +59,14 @@ def test_user_session_and_leaderboard_keys_of_another_type_are_replaced(
     assert any(log["event"].startswith("the leaderboard key held another type") for log in logs)
 
 
-def test_a_dead_letter_stream_of_another_type_pauses_the_consumer_until_it_is_moved(
+def games_beside_a_spoilt_dlq(
     services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[list[str], str, Totals]:
+    """`um:dlq` spoilt, games and one bad entry published; what the consumer says each
+    time it waits with backoff is collected (no real wait). Returns the sayings, the bad
+    payload and the games' totals."""
     add_players(services, *PLAYERS)
-    keys, redis = backend.keys, backend.redis
-    redis.set(keys.dlq, "not a stream")
+    backend.redis.set(backend.keys.dlq, "not a stream")
     reported: list[str] = []
 
     def report(_consumer: EventConsumer, text: str) -> None:
@@ -72,7 +74,15 @@ def test_a_dead_letter_stream_of_another_type_pauses_the_consumer_until_it_is_mo
         time.sleep(0.01)
 
     monkeypatch.setattr(EventConsumer, "wait_backoff", report)
-    bad, totals = publish_games([redis, another_client(backend)], keys)
+    bad, totals = publish_games([backend.redis, another_client(backend)], backend.keys)
+    return reported, bad, totals
+
+
+def test_a_dead_letter_stream_of_another_type_pauses_the_consumer_until_it_is_moved(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys, redis = backend.keys, backend.redis
+    reported, bad, totals = games_beside_a_spoilt_dlq(services, backend, monkeypatch)
     stop = threading.Event()
     consumer = EventConsumer(services, "c1", stop)
     thread = threading.Thread(target=consumer.run, daemon=True)
@@ -105,17 +115,8 @@ def test_dead_letters_refused_by_a_dlq_of_another_type_are_written_after_a_resta
     """The worker stops (or is killed) while it waits for the key to be moved: on one
     server the entries were acked with the batch, so the letters it could not write are
     kept in `um:dlq:unwritten` and written, once, when a worker starts again."""
-    add_players(services, *PLAYERS)
     keys, redis = backend.keys, backend.redis
-    redis.set(keys.dlq, "not a stream")
-    reported: list[str] = []
-
-    def report(_consumer: EventConsumer, text: str) -> None:
-        reported.append(text)
-        time.sleep(0.01)
-
-    monkeypatch.setattr(EventConsumer, "wait_backoff", report)
-    bad, totals = publish_games([redis, another_client(backend)], keys)
+    reported, bad, totals = games_beside_a_spoilt_dlq(services, backend, monkeypatch)
     stop = threading.Event()
     thread = threading.Thread(target=EventConsumer(services, "c1", stop).run, daemon=True)
     thread.start()
