@@ -7,8 +7,9 @@ a key it must not delete that way:
 - `um:leaderboard` is replaced, in one transaction, by a set rebuilt from the database;
 - any other key (the dead-letter stream) is never deleted: the worker waits until an
   operator moves it away, then sends what was refused again when the rest of its batch
-  ran (one server, in an EXEC: the acks too). On a cluster the acks were not sent, and
-  the entries come back to be decided again.
+  ran (one server, in an EXEC: the acks too), keeping refused dead letters meanwhile in
+  `um:dlq:unwritten` so a worker killed while it waits loses none. On a cluster the
+  acks were not sent, and the entries come back to be decided again.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ class KeyRepair:
         """Keep the refused dead letters in `um:dlq:unwritten` (their entries are acked
         already), then write them once the key is moved (`write_unwritten`). A worker
         stopped meanwhile, or killed, writes them when it starts again."""
-        in_memory: list[bytes] = []
-        if refused.ran_the_rest and refused.refused:
+        in_memory = refused.refused if refused.ran_the_rest else []
+        if in_memory and refused.key == self.keys.dlq:  # the list keeps dead letters only
             try:
-                self.redis.rpush(self.keys.dlq_unwritten, *refused.refused)
+                self.redis.rpush(self.keys.dlq_unwritten, *in_memory)
+                in_memory = []
             except (*REDIS_ERRORS, ResponseError) as exc:
                 log.warning("refused dead letters kept in memory only", error=repr(exc))
-                in_memory = refused.refused
         self.write_unwritten(log, wait, refused.key, in_memory, until_moved=True)
 
     def write_unwritten(
