@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from usermgmt.domain.accounts import Password, Username
 from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
-from usermgmt.domain.payloads import load_object
+from usermgmt.domain.payloads import LoneSurrogate, load_object
 
 REQUEST_MAX_AGE_S = 30
 # A UUID in its hyphenated 8-4-4-4-12 form, in either case: the reply key is built from it.
@@ -75,7 +75,10 @@ def parse_request(raw: str | bytes | None) -> AuthRequest:
     Raises `InvalidPayload` when no reply can be sent (no JSON object or no UUID
     `request_id`), `InvalidRequest` when the request can be answered with an error.
     """
-    data = load_object(raw, DeadLetterReason.INVALID_REQUEST)
+    try:
+        data = load_object(raw, DeadLetterReason.INVALID_REQUEST)
+    except LoneSurrogate as exc:  # JSON all the same: answered, if it names its request
+        raise InvalidRequest(_request_id(exc.data.get("request_id")), exc.message) from None
     request_id = data["request_id"] = _request_id(data.get("request_id"))
     try:
         return _REQUEST_ADAPTER.validate_python(data)  # keeps the `RequestId` as it is

@@ -729,6 +729,25 @@ def test_an_upper_case_request_id_is_answered_on_the_key_of_that_text(
     )
 
 
+def test_a_request_with_a_lone_surrogate_gets_its_one_invalid_request_reply(
+    services: Services, backend: Backend
+) -> None:
+    """A password string a JavaScript client broke (`JSON.stringify` escapes a lone
+    surrogate): answered, not left for the client to time out on, and not kept."""
+    redis, keys = backend.redis, backend.keys
+    request_id = str(uuid.uuid4())
+    raw = b'{"request_id": "%s", "op": "login", "username": "alice", "password": "Pw-%s-123"}'
+    with running(services):
+        redis.xadd(keys.auth_requests, {"payload": raw % (request_id.encode(), rb"\ud83d")})
+        popped = redis.blpop([keys.reply(uuid.UUID(request_id))], timeout=10)
+        assert popped is not None, "no reply"
+        assert poll(lambda: stream_is_clean(redis, keys))
+    reply = orjson.loads(popped[1])
+    assert (reply["ok"], reply["error"]["code"]) == (False, "invalid_request")
+    assert "surrogate" in reply["error"]["message"]
+    assert redis.xlen(keys.dlq) == 0
+
+
 # -- junk ----------------------------------------------------------------------------------
 
 JUNK: list[tuple[str, dict[bytes | str, bytes | str], str]] = [

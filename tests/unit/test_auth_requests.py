@@ -190,6 +190,31 @@ def test_a_bad_request_id_wins_over_a_bad_body() -> None:
 # -- bad bodies with a good request_id: InvalidRequest (answered) -------------------------------
 
 
+@pytest.mark.parametrize("escape", [rb"\ud800", rb"\udc00", rb"\ud800\ud800", rb"\ud800\u0041"])
+def test_a_lone_surrogate_escape_is_answered_as_invalid_request(escape: bytes) -> None:
+    """JSON's grammar allows it (a JavaScript client's `JSON.stringify` writes one for a
+    broken string); orjson refuses it, but the client still gets its one reply."""
+    raw = b'{"request_id": "%s", "op": "login", "username": "alice", "password": "%s%s"}'
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(raw % (RID.encode(), SECRET.encode(), escape))
+    assert caught.value.request_id == uuid.UUID(RID)
+    assert "surrogate" in caught.value.message
+    assert SECRET not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"request_id": "\ud800", "op": "get_user", "username": "alice"}',  # no reply key
+        rb'{"request_id": "%s", "op": "get_user", "username": "\ud800", "n": NaN}',  # not JSON
+        rb'["\ud800"]',
+    ],
+)
+def test_a_lone_surrogate_without_an_answerable_object_is_invalid_payload(raw: bytes) -> None:
+    with pytest.raises(InvalidPayload):
+        parse_request(raw.replace(b"%s", RID.encode()))
+
+
 @pytest.mark.parametrize(
     "fields",
     [

@@ -79,6 +79,20 @@ def test_a_number_beyond_any_double_is_invalid_event_not_invalid_json(number: by
     assert "out of range" in caught.value.message
 
 
+def test_a_lone_surrogate_escape_is_invalid_event_and_raw_surrogate_bytes_invalid_json() -> None:
+    """An escaped half of a UTF-16 pair is JSON's grammar, but no Unicode text; bytes
+    that are not UTF-8 are not JSON text at all."""
+    payload = b'{"event_id": "%s", "session_id": "s1", "players": ["al%sice"]}'
+    event_id = str(uuid.uuid4()).encode()
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event(EventKind.UPDATE, payload % (event_id, rb"\ud800"))
+    assert caught.value.reason is DeadLetterReason.INVALID_EVENT
+    assert "surrogate" in caught.value.message
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event(EventKind.UPDATE, payload % (event_id, b"\xed\xa0\x80"))
+    assert caught.value.reason is DeadLetterReason.INVALID_JSON
+
+
 @pytest.mark.parametrize("body", [[], "text", 42, None])
 def test_json_that_is_not_an_object_is_invalid_event(body: Any) -> None:
     assert rejected(EventKind.TERMINATE, body).reason is DeadLetterReason.INVALID_EVENT
