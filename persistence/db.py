@@ -31,27 +31,44 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
+def sqlite_path(database_url: str) -> Path | None:
+    """The file of a SQLite URL (None for PostgreSQL or an in-memory database)."""
+    url = normalize_url(database_url)
+    if not url.drivername.startswith("sqlite") or not url.database:
+        return None
+    if url.database == ":memory:":
+        return None
+    return Path(url.database).expanduser().resolve()
+
+
 def is_sqlite(engine: Engine) -> bool:
     """Whether `engine` talks to SQLite."""
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, *, background_checkpoints: bool = False, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, background_checkpoints: bool = False, existing_only: bool = False, **kwargs: Any
+) -> Engine:
     """An engine with the settings the worker relies on.
 
     SQLite: WAL, `synchronous=NORMAL`, a busy timeout and foreign keys on; a
     connection with the `IMMEDIATE` execution option begins its transactions
     IMMEDIATE, so a read-then-write batch never deadlocks against another process.
     With `background_checkpoints`, commits never checkpoint the WAL: the caller runs
-    `checkpoint_wal` on a thread of its own (the worker does).
+    `checkpoint_wal` on a thread of its own (the worker does). With `existing_only`, a
+    SQLite file is opened, never created (nor its folder): a command pointed at a
+    wrong path says so instead of leaving an empty database there.
     """
     parsed = normalize_url(url)
     if parsed.drivername.startswith("sqlite"):
-        database = parsed.database
-        if database and database != ":memory:":
-            Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, poolclass=NullPool if not database else None, **kwargs)
+        path = sqlite_path(url)
+        if path is not None and not existing_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        pool = NullPool if not parsed.database else None
+        engine = create_engine(parsed, poolclass=pool, **kwargs)
         _configure_sqlite(engine, 0 if background_checkpoints else WAL_AUTOCHECKPOINT_PAGES)
+        if path is not None and existing_only:
+            _open_existing_only(engine, path)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     engine = create_engine(parsed, **kwargs)
@@ -97,6 +114,15 @@ def _configure_postgresql(engine: Engine) -> None:
             if dbapi_connection.info.server_version >= _PLAN_CACHE_MODE_SINCE:
                 cursor.execute("SET plan_cache_mode = force_custom_plan")
         dbapi_connection.commit()
+
+
+def _open_existing_only(engine: Engine, path: Path) -> None:
+    """Open `path` read-write as a URI (`mode=rw`): SQLite then refuses a missing file."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        cargs[:] = [f"{path.as_uri()}?mode=rw"]
+        cparams["uri"] = True
 
 
 def _configure_sqlite(engine: Engine, autocheckpoint_pages: int) -> None:
@@ -272,10 +298,14 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 def current_revision(url: str) -> str | None:
-    """The revision the database is at, or None when it was never migrated."""
+    """The revision the database is at, or None when it was never migrated (also a
+    SQLite file that does not exist, which is left so)."""
     from alembic.runtime.migration import MigrationContext
 
-    engine = make_engine(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    engine = make_engine(url, existing_only=True)
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()

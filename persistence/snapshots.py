@@ -17,7 +17,6 @@ from pathlib import Path
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from usermgmt.persistence.db import normalize_url
 from usermgmt.persistence.replay import write_backup_marks
 
 BUSY_TIMEOUT_S = 30.0
@@ -36,16 +35,6 @@ class SnapshotInfo:
     revision: str | None
     checkpoints: dict[str, str]
     marks: dict[str, str]
-
-
-def sqlite_path(database_url: str) -> Path | None:
-    """The file of a SQLite URL (None for PostgreSQL or an in-memory database)."""
-    url = normalize_url(database_url)
-    if not url.drivername.startswith("sqlite") or not url.database:
-        return None
-    if url.database == ":memory:":
-        return None
-    return Path(url.database).expanduser().resolve()
 
 
 def take_snapshot(source: Path, dest: Path, marks: dict[str, str], now: datetime) -> SnapshotInfo:

@@ -304,6 +304,31 @@ def test_a_file_that_is_not_a_database_is_one_line(
     assert path.read_text().startswith("shopping list")
 
 
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["leaderboard"], "there is no database at"),
+        (["user", "alice"], "there is no database at"),
+        (["trim"], "there is no database at"),
+        (["worker", "--only", "events"], "no schema yet; run `usermgmt migrate` first"),
+        (["replay"], "has no schema; run `usermgmt migrate`"),
+    ],
+)
+def test_a_missing_sqlite_file_is_named_and_not_created(
+    cli: Any, tmp_path: Path, command: list[str], says: str
+) -> None:
+    """A mistyped path: said in one line, with no empty database (or folder) left
+    there for the next command to find; only `migrate` creates one."""
+    path = tmp_path / "typo" / "usermgmt.db"
+    result = cli(*command, USERMGMT_DATABASE_URL=f"sqlite:///{path}")
+    assert result.returncode == 1
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and says in lines[0], result.stderr
+    assert not path.parent.exists()
+    assert cli("migrate", USERMGMT_DATABASE_URL=f"sqlite:///{path}").returncode == 0
+    assert {"users", "stats", "leaderboard"} <= table_names(path)
+
+
 @pytest.mark.parametrize("command", [["acl"], ["leaderboard", "--json"]])
 def test_output_cut_short_by_its_reader_is_no_traceback(stack: Stack, command: list[str]) -> None:
     """`usermgmt … | head`: the reader goes before the output is written."""

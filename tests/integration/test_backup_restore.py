@@ -15,10 +15,10 @@ from sqlalchemy import text
 from tests.conftest import REDIS_URL, Backend, _delete_prefix, _real_redis
 from tests.integration.helpers import drain, publish, services_for
 from tests.integration.replay_helpers import new_relay, register, table_rows, wait_until
-from usermgmt.persistence.db import make_engine
+from usermgmt.persistence.db import make_engine, sqlite_path
 from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.ranking import refresh_ranks_now
-from usermgmt.persistence.snapshots import inspect_snapshot, sqlite_path, take_snapshot
+from usermgmt.persistence.snapshots import inspect_snapshot, take_snapshot
 from usermgmt.workers.cli.main import main
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops.backup import NotSQLite, WorkerAlive, backup, restore

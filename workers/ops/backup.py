@@ -25,14 +25,13 @@ from sqlalchemy import Engine
 
 from usermgmt.domain.events import entry_id_key
 from usermgmt.domain.payloads import text_of
-from usermgmt.persistence.db import upgrade
+from usermgmt.persistence.db import sqlite_path, upgrade
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.persistence.replay import clear_backup_marks, load_backup_marks, load_checkpoints
 from usermgmt.persistence.snapshots import (
     SnapshotInfo,
     inspect_snapshot,
     restore_snapshot,
-    sqlite_path,
     take_snapshot,
 )
 from usermgmt.workers.ops.replay import ProgressCallback, Replayer, ReplaySummary, rebuild_caches

@@ -38,7 +38,11 @@ def bootstrap(settings: Settings, background_checkpoints: bool = False) -> Servi
     return Services(
         settings=settings,
         redis=make_redis(settings.redis_url, settings.redis_cluster),
-        engine=make_engine(settings.database_url, background_checkpoints=background_checkpoints),
+        engine=make_engine(
+            settings.database_url,
+            background_checkpoints=background_checkpoints,
+            existing_only=True,  # only `migrate` makes a new SQLite file
+        ),
         keys=Keys(settings.key_prefix),
     )
 

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from usermgmt.persistence.command_batch import RedisUnavailable
-from usermgmt.persistence.db import make_engine, normalize_url
+from usermgmt.persistence.db import make_engine, normalize_url, sqlite_path
 
 # Redis away, or answering that it cannot serve writes for now (loading after a restart,
 # at its memory limit, a cluster between masters): wait it out with backoff.
@@ -110,6 +110,12 @@ def redis_unreachable(url: str, exc: BaseException) -> str:
 
 def database_unreachable(url: str, exc: BaseException) -> str:
     """`cannot use the database at … (…); check it or set USERMGMT_DATABASE_URL`."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return (
+            f"there is no database at {path}; run `usermgmt migrate` to create it, "
+            "or set USERMGMT_DATABASE_URL"
+        )
     return (
         f"cannot use the database at {safe_url(url)} ({_reason(exc)}); "
         "check it is running and migrated, or set USERMGMT_DATABASE_URL"
