@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import Pipeline
@@ -47,42 +48,78 @@ def queue_is_locked(pipe: Pipeline, keys: Keys, username: str) -> None:
     pipe.exists(keys.login_lock(username))
 
 
-def queue_attempt(pipe: Pipeline, keys: Keys, username: str) -> str:
-    """Count a login attempt in the 15-minute window *before* its password is checked
-    (four commands; the third's reply is the count, this attempt included).
+# A login's check in flight counts toward the lockout for this long at most: a
+# worker killed while hashing leaves its attempts behind, and they must not lock the
+# player out for the whole window. A bcrypt check takes well under a second.
+CHECK_MAX_S = 10
+_CHECKING, _FAILED = "c:", "f:"
 
-    An attempt counts as a failure until it succeeds (`queue_session` forgets them
-    all), so logins sent side by side cannot all be checked before the first failure
-    is counted: at most `LOCKOUT_MAX_FAILURES` guesses a window, however many run at
-    once, on however many workers. Returns the attempt's member, for `forget_attempt`.
+
+@dataclass(frozen=True)
+class Attempts:
+    """The lockout's sorted set, read: requests whose check runs, and failed ones."""
+
+    checking: int
+    failed: int
+
+    @classmethod
+    def of(cls, members: list[bytes] | list[str]) -> Attempts:
+        """Counted by request: a request served again (reclaimed) counts once."""
+        names = [m.decode() if isinstance(m, bytes) else m for m in members]
+        failed = {m[2:] for m in names if m.startswith(_FAILED)}
+        checking = {m[2:] for m in names if m.startswith(_CHECKING)} - failed
+        return cls(checking=len(checking), failed=len(failed))
+
+    @property
+    def locks(self) -> bool:
+        return self.failed >= LOCKOUT_MAX_FAILURES
+
+    @property
+    def too_many_at_once(self) -> bool:
+        """More checks than guesses left in the window: this one must wait its turn."""
+        return self.checking + self.failed > LOCKOUT_MAX_FAILURES
+
+
+def queue_attempt(pipe: Pipeline, keys: Keys, username: str, request_id: str) -> None:
+    """Count a login's check as running *before* the password is checked (four
+    commands; the third's reply is the set, for `Attempts.of`).
+
+    A check in flight counts like a failure, so logins sent side by side cannot all
+    be checked before the first failure is counted: at most `LOCKOUT_MAX_FAILURES`
+    guesses a window, however many run at once, on however many workers. It counts
+    until its outcome (`record_failure` turns it into a failure, a success clears the
+    set) or for `CHECK_MAX_S`: its score is set so that the window's trim drops it then.
     """
     now = time.time()
     key = keys.login_failures(username)
-    attempt = secrets.token_hex(8)
     pipe.zremrangebyscore(key, "-inf", now - LOCKOUT_WINDOW_S)
-    pipe.zadd(key, {attempt: now})
-    pipe.zcard(key)
+    pipe.zadd(key, {_CHECKING + request_id: now - LOCKOUT_WINDOW_S + CHECK_MAX_S})
+    pipe.zrange(key, 0, -1)
     pipe.expire(key, LOCKOUT_WINDOW_S)
-    return attempt
 
 
-def too_many(attempts: int) -> bool:
-    """An attempt counted as this one (`queue_attempt`) is not checked: refused as locked."""
-    return attempts > LOCKOUT_MAX_FAILURES
+def forget_attempt(client: Redis, keys: Keys, username: str, request_id: str) -> None:
+    """A check that did not run (locked, or waiting its turn) counts nothing."""
+    client.zrem(keys.login_failures(username), _CHECKING + request_id)
 
 
-def forget_attempt(client: Redis, keys: Keys, username: str, attempt: str) -> None:
-    """An attempt refused unchecked counts no failure."""
-    client.zrem(keys.login_failures(username), attempt)
+def record_failure(client: Redis, keys: Keys, username: str, request_id: str) -> bool:
+    """A checked password was wrong: the failure that makes `LOCKOUT_MAX_FAILURES` in
+    the window locks the username for `LOCKOUT_DURATION_S`. Returns whether it did.
 
-
-def record_failure(client: Redis, keys: Keys, username: str, attempts: int) -> bool:
-    """A counted attempt failed: the one that makes `LOCKOUT_MAX_FAILURES` locks the
-    username for `LOCKOUT_DURATION_S`. Returns whether it did."""
-    if attempts < LOCKOUT_MAX_FAILURES:
+    One transaction on one key (a cluster keeps it on one node): the check becomes a
+    failure, and the failures are counted as they stand after it.
+    """
+    key = keys.login_failures(username)
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(key, _CHECKING + request_id)
+    pipe.zadd(key, {_FAILED + request_id: time.time()})
+    pipe.zrange(key, 0, -1)
+    pipe.expire(key, LOCKOUT_WINDOW_S)
+    if not Attempts.of(pipe.execute()[2]).locks:
         return False
     lock = client.pipeline(transaction=False)
     lock.set(keys.login_lock(username), 1, ex=LOCKOUT_DURATION_S)
-    lock.delete(keys.login_failures(username))
+    lock.delete(key)
     lock.execute()
     return True

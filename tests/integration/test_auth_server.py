@@ -543,6 +543,90 @@ def test_logins_sent_side_by_side_get_at_most_five_passwords_checked(
         assert len(checked) == 5 and after == "locked"
 
 
+@pytest.mark.parametrize("right_at", [0, 2, 4])
+def test_four_failures_beside_a_success_never_lock(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch, right_at: int
+) -> None:
+    """The right password and four wrong ones side by side: four failures, whatever
+    order they are counted in, so the right password still logs in afterwards."""
+    redis, keys = backend.redis, backend.keys
+    real_checkpw = bcrypt.checkpw
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        time.sleep(0.05)  # all five checks overlap
+        return real_checkpw(password, hashed)
+
+    with running(with_settings(services, backend, auth_concurrency=8)):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+        passwords = [f"Wrong-pass-{n}" for n in range(4)]
+        passwords.insert(right_at, PASSWORD)
+        codes = burst_of_logins(redis, keys, "alice", passwords)
+        assert sorted(codes) == ["invalid_credentials"] * 4 + ["ok"]
+        assert code(login(redis, keys, "alice", PASSWORD)) == "ok"
+
+
+def test_checks_left_by_a_stalled_worker_stop_counting_after_a_while(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five right-password logins stuck in a worker that hangs (or was killed while
+    hashing): they count as running checks for `CHECK_MAX_S`, then no more, and no
+    failure ever happened, so nobody is locked out."""
+    monkeypatch.setattr(auth_store, "CHECK_MAX_S", 1)
+    redis, keys = backend.redis, backend.keys
+    real_checkpw = bcrypt.checkpw
+    calls: list[bytes] = []
+    stuck = threading.Event()
+
+    def hanging_checkpw(password: bytes, hashed: bytes) -> bool:
+        calls.append(password)
+        if len(calls) <= 5:  # the stalled worker's five
+            stuck.wait(30)
+        return real_checkpw(password, hashed)
+
+    try:
+        with running(with_settings(services, backend, auth_concurrency=5), "stalls"):
+            raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+            monkeypatch.setattr(bcrypt, "checkpw", hanging_checkpw)
+            # Five hashing, five more queued behind them: every slot of the worker taken.
+            ids = send_logins(redis, keys, "alice", [PASSWORD] * 10)
+            poll(
+                lambda: (
+                    len(calls) == 5
+                    and redis.xpending(keys.auth_requests, AUTH_GROUP)["pending"] == 10
+                )
+            )
+            with running(services, "healthy"):
+                started = time.monotonic()
+                assert code(login(redis, keys, "alice", PASSWORD)) == "ok"
+                assert time.monotonic() - started < 5
+            assert not redis.exists(*[keys.reply(uuid.UUID(i)) for i in ids])
+            stuck.set()
+    finally:
+        stuck.set()
+
+
+def send_logins(redis: Redis, keys: Keys, username: str, passwords: list[str]) -> list[str]:
+    """Publish logins in one pipelined burst; returns their request ids."""
+    ids = [str(uuid.uuid4()) for _ in passwords]
+    burst = redis.pipeline(transaction=False)
+    for request_id, password in zip(ids, passwords, strict=True):
+        request = {"request_id": request_id, "op": "login", "username": username}
+        burst.xadd(keys.auth_requests, {"payload": orjson.dumps({**request, "password": password})})
+    burst.execute()
+    return ids
+
+
+def burst_of_logins(redis: Redis, keys: Keys, username: str, passwords: list[str]) -> list[str]:
+    """The reply codes of logins published in one pipelined burst, in order."""
+    codes = []
+    for request_id in send_logins(redis, keys, username, passwords):
+        popped = redis.blpop([keys.reply(uuid.UUID(request_id))], timeout=30)
+        assert popped is not None
+        codes.append(code(orjson.loads(popped[1])))
+    return codes
+
+
 def test_unknown_usernames_are_locked_out_too(services: Services, backend: Backend) -> None:
     """Guessing at a name that does not exist gets the same treatment as a real one."""
     redis, keys = backend.redis, backend.keys

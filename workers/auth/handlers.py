@@ -7,6 +7,8 @@ server's loop to back off. See docs/protocol.md, "Accounts".
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Any
 
 import bcrypt
@@ -32,6 +34,10 @@ from usermgmt.workers.runtime.connections import (
     REDIS_ERRORS,
     database_unreachable,
 )
+
+# How often a login waiting for the checks before it (`Handlers.begin_check`) looks
+# again, give or take half, so that logins waiting side by side do not move in step.
+TURN_POLL_S = 0.05
 
 
 class Handlers:
@@ -110,18 +116,12 @@ class Handlers:
         )
 
     def login(self, request: LoginRequest, pipe: Pipeline) -> dict[str, Any]:
-        """Two Redis round trips besides bcrypt: the lock, the attempt's count and the
-        live rank before it, the token with the reply after it (`pipe`)."""
+        """Two Redis round trips besides bcrypt, as a rule: the lock, the check's count
+        and the live rank before it, the token with the reply after it (`pipe`)."""
         found = accounts.find_login(self.services.engine, request.username)
-        check = self.redis.pipeline(transaction=False)
-        auth_store.queue_is_locked(check, self.keys, request.username)
-        attempt = auth_store.queue_attempt(check, self.keys, request.username)
-        if found is not None:
-            cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
-        checked = check.execute()
-        locked, attempts = checked[0], checked[3]
-        if locked or auth_store.too_many(attempts):
-            auth_store.forget_attempt(self.redis, self.keys, request.username, attempt)
+        request_id = str(request.request_id)
+        checked = self.begin_check(request.username, request_id, found)
+        if checked is None:
             return error_reply(
                 request.request_id,
                 ErrorCode.LOCKED,
@@ -130,7 +130,7 @@ class Handlers:
         stored = found[0].encode() if found else self.dummy_hash
         matches = bcrypt.checkpw(request.password.encode(), stored)
         if found is None or not matches:
-            auth_store.record_failure(self.redis, self.keys, request.username, attempts)
+            auth_store.record_failure(self.redis, self.keys, request.username, request_id)
             return error_reply(
                 request.request_id,
                 ErrorCode.INVALID_CREDENTIALS,
@@ -140,6 +140,32 @@ class Handlers:
         token = auth_store.queue_session(pipe, self.keys, request.username, user.id)
         rank = cache.live_rank_reply(self.redis, self.keys, user.username, user.earnings, checked)
         return ok_reply(request.request_id, _with_rank(user, rank), token=token)
+
+    def begin_check(
+        self, username: str, request_id: str, found: tuple[str, UserView] | None
+    ) -> list[Any] | None:
+        """Count this login's check as running; None when the username is locked.
+
+        When as many checks already run as guesses are left in the window (logins sent
+        side by side), this one waits for their outcome: a failure may lock the name,
+        a success clears the count. It never waits longer than a check may count
+        (`auth_store.CHECK_MAX_S`). Returns the pipeline's replies (the live rank's too).
+        """
+        deadline = time.monotonic() + auth_store.CHECK_MAX_S
+        while True:
+            check = self.redis.pipeline(transaction=False)
+            auth_store.queue_is_locked(check, self.keys, username)
+            auth_store.queue_attempt(check, self.keys, username, request_id)
+            if found is not None:
+                cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
+            checked = check.execute()
+            attempts = auth_store.Attempts.of(checked[3])
+            if not (checked[0] or attempts.locks or attempts.too_many_at_once):
+                return checked
+            auth_store.forget_attempt(self.redis, self.keys, username, request_id)
+            if checked[0] or attempts.locks or time.monotonic() > deadline:
+                return None
+            time.sleep(random.uniform(0.5, 1.5) * TURN_POLL_S)
 
     def get_user(self, request: GetUserRequest) -> dict[str, Any]:
         user = cache.read_user(self.redis, self.keys, request.username)
