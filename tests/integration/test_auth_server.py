@@ -1098,3 +1098,63 @@ def test_several_servers_share_the_stream_and_each_request_is_answered_once(
         poll(lambda: stream_is_clean(redis, keys))
     assert table_counts(services) == (12, 12, 12)
     assert all(not redis.exists(keys.reply(request_id)) for request_id in request_ids)
+
+
+def test_a_request_whose_read_reply_was_lost_is_still_answered(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after XREADGROUP ran: the request is pending on this server,
+    which never saw it (redis-py read again). It is taken back within seconds, not left
+    for `claim_idle_ms` (30 s by default, when the client has long given up)."""
+    redis = backend.redis
+    real_read_new = auth_server.read_new
+    lost: list[int] = []
+
+    def lossy_read_new(*args: Any, **kwargs: Any) -> Any:
+        entries = real_read_new(*args, **kwargs)
+        if entries and not lost:
+            lost.append(len(entries))
+            return []  # as if the reply never arrived
+        return entries
+
+    monkeypatch.setattr(auth_server, "read_new", lossy_read_new)
+    client = AuthClient(redis, prefix=backend.prefix, timeout=5)
+    with running(services):
+        started = time.monotonic()
+        assert client.register("alice", PASSWORD)["username"] == "alice"
+        assert time.monotonic() - started < 4
+        poll(lambda: stream_is_clean(redis, backend.keys))
+    assert lost == [1]
+
+
+def test_requests_taken_over_from_a_dead_worker_are_answered_once(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker died holding twelve logins. Two live servers, each with one hashing
+    thread, reclaim them: each takes only what it can start at once and keeps those
+    fresh, so neither takes over what the other holds (two replies, two tokens)."""
+    services = with_settings(services, backend, claim_idle_ms=300, auth_concurrency=1)
+    redis, keys = backend.redis, backend.keys
+    client = AuthClient(redis, prefix=backend.prefix, timeout=10)
+    names = [f"player{n}" for n in range(12)]
+    with running(services, "setup"):
+        for name in names:
+            client.register(name, PASSWORD)
+    real_checkpw = bcrypt.checkpw
+
+    def slow_checkpw(password: bytes, hashed: bytes) -> bool:
+        time.sleep(0.15)  # twelve of them outlast the claim idle time many times over
+        return real_checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_checkpw)
+    ids = [uuid.uuid4() for _ in names]
+    for request_id, name in zip(ids, names, strict=True):
+        request = {"request_id": str(request_id), "op": "login", "username": name}
+        redis.xadd(keys.auth_requests, {"payload": orjson.dumps({**request, "password": PASSWORD})})
+    redis.xreadgroup(AUTH_GROUP, "dead", {keys.auth_requests: ">"})  # and then it died
+    with running(services, "c1"), running(services, "c2"):
+        poll(lambda: all(redis.exists(keys.reply(i)) for i in ids), timeout=20)
+        poll(lambda: stream_is_clean(redis, keys))
+        time.sleep(0.5)  # a second reply would have come by now
+    assert [redis.llen(keys.reply(i)) for i in ids] == [1] * len(ids)
+    assert all(orjson.loads(redis.lindex(keys.reply(i), 0))["ok"] for i in ids)

@@ -26,6 +26,7 @@ from usermgmt.workers.auth.replies import finish
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import REDIS_ERRORS, redis_unreachable
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
+from usermgmt.workers.runtime.pending import claim_own, own_pending
 from usermgmt.workers.runtime.streams import (
     Backoff,
     Entry,
@@ -34,13 +35,15 @@ from usermgmt.workers.runtime.streams import (
     ensure_group,
     is_missing_group,
     keep_fresh,
-    read_history,
     read_new,
 )
 
 log = structlog.get_logger("usermgmt.auth")
 
 BLOCK_MS = 1_000
+# How often the server looks for its own pending requests it does not hold (a read's
+# lost reply): one XPENDING of its own entries.
+TAKE_BACK_EVERY_S = 1.0
 
 
 class AuthServer:
@@ -74,6 +77,8 @@ class AuthServer:
         self.backoff = Backoff()
         self.clock = RedisClock(self.redis)  # request ages, as Redis stamps entry ids
         self.last_claim = 0.0
+        self.take_back_at = 0.0  # when to look for own pending requests not in hand
+        self.retrying_crash = True  # those found first were left by a crash
         # Requests in hand are kept fresh this often, so no other worker reclaims them.
         self.fresh_every_s = services.settings.claim_idle_ms / 1000 / 3
         self.last_fresh = 0.0
@@ -93,11 +98,8 @@ class AuthServer:
             try:
                 if first:
                     ensure_group(self.redis, self.keys.auth_requests, AUTH_GROUP)
-                    self.dispatch(
-                        read_history(
-                            self.redis, [self.keys.auth_requests], AUTH_GROUP, self.consumer, 1000
-                        )
-                    )
+                    self.take_back_at = 0.0  # a crash of this name may have left some
+                    self.retrying_crash = True
                     first = False
                 self.poll_once()
                 self.backoff.recovered(self.log, "the auth consumer")
@@ -112,36 +114,77 @@ class AuthServer:
         self.log.info("auth consumer stopped")
 
     def poll_once(self) -> None:
-        """Claim abandoned requests now and then, else read new ones up to the free slots."""
+        """Take up to the free slots' worth of requests: this consumer's own left pending
+        (`take_back`), then abandoned ones now and then (`claim_idle`), then new ones.
+
+        No more are taken than can start at once: one waiting in hand for a slot would
+        not be kept fresh, and another worker would take it over and answer it again.
+        """
         self.keep_fresh()
-        now = time.monotonic()
-        claim_every = self.services.settings.claim_idle_ms / 1000 / 2
-        if now - self.last_claim >= claim_every:
-            self.last_claim = now
-            self.dispatch(
-                claim_idle(
+        free = self.acquire_slots()
+        if free == 0:
+            return
+        entries: list[Entry] = []
+        try:
+            entries += self.take_back(free)
+            now = time.monotonic()
+            claim_every = self.services.settings.claim_idle_ms / 1000 / 2
+            if len(entries) < free and now - self.last_claim >= claim_every:
+                self.last_claim = now
+                entries += claim_idle(
                     self.redis,
                     self.keys.auth_requests,
                     AUTH_GROUP,
                     self.consumer,
                     self.services.settings.claim_idle_ms,
-                    100,
+                    free - len(entries),
                 )
-            )
-        free = self.acquire_slots()
-        if free == 0:
-            return
-        block_ms = max(1, min(BLOCK_MS, int(self.fresh_every_s * 1000)))
-        try:
-            entries = read_new(
-                self.redis, AUTH_GROUP, self.consumer, [self.keys.auth_requests], free, block_ms
-            )
+            if len(entries) < free:
+                block_ms = max(1, min(BLOCK_MS, int(self.fresh_every_s * 1000)))
+                entries += read_new(
+                    self.redis,
+                    AUTH_GROUP,
+                    self.consumer,
+                    [self.keys.auth_requests],
+                    free - len(entries),
+                    None if entries else block_ms,
+                )
         except BaseException:
-            # A failed read must give its slots back, or the server never reads again.
+            # A failed read must give its slots back, or the server never reads again;
+            # what it took stays pending here, and is taken back.
             self.release_slots(free)
             raise
         self.release_slots(free - len(entries))
         self.dispatch(entries, slots_taken=True)
+
+    def take_back(self, limit: int) -> list[Entry]:
+        """Up to `limit` of this consumer's pending requests that it does not hold.
+
+        A read whose reply was lost (the connection dropped after XREADGROUP ran, and
+        redis-py read again) left them pending here, unseen: nobody else would take them
+        for `claim_idle_ms`, and by then the client has given up. At start, what a
+        crashed worker of the same name left (a retry, counted as a delivery). Looked for
+        every `TAKE_BACK_EVERY_S`, and again at once while more are left than `limit`.
+        """
+        now = time.monotonic()
+        if now < self.take_back_at:
+            return []
+        self.take_back_at = now + TAKE_BACK_EVERY_S
+        with self.in_flight_lock:  # before the pending list: none can join it meanwhile
+            in_hand = set(self.in_flight)
+        stream = self.keys.auth_requests
+        pending = own_pending(self.redis, stream, AUTH_GROUP, self.consumer)
+        lost = [entry_id for entry_id in pending if entry_id not in in_hand]
+        retry = self.retrying_crash
+        if len(lost) > limit:
+            self.take_back_at = now  # the rest as slots free up
+        else:
+            self.retrying_crash = False
+        if not lost:
+            return []
+        why = "retrying requests a crash left pending" if retry else "took back unseen requests"
+        self.log.info(why, count=len(lost[:limit]), left=len(lost[limit:]))
+        return claim_own(self.redis, stream, AUTH_GROUP, self.consumer, lost[:limit], retry)
 
     def acquire_slots(self) -> int:
         """Take as many free worker slots as are available (at least one, or none on stop)."""

@@ -154,31 +154,6 @@ def _round_trip(client: Redis, key: str, commands: list[tuple[Any, ...]]) -> lis
     raise AssertionError("unreachable")
 
 
-def read_history(
-    client: Redis, streams: Sequence[str], group: str, consumer: str, count: int = 1000
-) -> list[Entry]:
-    """All of this consumer's own pending entries (left by a crash), oldest first.
-
-    Reading them again counts as a delivery in Redis; the counts are fetched so the
-    delivery limit is judged on Redis's numbers, not on memory.
-    """
-    entries: list[Entry] = []
-    start = dict.fromkeys(streams, "0")
-    while start:
-        response = client.xreadgroup(group, consumer, start, count=count)  # type: ignore[arg-type]
-        batch = to_entries(response)
-        entries += batch
-        for stream in list(start):
-            mine = [entry for entry in batch if entry.stream == stream]
-            if len(mine) < count:
-                del start[stream]
-            else:
-                start[stream] = mine[-1].entry_id
-    fill_deliveries(client, group, entries)
-    entries.sort(key=lambda entry: entry.sort_key)
-    return entries
-
-
 __all__ = [
     "FIRST_PAGE",
     "PAYLOAD",
@@ -199,7 +174,6 @@ __all__ = [
     "own_pending",
     "pending_elsewhere",
     "read_group",
-    "read_history",
     "read_new",
     "redis_time_ms",
     "remove_idle_consumers",
