@@ -119,6 +119,25 @@ def test_a_bad_value_in_a_dotenv_file_names_the_variable(tmp_path: Path) -> None
         load_settings(_env_file=env_file)
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"USERMGMT_KEY_PREFIX=caf\xe9\n", "USERMGMT_KEY_PREFIX in"),
+        (b"USERMGMT_BATCH_SIZE=10\n\xff\xfe\n", "(line 2)"),
+    ],
+)
+def test_a_dotenv_file_that_is_not_utf8_is_one_line(
+    tmp_path: Path, content: bytes, says: str
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=env_file)
+    assert str(caught.value).startswith("invalid setting ")
+    assert says in str(caught.value) and str(env_file) in str(caught.value)
+    assert "not UTF-8" in str(caught.value) and "\n" not in str(caught.value)
+
+
 HUGE = "9" * 20  # spelled out: beyond any signed 64-bit integer
 DB = "redis://cache.internal:6379"
 
@@ -145,6 +164,10 @@ OUT_OF_RANGE = [
     ("REDIS_URL", f"{DB}/0?max_connections=-1", "max_connections must be from 1"),
     ("REDIS_URL", f"{DB}/0?max_connections=0", "max_connections must be from 1"),
     ("REDIS_URL", f"{DB}/0?health_check_interval=-5", "health_check_interval must be"),
+    ("REDIS_URL", f"{DB}/0?sockettimeout=5", "unknown option 'sockettimeout'"),
+    ("REDIS_URL", f"{DB}/0?ssl_cert_reqs=none", "unknown option 'ssl_cert_reqs'"),
+    ("REDIS_URL", f"{DB}/0?protocol=9", "protocol must be either 2 or 3"),
+    ("REDIS_URL", f"{DB}/0?protocol=3", "protocol must be 2 (RESP2)"),
     ("USER_CACHE_TTL", "31536001", "less than or equal to 31536000"),
     ("USER_CACHE_TTL", HUGE, "less than or equal to 31536000"),
     ("USER_CACHE_TTL", "1e20", "valid integer"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Literal
+from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, Connection, parse_url
+from redis.exceptions import RedisError
 from sqlalchemy.exc import ArgumentError
 
 from usermgmt.domain.games import BIGINT_MAX
@@ -145,12 +146,35 @@ def _check_redis_options(url: str, options: dict[str, object]) -> None:
             top = MAX_REDIS_DB if name == "db" else MAX_URL_INT
             if not low <= number <= top:
                 raise ValueError(f"{name} must be from {low} to {top}")
+    _check_connection_options(options)
+
+
+def _check_connection_options(options: dict[str, object]) -> None:
+    """Build (not open) the connection the URL describes: a query option redis-py does
+    not know (`?sockettimeout=5`, a typo) is refused here, not in a traceback later.
+    RESP3 (`protocol=3`) is refused too: the worker reads replies in RESP2's shapes."""
+    given = dict(options)
+    given.pop("max_connections", None)  # the pool's, not the connection's
+    connection_class = given.pop("connection_class", Connection)
+    try:
+        cast(Any, connection_class)(**given)
+    except TypeError as exc:
+        unknown = re.search(r"keyword argument '([^']+)'", str(exc))
+        raise ValueError(
+            f"unknown option {unknown.group(1)!r} in the query" if unknown else str(exc)
+        ) from None
+    except RedisError as exc:
+        raise ValueError(str(exc)) from None
+    if given.get("protocol") not in (None, 2, "2"):
+        raise ValueError("protocol must be 2 (RESP2), the replies the worker reads")
 
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning the first invalid one into a one-line `ConfigError`."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except UnicodeDecodeError as exc:  # only the .env file is read as bytes
+        raise ConfigError(_not_utf8(exc, str(overrides.get("_env_file") or ".env"))) from None
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         field = str(error["loc"][0]) if error["loc"] else "?"
@@ -160,6 +184,18 @@ def load_settings(**overrides: object) -> Settings:
         value = f"={shown!r}" if shown is not None else ""
         message = str(error["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"invalid setting {variable}{value}: {message}") from None
+
+
+def _not_utf8(exc: UnicodeDecodeError, env_file: str) -> str:
+    """`invalid setting X in .env: not UTF-8 …`, naming the line's variable if it has one."""
+    line = bytes(exc.object[: exc.start]).count(b"\n") + 1
+    text = bytes(exc.object).splitlines()[line - 1].decode("utf-8", "replace")
+    name = text.split("=", 1)[0].strip().removeprefix("export ").strip()
+    where = f"{name} in " if "=" in text and name else ""
+    return (
+        f"invalid setting {where}{os.path.abspath(env_file)} (line {line}): not UTF-8 text "
+        f"(byte {exc.object[exc.start]:#x}); save the file as UTF-8"
+    )
 
 
 def missing_redis_database(exc: BaseException) -> ConfigError | None:
