@@ -116,6 +116,12 @@ def refresh_ranks_now(engine: Engine) -> int:
         return refresh_ranks(conn)
 
 
+def count_players(engine: Engine) -> int:
+    """How many players the database holds (every one has a `stats` row)."""
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM stats")).scalar_one())
+
+
 def rebuild_leaderboard_cache(
     engine: Engine, pipe: Pipeline, keys: Keys, chunk: int = 5_000, replace: bool = True
 ) -> int:

@@ -18,6 +18,7 @@ from usermgmt.domain.auth import parse_request
 from usermgmt.domain.ranking import competition_ranks
 from usermgmt.persistence import cache
 from usermgmt.workers.auth.server import AuthServer
+from usermgmt.workers.events.leaderboard_watch import LeaderboardWatch
 from usermgmt.workers.runtime.bootstrap import Services
 
 
@@ -171,6 +172,48 @@ def test_the_leaderboard_cache_is_rebuilt_when_redis_lost_it(
     with auth_server(services) as server:
         assert ask(server, "get_user", username="cid")["user"]["rank"] == 2
         assert ask(server, "get_user", username="ben")["user"]["rank"] == 3
+
+
+def test_a_leaderboard_cache_lost_while_the_worker_runs_is_filled_again(
+    services: Services, backend: Backend
+) -> None:
+    """Deleted by hand (or evicted) while the worker runs: the next games put back only
+    their players, until the watch fills in the rest from SQL. It never lowers a score
+    a batch raised meanwhile (the set is ahead of the table it read)."""
+    add_players(services, "ann", "ben", "cid", "dee")
+    games = (("g1", "ann", 90), ("g2", "ben", 40), ("g3", "dee", 20))
+    for session_id, winner, earnings in games:
+        publish(backend.redis, backend.keys, "update", session_id=session_id, players=[winner])
+        publish(
+            backend.redis,
+            backend.keys,
+            "terminate",
+            session_id=session_id,
+            results=[{"username": winner, "outcome": "win", "earnings": earnings}],
+        )
+    drain(services)
+    backend.redis.delete(backend.keys.leaderboard)
+    backend.redis.zadd(backend.keys.leaderboard, {"cid": 0})  # a live batch's write, after
+    publish(backend.redis, backend.keys, "update", session_id="g4", players=["cid"])
+    publish(
+        backend.redis,
+        backend.keys,
+        "terminate",
+        session_id="g4",
+        results=[{"username": "cid", "outcome": "win", "earnings": 10}],
+    )
+    drain(services)
+    backend.redis.zadd(backend.keys.leaderboard, {"ann": 95}, gt=True)  # a batch ahead of SQL
+    watch = LeaderboardWatch(services, threading.Event())
+    assert watch.check_once() == 2
+    board = {
+        name.decode(): int(score)
+        for name, score in backend.redis.zrange(backend.keys.leaderboard, 0, -1, withscores=True)
+    }
+    assert board == {"ann": 95, "ben": 40, "cid": 10, "dee": 20}
+    assert watch.check_once() == -1  # whole: nothing to do
+    with auth_server(services) as server:
+        assert ask(server, "get_user", username="cid")["user"]["rank"] == 4
 
 
 def test_the_login_rank_guess_is_checked_against_the_sorted_set(backend: Backend) -> None:

@@ -19,6 +19,7 @@ from usermgmt.workers.auth.relay import Relay
 from usermgmt.workers.auth.replies import drop_stale_requests
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.events.consumer import EventConsumer
+from usermgmt.workers.events.leaderboard_watch import LeaderboardWatch
 from usermgmt.workers.ops.trim import Trimmer
 from usermgmt.workers.runtime import early_signals
 from usermgmt.workers.runtime.backoff import Backoff
@@ -112,8 +113,9 @@ class Worker:
         return 1 if self.failed else 0
 
     def _start_background(self) -> list[threading.Thread]:
-        """The outbox relay (beside the auth consumer) and the stream trimmer (beside the
-        event consumer); both stop with the worker and are not waited for in the drain."""
+        """The outbox relay (beside the auth consumer), the stream trimmer and the
+        leaderboard watch (beside the event consumer); they stop with the worker and are
+        not waited for in the drain."""
         settings = self.services.settings
         started = []
         if is_sqlite(self.services.engine):
@@ -125,6 +127,9 @@ class Worker:
                 self.services, self.stop, settings.trim_interval_s, settings.stream_retention_s
             )
             started.append(self._thread("trim", trimmer.run, daemon=True))
+        if self.only in (None, "events") and not self.burst:
+            watch = LeaderboardWatch(self.services, self.stop)
+            started.append(self._thread("leaderboard-watch", watch.run, daemon=True))
         return started
 
     def _checkpoint_wal(self) -> None:
