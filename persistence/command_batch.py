@@ -55,12 +55,13 @@ class RedisUnavailable(RedisConnectionError):
 
 
 class WrongType(ResponseError):
-    """Commands met another type of value under their key (`key`); `refused` holds them
-    (RESP), `ran_the_rest`: whether the batch's other commands, acks included, ran."""
+    """Commands met another type of value under keys they do not write whole:
+    `refused` holds them (RESP) by key, in the batch's order; `ran_the_rest`: whether the
+    batch's other commands, acks included, ran."""
 
-    def __init__(self, message: str, key: str, refused: list[bytes], ran_the_rest: bool) -> None:
-        super().__init__(f"{message} (key {key})")
-        self.key, self.refused, self.ran_the_rest = key, refused, ran_the_rest
+    def __init__(self, message: str, refused: dict[str, list[bytes]], ran_the_rest: bool) -> None:
+        super().__init__(f"{message} (keys {', '.join(refused)})")
+        self.refused, self.ran_the_rest = refused, ran_the_rest
 
 
 class Parts:
@@ -341,25 +342,26 @@ def _mend(
 ) -> None:
     """Replace each key a `whole` part met holding another type: DEL it and write the part
     again, in MULTI/EXEC on the key's server; the part's replies become those. The keys
-    replaced are added to `replaced`. A part that is not `whole` raises `WrongType`, with
-    every refused part on its key."""
+    replaced are added to `replaced`. Parts that are not `whole` raise `WrongType` once
+    the rest is mended, with every refused part of every such key."""
+    refused: dict[str, list[bytes]] = {}
+    message = ""
     for index, replies in enumerate(by_part):
-        refused = next(filter(_wrong_type, replies), None)
-        if refused is None:
+        wrong = next(filter(_wrong_type, replies), None)
+        if wrong is None:
             continue
         key = batch.keys[index]
         name = key.decode() if isinstance(key, bytes) else key
         if index not in batch.whole:
-            parts = [
-                batch.parts[other]
-                for other, answers in enumerate(by_part)
-                if batch.keys[other] == key and any(map(_wrong_type, answers))
-            ]
-            raise WrongType(str(refused), name, parts, ran_the_rest)
+            refused.setdefault(name, []).append(batch.parts[index])
+            message = message or str(wrong)
+            continue
         packed = pack_command(("DEL", key)) + batch.parts[index]  # type: ignore[arg-type]
         count = batch.counts[index] + 1
         by_part[index] = InFlight.write(pool_for(key), packed, count, transaction=True).wait()[1:]
         replaced.append(name)
+    if refused:
+        raise WrongType(message, refused, ran_the_rest)
 
 
 def _executed(replies: list[Any]) -> list[Any]:

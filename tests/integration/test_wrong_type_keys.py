@@ -137,6 +137,39 @@ def test_dead_letters_refused_by_a_dlq_of_another_type_are_written_after_a_resta
     assert_exact(services, redis, keys, totals)
 
 
+def test_a_dead_letter_refused_beside_a_spoilt_leaderboard_is_kept_and_written(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both keys spoilt, met by one batch: the set is rebuilt and the refused letter is
+    still kept, then written once `um:dlq` is moved (each key is handled, not the first)."""
+    keys, redis = backend.keys, backend.redis
+    reported, bad, totals = games_beside_a_spoilt_dlq(services, backend, monkeypatch)
+    redis.set(keys.leaderboard, "not a sorted set")
+    stop = threading.Event()
+    thread = threading.Thread(target=EventConsumer(services, "c1", stop).run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: reported)
+        if not backend.cluster:  # acked with the batch: the letter is kept meanwhile
+            wait_until(lambda: redis.llen(keys.dlq_unwritten) == 1)
+        redis.delete(keys.dlq)
+        wait_until(
+            lambda: (
+                redis.exists(keys.dlq)
+                and not redis.xpending(keys.update_stream, "usermgmt-events")["pending"]
+                and not redis.xpending(keys.terminate_stream, "usermgmt-events")["pending"]
+            )
+        )
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert [letter["payload"] for letter in dead_letters(redis, keys)] == [bad]
+    assert not redis.exists(keys.dlq_unwritten)
+    assert redis.zcard(keys.leaderboard) == len(PLAYERS)
+    assert_exact(services, redis, keys, totals)
+
+
 def _a_string(redis: Redis, key: str) -> None:
     redis.set(key, "written by hand")
 

@@ -39,23 +39,24 @@ class KeyRepair:
         self.redis, self.engine, self.keys, self.stop = redis, engine, keys, stop
 
     def handle(self, refused: WrongType, log: FilteringBoundLogger, wait: Wait) -> None:
-        if refused.key == self.keys.leaderboard:
-            self.rebuild_leaderboard(log, wait)
-        else:
-            self.wait_until_moved(refused, log, wait)
-
-    def wait_until_moved(self, refused: WrongType, log: FilteringBoundLogger, wait: Wait) -> None:
-        """Keep the refused dead letters in `um:dlq:unwritten` (their entries are acked
-        already), then write them once the key is moved (`write_unwritten`). A worker
-        stopped meanwhile, or killed, writes them when it starts again."""
-        in_memory = refused.refused if refused.ran_the_rest else []
-        if in_memory and refused.key == self.keys.dlq:  # the list keeps dead letters only
+        """Every key the batch met holding another type: the dead letters refused are
+        kept first, then the leaderboard is rebuilt, then the worker waits for the rest."""
+        dlq, leaderboard = self.keys.dlq, self.keys.leaderboard
+        in_memory = refused.refused.get(dlq, []) if refused.ran_the_rest else []
+        if in_memory:  # `um:dlq:unwritten` keeps dead letters only
             try:
                 self.redis.rpush(self.keys.dlq_unwritten, *in_memory)
                 in_memory = []
             except (*REDIS_ERRORS, ResponseError) as exc:
                 log.warning("refused dead letters kept in memory only", error=repr(exc))
-        self.write_unwritten(log, wait, refused.key, in_memory, until_moved=True)
+        if leaderboard in refused.refused:
+            self.rebuild_leaderboard(log, wait)
+        for key in sorted(refused.refused, key=lambda key: key != dlq):  # `um:dlq` first
+            if key != leaderboard:
+                # Kept until written: refused dead letters, once `um:dlq` is moved. On a
+                # cluster the acks did not run: the entries come back, decided again then.
+                mine = in_memory if key == dlq else []
+                self.write_unwritten(log, wait, key, mine, until_moved=True)
 
     def write_unwritten(
         self,
@@ -76,18 +77,25 @@ class KeyRepair:
             f"Redis key {key} holds another type of value than the worker writes there; "
             "rename or delete it"
         )
+        letters = key == self.keys.dlq  # `um:dlq:unwritten` holds that key's only
         while not self.stop.is_set():
             try:
-                kept = cast(list[bytes], self.redis.lrange(self.keys.dlq_unwritten, 0, -1))
+                kept = (
+                    cast(list[bytes], self.redis.lrange(self.keys.dlq_unwritten, 0, -1))
+                    if letters
+                    else []
+                )
                 if not (kept or in_memory or until_moved):
                     return
                 if self.redis.type(key) in (b"none", b"stream", "none", "stream"):
                     writes = cache.CommandBatch()
                     for part in [*kept, *(in_memory or [])]:
                         writes.add_packed(part, 1, key, whole=False)
-                    writes.barrier()  # one server: the letters and the forgetting together
-                    writes.add("DEL", self.keys.dlq_unwritten)
-                    writes.send(self.redis).wait()
+                    if kept:
+                        writes.barrier()  # one server: the letters and the forgetting together
+                        writes.add("DEL", self.keys.dlq_unwritten)
+                    if writes.parts:
+                        writes.send(self.redis).wait()
                     log.info("the key of another type is gone; writing to it again", key=key)
                     return
             except (*REDIS_ERRORS, ResponseError) as exc:
