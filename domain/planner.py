@@ -8,8 +8,9 @@ An entry is applied once what it depends on has been applied, and no sooner:
   update (a terminate that comes first waits for the session's first update);
 - an update that puts a player into its session waits until that player's previous
   live session has ended (or dropped them), unless that session has been silent
-  for `session_timeout_ms`: then it is ended as `expired` (its own waiting entries
-  are then decided again at once: `session_ended`);
+  for `session_timeout_ms`: then it is ended as `expired` as the update proceeds (one
+  that still waits for another busy player expires nothing; the ended session's own
+  waiting entries are then decided again at once: `session_ended`);
 - nothing overtakes an earlier waiting entry it depends on: later entries of the
   same session, and later updates wanting the same player, queue behind it.
 
@@ -245,11 +246,15 @@ class _Planner:
         ]
         if self.queue_behind(entry, wanted):
             return
+        # Silent sessions end only with the update that proceeds: one that still waits
+        # for a busy player expires nothing (whatever the order of its players).
+        silent: list[str] = []
         for player in players:
             current = live.get(player.id)
-            if current is None or current == event.session_id:
+            if current is None or current == event.session_id or current in silent:
                 continue
-            if self._expire_if_silent(current, entry.ms):
+            if self._is_silent(current, entry.ms):
+                silent.append(current)
                 continue
             self.wait(
                 entry,
@@ -257,6 +262,8 @@ class _Planner:
                 f"player {player.username} to leave live session {current}",
             )
             return
+        for session_id in silent:
+            self._expire(session_id, entry.ms)
         dropped = self._apply_update(entry, event, players, session)
         self.resolve(entry, APPLIED, dropped)
         self.wake("session", event.session_id)
@@ -372,18 +379,19 @@ class _Planner:
         self.changes.sessions[session.session_id] = session
         self.changes.touched_sessions.add(session.session_id)
 
-    def _expire_if_silent(self, session_id: str, at_ms: int) -> bool:
-        """End a live session silent for `session_timeout_ms` (as of `at_ms`) as expired."""
+    def _is_silent(self, session_id: str, at_ms: int) -> bool:
+        """Whether a live session has had no event for `session_timeout_ms` as of `at_ms`."""
         timeout = self.limits.session_timeout_ms
         session = self.world.sessions.get(session_id)
         if timeout <= 0 or session is None:
             return False
         last_ms = (session.updated_at - EPOCH) // MILLISECOND
-        if last_ms + timeout >= at_ms:
-            return False
-        self._end(session, EXPIRED, at_ms)
+        return last_ms + timeout < at_ms
+
+    def _expire(self, session_id: str, at_ms: int) -> None:
+        """End a silent live session as expired (no results)."""
+        self._end(self.world.sessions[session_id], EXPIRED, at_ms)
         self.plan.expired_sessions.append(session_id)
-        return True
 
     def _set_membership(self, user_id: int, session_id: str | None) -> None:
         live = self.world.live_session_of
