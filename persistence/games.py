@@ -11,7 +11,7 @@ results). Updated rows go in primary-key order on both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
@@ -29,8 +29,8 @@ _PLAYER_COLUMNS = (
     "JOIN leaderboard l ON l.stats_id = s.id WHERE "
 )
 _SESSION_COLUMNS = (
-    "SELECT id, session_id, status, meta, end_reason, created_at, updated_at, ended_at "
-    "FROM game_sessions WHERE "
+    "SELECT id, session_id, status, meta, end_reason, created_at, updated_at, ended_at, "
+    "roster_order FROM game_sessions WHERE "
 )
 # The types of the columns rows are looked up by (`Driver.member_of` on PostgreSQL).
 _COLUMN_TYPES = {"u.username_key": "text", "u.id": "bigint", "session_id": "text", "id": "bigint"}
@@ -82,7 +82,10 @@ def load_world(
     new_keys = sorted({key for key in username_keys if key not in world.players})
     new_ids = [player.id for player in _load_players(db, world, "u.username_key", new_keys, lock)]
     wanted = sorted({sid for sid in session_ids if sid not in world.sessions})
-    new_sessions = {_pk(s): s for s in _load_sessions(db, world, "session_id", wanted, lock)}
+    orders: dict[int, str] = {}  # a loaded session's `roster_order`
+    new_sessions = {
+        _pk(s): s for s in _load_sessions(db, world, "session_id", wanted, lock, orders)
+    }
 
     # Live sessions of the batch's new players (a busy player waits), and whole rosters
     # of every session loaded (a replaced roster frees the players it drops, an ended
@@ -95,7 +98,7 @@ def load_world(
     memberships = _memberships(db, "user_id", sorted({*new_ids, *refreshed}))
     memberships += _memberships(db, "session_pk", sorted(new_sessions))
     others = sorted({pk for _, pk, sid in memberships if sid not in world.sessions})
-    new_sessions.update((_pk(s), s) for s in _load_sessions(db, world, "id", others, lock))
+    new_sessions.update((_pk(s), s) for s in _load_sessions(db, world, "id", others, lock, orders))
     memberships += _memberships(db, "session_pk", others)
     missing_users: set[int] = set()
     for user_id, pk, session_id in set(memberships):
@@ -109,9 +112,22 @@ def load_world(
     for user_ids in world.also_touched.values():  # a duplicate refreshes their caches
         missing_users.update(uid for uid in user_ids if uid not in world.by_id)
     _load_players(db, world, "u.id", sorted(missing_users), lock)
-    for session in new_sessions.values():
-        session.roster.sort()
+    for pk, session in new_sessions.items():
+        session.roster.sort(key=roster_position(orders.get(pk)))
     return world
+
+
+def roster_position(order: str | None) -> Callable[[int], tuple[int, int]]:
+    """A roster sort key: a player's place in `roster_order`, then the user id (rows
+    written before that column, or a player it does not name, go by id)."""
+    places = {int(uid): index for index, uid in enumerate(order.split(","))} if order else {}
+    last = len(places)
+    return lambda uid: (places.get(uid, last), uid)
+
+
+def _roster_order(session: Session) -> str | None:
+    """What `roster_order` holds for a session: its roster's ids, in order, while live."""
+    return ",".join(map(str, session.roster)) if session.roster and not session.ended else None
 
 
 def _memberships(db: Driver, column: str, values: list[int]) -> list[tuple[int, int, str]]:
@@ -147,14 +163,17 @@ def _load_players(
 
 
 def _load_sessions(
-    db: Driver, world: World, column: str, values: list[Any], lock: bool
+    db: Driver, world: World, column: str, values: list[Any], lock: bool, orders: dict[int, str]
 ) -> list[Session]:
     loaded: list[Session] = []
     for where, params in db.member_of(column, values, _COLUMN_TYPES[column]):
         query = f"{_SESSION_COLUMNS}{where} ORDER BY id"
         if lock:
             query += " FOR UPDATE"
-        for pk, session_id, status, meta, reason, created, updated, ended in db.rows(query, params):
+        for row in db.rows(query, params):
+            pk, session_id, status, meta, reason, created, updated, ended, order = row
+            if order:
+                orders[pk] = order
             session = world.sessions[session_id] = Session(
                 session_id=session_id,
                 status=status,
@@ -211,7 +230,7 @@ def _postgres(db: Driver) -> bool:
     return bool(db.dialect.name == "postgresql")
 
 
-_SESSION_ROW = 7  # columns of one inserted session
+_SESSION_ROW = 8  # columns of one inserted session
 
 
 def _write_sessions(db: Driver, changes: Changes) -> None:
@@ -223,21 +242,39 @@ def _write_sessions(db: Driver, changes: Changes) -> None:
     if _postgres(db):
         db.unnest(
             "UPDATE game_sessions SET status = v.status, meta = v.meta, "
-            "end_reason = v.end_reason, updated_at = v.updated_at, ended_at = v.ended_at "
+            "end_reason = v.end_reason, updated_at = v.updated_at, ended_at = v.ended_at, "
+            "roster_order = v.roster_order "
             "FROM unnest(?::bigint[], ?::text[], ?::text[], ?::text[], ?::timestamptz[], "
-            "?::timestamptz[]) AS v(id, status, meta, end_reason, updated_at, ended_at) "
+            "?::timestamptz[], ?::text[]) "
+            "AS v(id, status, meta, end_reason, updated_at, ended_at, roster_order) "
             "WHERE game_sessions.id = v.id",
             [
-                (s.pk, s.status, _meta(s), s.end_reason, db.time(s.updated_at), db.time(s.ended_at))
+                (
+                    s.pk,
+                    s.status,
+                    _meta(s),
+                    s.end_reason,
+                    db.time(s.updated_at),
+                    db.time(s.ended_at),
+                    _roster_order(s),
+                )
                 for s in old
             ],
         )
         return
     db.many(
         "UPDATE game_sessions SET status = ?, meta = ?, end_reason = ?, updated_at = ?, "
-        "ended_at = ? WHERE id = ?",
+        "ended_at = ?, roster_order = ? WHERE id = ?",
         [
-            (s.status, _meta(s), s.end_reason, db.time(s.updated_at), db.time(s.ended_at), s.pk)
+            (
+                s.status,
+                _meta(s),
+                s.end_reason,
+                db.time(s.updated_at),
+                db.time(s.ended_at),
+                _roster_order(s),
+                s.pk,
+            )
             for s in old
         ],
     )
@@ -256,6 +293,7 @@ def _insert_sessions(db: Driver, sessions: list[Session]) -> list[tuple[int, str
             db.time(s.created_at),
             db.time(s.updated_at),
             db.time(s.ended_at),
+            _roster_order(s),
         )
         for s in sessions
     ]
@@ -263,13 +301,14 @@ def _insert_sessions(db: Driver, sessions: list[Session]) -> list[tuple[int, str
         return []
     insert = (
         "INSERT INTO game_sessions (session_id, status, meta, end_reason, created_at, "
-        "updated_at, ended_at) "
+        "updated_at, ended_at, roster_order) "
     )
     if _postgres(db):
         return list(
             db.rows(
                 f"{insert}SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], "  # noqa: S608
-                "?::timestamptz[], ?::timestamptz[], ?::timestamptz[]) RETURNING id, session_id",
+                "?::timestamptz[], ?::timestamptz[], ?::timestamptz[], ?::text[]) "
+                "RETURNING id, session_id",
                 [list(column) for column in zip(*rows, strict=True)],
             )
         )

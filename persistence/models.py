@@ -88,6 +88,9 @@ class GameSession(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The roster's user ids in the last update's order, comma-separated (`session_players`
+    # says who plays, not in which order); NULL for sessions written before 0007.
+    roster_order: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 # `session_players` and `game_results` name users and sessions without foreign keys

@@ -18,6 +18,7 @@ from usermgmt.domain.accounts import username_key
 from usermgmt.domain.games import Decision, Outcome
 from usermgmt.domain.registrations import Registration
 from usermgmt.persistence import outbox
+from usermgmt.persistence.games import roster_position
 from usermgmt.persistence.models import User
 from usermgmt.persistence.sql import as_utc, chunks
 
@@ -183,29 +184,36 @@ class LiveSession:
     updated_at: datetime
 
 
+def _in_order(players: list[tuple[int, str]], order: str | None) -> list[str]:
+    """Usernames of (user id, username) pairs, in `roster_order`."""
+    position = roster_position(order)
+    return [name for _, name in sorted(players, key=lambda player: position(player[0]))]
+
+
 def live_sessions(engine: Engine) -> list[LiveSession]:
-    """Every session that has not ended, with its roster's usernames (by user id)."""
+    """Every session that has not ended, with its roster's usernames in the last
+    update's order (`roster_order`; by user id for rows written before it)."""
     with engine.connect() as conn:
         stamp = DateTime(timezone=True)
         sessions = conn.execute(
             text(
-                "SELECT id, session_id, status, meta, created_at, updated_at "
+                "SELECT id, session_id, status, meta, created_at, updated_at, roster_order "
                 "FROM game_sessions WHERE status <> 'ended' ORDER BY id"
             ).columns(created_at=stamp, updated_at=stamp)
         ).all()
-        rosters: dict[int, list[str]] = {}
-        for session_pk, username in conn.execute(
+        rosters: dict[int, list[tuple[int, str]]] = {}
+        for session_pk, user_id, username in conn.execute(
             text(
-                "SELECT sp.session_pk, u.username FROM session_players sp "
+                "SELECT sp.session_pk, u.id, u.username FROM session_players sp "
                 "JOIN users u ON u.id = sp.user_id ORDER BY sp.session_pk, u.id"
             )
         ):
-            rosters.setdefault(session_pk, []).append(username)
+            rosters.setdefault(session_pk, []).append((user_id, username))
     return [
         LiveSession(
             session_id=row.session_id,
             status=row.status,
-            players=rosters.get(row.id, []),
+            players=_in_order(rosters.get(row.id, []), row.roster_order),
             meta=orjson.dumps(orjson.loads(row.meta)).decode(),
             created_at=as_utc(row.created_at),
             updated_at=as_utc(row.updated_at),

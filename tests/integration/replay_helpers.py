@@ -27,7 +27,7 @@ TABLES: dict[str, str] = {
     "users": "SELECT id, username, username_key, password_hash, wallet, created_at FROM users",
     "stats": "SELECT id, user_id, win_count, loss_count, earnings FROM stats",
     "leaderboard": "SELECT id, stats_id, rank, earnings FROM leaderboard",
-    "game_sessions": "SELECT session_id, status, meta, end_reason FROM game_sessions",
+    "game_sessions": "SELECT session_id, status, meta, end_reason, roster_order FROM game_sessions",
     "session_players": (
         "SELECT g.session_id, p.user_id FROM session_players p "
         "JOIN game_sessions g ON g.id = p.session_pk"

@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     services_for,
     standings,
 )
+from usermgmt.persistence.replay import live_sessions
 from usermgmt.workers.events.after_commit import AfterCommit
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime.bootstrap import Services
@@ -237,6 +238,26 @@ def test_a_late_duplicate_refreshes_a_player_with_the_session_they_play_in_now(
     assert drain(services).stats.duplicates == 1
     assert backend.redis.hget(keys.user("bob"), "session") == b"s2"
     assert backend.redis.hget(keys.user("alice"), "session") is None
+
+
+def test_a_roster_read_back_from_the_database_keeps_the_updates_order(
+    services: Services, backend: Backend
+) -> None:
+    """The session hash lists the players in the last update's order, also when a
+    duplicate refreshes it from a session read from the database (a new worker) and
+    when the caches are rebuilt from the tables (`replay --refresh-caches`)."""
+    add_players(services, "amy", "bob", "zed")  # user ids in this order
+    keys = backend.keys
+    waiting = {"event_id": str(uuid.uuid4()), "session_id": "s1", "status": "waiting"}
+    publish(backend.redis, keys, "update", **waiting, players=["zed", "bob", "amy"])
+    publish(backend.redis, keys, "update", session_id="s1", players=["bob", "zed", "amy"])
+    drain(services)
+    publish(backend.redis, keys, "update", **waiting, players=["zed", "bob", "amy"])
+    assert drain(services).stats.duplicates == 1  # a new worker: it knows nobody yet
+
+    players = orjson.loads(backend.redis.hget(keys.session("s1"), "players"))
+    assert players == ["bob", "zed", "amy"]
+    assert [s.players for s in live_sessions(services.engine)] == [["bob", "zed", "amy"]]
 
 
 def test_a_redelivered_duplicate_refreshes_lost_caches(
