@@ -146,6 +146,40 @@ def test_status_and_metrics_show_waiting_entries_and_the_oldest(
         assert row["times_delivered"] == 1
 
 
+def test_an_entry_waiting_while_nothing_else_arrives_is_logged_and_measured(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No batch runs while the only entry waits: its age still shows in the gauge and
+    the log line comes once it has waited long enough (here 0.5 s, 10 s by default)."""
+    from usermgmt.workers.events import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "LONG_WAIT_MS", 500)
+    keys, redis = backend.keys, backend.redis
+    register(services, "alice")
+    entry_id = publish(redis, keys, "terminate", session_id="late", results=[], reason="aborted")
+    metrics = PrometheusMetrics()
+    stop = threading.Event()
+    worker = EventConsumer(services, "c1", stop, metrics=metrics)
+    worker.log = Recorder()  # type: ignore[assignment]
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(
+            lambda: any(
+                line["event"] == "entry waiting"
+                for line in worker.log.lines  # type: ignore[attr-defined]
+            ),
+            timeout=15,
+        )
+    finally:
+        stop.set()
+        thread.join(15)
+    (logged,) = [line for line in worker.log.lines if line["event"] == "entry waiting"]  # type: ignore[attr-defined]
+    assert logged["entry_id"] == entry_id and logged["waited_s"] >= 0.5
+    age = metrics.registry.get_sample_value("usermgmt_events_waiting_oldest_seconds")
+    assert age is not None and age >= 0.5
+
+
 class Recorder:
     """Stands in for a consumer's bound logger: keeps every line as a dict."""
 

@@ -277,6 +277,7 @@ class EventConsumer:
         full re-rank and collection there would hold up the entries arriving next.
         """
         self.settle()
+        self.observe_waiting()  # their ages grow with the clock, batches or none
         if self.buffer:
             if self.intake.pause_ms is None:
                 time.sleep(CLOCK_PAUSE_S)  # the clock has to leave the buffer's millisecond
