@@ -21,6 +21,7 @@ from tests.integration.helpers import dead_letters, drain, publish, rows
 from usermgmt.persistence import accounts
 from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP
+from usermgmt.workers.events import consumer as consumer_module
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops import dlq, status
 from usermgmt.workers.runtime import redis_info
@@ -151,8 +152,6 @@ def test_an_entry_waiting_while_nothing_else_arrives_is_logged_and_measured(
 ) -> None:
     """No batch runs while the only entry waits: its age still shows in the gauge and
     the log line comes once it has waited long enough (here 0.5 s, 10 s by default)."""
-    from usermgmt.workers.events import consumer as consumer_module
-
     monkeypatch.setattr(consumer_module, "LONG_WAIT_MS", 500)
     keys, redis = backend.keys, backend.redis
     register(services, "alice")
