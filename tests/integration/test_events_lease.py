@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import Backend
 from tests.integration.helpers import add_players, publish, services_for
+from tests.integration.replay_helpers import wait_until
 from tests.integration.test_events_delivery import (
     PLAYERS,
     burst,
@@ -17,7 +18,7 @@ from tests.integration.test_events_delivery import (
     running,
     wait_for,
 )
-from usermgmt.workers.events import lease
+from usermgmt.workers.events import after_commit, lease
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.events.lease import TTL_MS
 from usermgmt.workers.runtime.streams import Entry
@@ -111,3 +112,36 @@ def test_a_worker_that_stands_by_with_dirty_ranks_tells_the_reader(
         b.on_idle()
         assert refreshed == [True]
         assert not backend.redis.exists(keys.ranks_dirty)
+
+
+def test_without_the_lease_an_ended_sessions_hash_is_deleted_again(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers applying side by side (no lease): another worker's write of a session's
+    hash can land after the terminate's delete. The hash of an ended session is deleted
+    again a moment later (sooner here), also while nothing else arrives."""
+    monkeypatch.setattr(after_commit, "DELETE_AGAIN_AFTER_S", (0.3, 0.6))
+    keys, redis = backend.keys, backend.redis
+    with services_for(backend, events_lease=False) as services:
+        add_players(services, "alice", "bob")
+        stop = threading.Event()
+        worker = EventConsumer(services, "c1", stop)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            publish(redis, keys, "update", session_id="s1", players=["alice", "bob"])
+            publish(
+                redis,
+                keys,
+                "terminate",
+                session_id="s1",
+                results=[{"username": "alice", "outcome": "win", "earnings": 5}],
+            )
+            wait_until(lambda: worker.stats.applied == 2)
+            # The other worker's late write of the update's hash, after the delete:
+            redis.hset(keys.session("s1"), mapping={"status": "in_progress", "players": "[]"})
+            wait_until(lambda: not redis.exists(keys.session("s1")), timeout=5)
+        finally:
+            stop.set()
+            thread.join(15)
+    assert not thread.is_alive()

@@ -8,6 +8,8 @@ commit (`EventConsumer.flush`, `EventConsumer.settle`).
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Sequence
 
 import orjson
@@ -20,6 +22,13 @@ from usermgmt.persistence.games import session_is_live
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.workers.events.batch import DeadLetter
 from usermgmt.workers.runtime.streams import Entry, dead_letter_payload
+
+# With several workers applying events side by side (no reader lease), a worker's
+# session-hash write can reach Redis after another worker's delete of the same hash:
+# each sends its writes after its own commit, and commits follow one another in
+# milliseconds. An ended session never comes back, so its hash is deleted again this
+# long after, in case such a write came in between.
+DELETE_AGAIN_AFTER_S = (1.0, 5.0)
 
 
 class AfterCommit:
@@ -34,11 +43,17 @@ class AfterCommit:
         streams: Sequence[str],
         player_hashes: cache.PlayerHashes,
         log: FilteringBoundLogger,
+        delete_again: bool = False,
     ) -> None:
         self.keys = keys
         self.streams = streams
         self.player_hashes = player_hashes
         self.log = log
+        # (when, key) of ended sessions' hashes to delete again, one queue per delay:
+        # `DELETE_AGAIN_AFTER_S`, kept only when `delete_again` (several writers).
+        self.again: list[deque[tuple[float, bytes]]] = (
+            [deque() for _ in DELETE_AGAIN_AFTER_S] if delete_again else []
+        )
 
     def pack(self, plan: Plan, world: World) -> cache.CommandBatch:
         """A new batch of writes holding a plan's caches (`write_caches`): packed while
@@ -66,7 +81,11 @@ class AfterCommit:
                     updated_at=session.updated_at.isoformat(),
                 )
             else:
-                batch.add("DEL", self.keys.session(session_id))
+                key = self.keys.session(session_id)
+                batch.add("DEL", key)
+                now = time.monotonic()
+                for queue, after_s in zip(self.again, DELETE_AGAIN_AFTER_S, strict=False):
+                    queue.append((now + after_s, key.encode()))  # (packing thread: atomic)
         scores: dict[str, int] = {}
         for user_id in changes.touched_users:
             player = players.get(user_id)
@@ -77,6 +96,15 @@ class AfterCommit:
             scores[player.username] = player.earnings
         cache.queue_leaderboard_scores(batch, self.keys, scores)
 
+    def deletes_due(self, batch: cache.CommandBatch) -> bool:
+        """Queue the repeated deletes that are due (`DELETE_AGAIN_AFTER_S`); whether any."""
+        now, queued = time.monotonic(), False
+        for queue in self.again:
+            while queue and queue[0][0] <= now:
+                batch.add("DEL", queue.popleft()[1])
+                queued = True
+        return queued
+
     def publish(
         self, batch: cache.CommandBatch, dead: list[DeadLetter], acks: list[Entry]
     ) -> cache.CommandBatch:
@@ -86,6 +114,7 @@ class AfterCommit:
         sent: a dead letter goes out once the caches are written, so a node that fails
         them costs no second dead letter when the batch's entries come back.
         """
+        self.deletes_due(batch)
         if dead:
             batch.barrier()
         for entry, reason, message in dead:

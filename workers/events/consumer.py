@@ -146,7 +146,13 @@ class EventConsumer:
         self.standing_by = False
         self.key_repair = KeyRepair(self.redis, self.engine, self.keys, stop)
         player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
-        self.after_commit = AfterCommit(self.keys, self.streams, player_hashes, self.log)
+        self.after_commit = AfterCommit(
+            self.keys,
+            self.streams,
+            player_hashes,
+            self.log,
+            delete_again=not self.lease.enabled and not burst,  # several writers at once
+        )
         self.applier = Applier(
             self.store, self.intake, self.settings, stop, self.log, self.after_commit.pack
         )
@@ -278,6 +284,9 @@ class EventConsumer:
         """
         self.settle()
         self.observe_waiting()  # their ages grow with the clock, batches or none
+        again = cache.CommandBatch()
+        if self.after_commit.deletes_due(again):
+            again.send(self.redis).wait()
         if self.buffer:
             if self.intake.pause_ms is None:
                 time.sleep(CLOCK_PAUSE_S)  # the clock has to leave the buffer's millisecond
