@@ -25,6 +25,7 @@ from usermgmt.domain.auth import (
     redact,
 )
 from usermgmt.domain.errors import DeadLetterReason, ErrorCode, InvalidPayload
+from usermgmt.persistence.auth_store import Attempts
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.replies import redacted_text
 
@@ -404,3 +405,16 @@ def test_error_codes_are_the_spec_list() -> None:
         "invalid_token",
         "internal",
     }
+
+
+def test_the_lockout_counts_each_request_once_whatever_its_state() -> None:
+    """A request served again after a reclaim adds its check a second time (or after
+    its failure): it is still one guess."""
+    members = [b"c:r1", b"f:r1", b"c:r2", b"c:r2", b"f:r3", b"f:r4"]
+    attempts = Attempts.of(members)
+    assert (attempts.checking, attempts.failed) == (1, 3)
+    assert not attempts.locks and not attempts.too_many_at_once
+    five = Attempts.of([f"f:r{n}".encode() for n in range(5)])
+    assert five.locks and not five.too_many_at_once
+    crowded = Attempts.of([*(f"f:r{n}" for n in range(3)), *(f"c:s{n}" for n in range(3))])
+    assert crowded.too_many_at_once and not crowded.locks
