@@ -168,6 +168,11 @@ OUT_OF_RANGE = [
     ("REDIS_URL", f"{DB}/0?ssl_cert_reqs=none", "unknown option 'ssl_cert_reqs'"),
     ("REDIS_URL", f"{DB}/0?protocol=9", "protocol must be either 2 or 3"),
     ("REDIS_URL", f"{DB}/0?protocol=3", "protocol must be 2 (RESP2)"),
+    ("REDIS_URL", f"{DB}/0?encoding=bogus", "unknown encoding 'bogus'"),
+    ("REDIS_URL", f"{DB}/0?encoding_errors=bogus", "unknown encoding_errors handler"),
+    ("REDIS_URL", f"{DB}/0?client_name=a%20b", "client_name must be printable"),
+    ("REDIS_URL", f"{DB}/0?retry=3", "option 'retry' cannot be set in the URL"),
+    ("REDIS_URL", f"{DB}/0?credential_provider=x", "cannot be set in the URL"),
     ("USER_CACHE_TTL", "31536001", "less than or equal to 31536000"),
     ("USER_CACHE_TTL", HUGE, "less than or equal to 31536000"),
     ("USER_CACHE_TTL", "1e20", "valid integer"),
@@ -412,3 +417,16 @@ def test_sqlite_and_postgresql_urls_are_accepted() -> None:
         "postgresql+psycopg://u@h/db",
     ):
         assert load(database_url=url).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:secret@cache:6379/3?socket_timeout=5&client_name=worker-1",
+        "redis://cache/0?encoding=latin-1&encoding_errors=replace&health_check_interval=30",
+        "rediss://cache:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.pem",
+        "unix:///run/redis.sock?db=2&socket_connect_timeout=1",
+    ],
+)
+def test_redis_urls_with_options_redis_py_takes_from_text_are_accepted(url: str) -> None:
+    assert load(redis_url=url).redis_url == url

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
@@ -167,6 +169,53 @@ def _check_connection_options(options: dict[str, object]) -> None:
         raise ValueError(str(exc)) from None
     if given.get("protocol") not in (None, 2, "2"):
         raise ValueError("protocol must be 2 (RESP2), the replies the worker reads")
+    _check_text_options(given)
+
+
+# Query options a URL may give as text (the typed ones are `URL_QUERY_ARGUMENT_PARSERS`;
+# host, port, db, path, username and password come from the URL itself). Any other
+# connection argument redis-py accepts wants an object (`retry`, `credential_provider`),
+# which a URL cannot give.
+_TEXT_OPTIONS = {
+    "client_name",
+    "encoding",
+    "encoding_errors",
+    "lib_name",
+    "lib_version",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_ca_data",
+    "ssl_password",
+}
+_FROM_THE_URL = {"host", "port", "db", "path", "username", "password"}
+
+
+def _check_text_options(given: dict[str, object]) -> None:
+    """Text options whose value the connection would only refuse later, in a traceback."""
+    for name, value in given.items():
+        if name in _FROM_THE_URL or name in URL_QUERY_ARGUMENT_PARSERS:
+            continue
+        if name not in _TEXT_OPTIONS:
+            raise ValueError(f"option {name!r} cannot be set in the URL")
+        text = str(value)
+        if name == "encoding":
+            _known(codecs.lookup, text, "encoding")
+        elif name == "encoding_errors":
+            _known(codecs.lookup_error, text, "encoding_errors handler")
+        elif name == "client_name" and (not text or not text.isprintable() or " " in text):
+            raise ValueError("client_name must be printable text without spaces")
+        elif name == "ssl_cert_reqs" and text.lower() not in ("none", "optional", "required"):
+            raise ValueError("ssl_cert_reqs must be none, optional or required")
+
+
+def _known(lookup: Callable[[str], object], name: str, what: str) -> None:
+    try:
+        lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown {what} {name!r}") from None
 
 
 def load_settings(**overrides: object) -> Settings:
