@@ -8,9 +8,10 @@ An entry is applied once what it depends on has been applied, and no sooner:
   update (a terminate that comes first waits for the session's first update);
 - an update that puts a player into its session waits until that player's previous
   live session has ended (or dropped them), unless that session has been silent
-  for `session_timeout_ms`: then it is ended as `expired` as the update proceeds (one
-  that still waits for another busy player expires nothing; the ended session's own
-  waiting entries are then decided again at once: `session_ended`);
+  for `session_timeout_ms`: then it is ended as `expired` (every such session the
+  update needs, whatever the order of its players, even if it then waits for another
+  busy player; the ended session's own waiting entries are then decided again at once:
+  `session_ended`);
 - nothing overtakes an earlier waiting entry it depends on: later entries of the
   same session, and later updates wanting the same player, queue behind it.
 
@@ -246,24 +247,26 @@ class _Planner:
         ]
         if self.queue_behind(entry, wanted):
             return
-        # Silent sessions end only with the update that proceeds: one that still waits
-        # for a busy player expires nothing (whatever the order of its players).
-        silent: list[str] = []
+        # Every silent session it needs ends, whatever the order of its players, also
+        # when the update then waits for a busy player: at its first decision, as only
+        # then can a session be silent as of the update's entry (a later event of it
+        # makes it live again, and a session joined later is newer than the update).
+        busy: Player | None = None
         for player in players:
             current = live.get(player.id)
-            if current is None or current == event.session_id or current in silent:
+            if current is None or current == event.session_id:
                 continue
             if self._is_silent(current, entry.ms):
-                silent.append(current)
-                continue
+                self._expire(current, entry.ms)
+            elif busy is None:
+                busy = player
+        if busy is not None:
             self.wait(
                 entry,
-                Wake("player", player.id),
-                f"player {player.username} to leave live session {current}",
+                Wake("player", busy.id),
+                f"player {busy.username} to leave live session {live[busy.id]}",
             )
             return
-        for session_id in silent:
-            self._expire(session_id, entry.ms)
         dropped = self._apply_update(entry, event, players, session)
         self.resolve(entry, APPLIED, dropped)
         self.wake("session", event.session_id)

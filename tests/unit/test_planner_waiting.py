@@ -440,22 +440,27 @@ def test_an_update_expires_every_silent_session_it_needs() -> None:
 
 
 @pytest.mark.parametrize("players", [("alice", "carol"), ("carol", "alice")])
-def test_an_update_that_still_waits_expires_nothing(players: tuple[str, str]) -> None:
-    """alice's s0 is silent, carol's s9 is not: the update waits for carol, and s0 stays
-    live (bob keeps his game) until the update can proceed, whatever the players' order."""
+def test_an_update_ends_every_silent_session_it_needs_whatever_their_order(
+    players: tuple[str, str],
+) -> None:
+    """alice's s0 is silent, carol's s9 is not: s0 ends at the update's first decision
+    (in either order of its players), and the update waits for carol alone."""
     world = silent_world()
     add_session(world, "s9", "carol", updated_at=at(T + 5_000))
     waits = decide(world, entry(update("s1", *players), ms=T + 10_001), limits=TIMEOUT)
-    assert waits.outcomes == [WAITING] and waits.plan.expired_sessions == []
-    assert not world.sessions["s0"].ended and world.live_session_of[2] == "s0"
+    assert waits.outcomes == [WAITING] and waits.plan.expired_sessions == ["s0"]
+    assert world.sessions["s0"].ended_at == at(T + 10_001)
+    assert world.live_session_of == {3: "s9"}
+    assert [w.waits_for for w in waits.plan.waits_added] == [
+        "player carol to leave live session s9"
+    ]
     end = entry(terminate("s9", ("carol", "win", 5)), ms=T + 10_002)
     ends = decide(world, end, waiters=waits.waiters, limits=TIMEOUT)
     assert [(p.ms, d.outcome) for p, d in ends.plan.decided] == [
         (T + 10_002, Outcome.APPLIED),
         (T + 10_001, Outcome.APPLIED),
     ]
-    assert ends.plan.expired_sessions == ["s0"]
-    assert world.sessions["s0"].ended_at == at(T + 10_001)  # as of the update's entry
+    assert ends.plan.expired_sessions == []
     assert world.live_session_of == {1: "s1", 3: "s1"}
 
 
