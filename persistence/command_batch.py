@@ -60,7 +60,9 @@ class WrongType(ResponseError):
     batch's other commands, acks included, ran."""
 
     def __init__(self, message: str, refused: dict[str, list[bytes]], ran_the_rest: bool) -> None:
-        super().__init__(f"{message} (keys {', '.join(refused)})")
+        super().__init__(
+            f"{message} ({'key' if len(refused) == 1 else 'keys'} {', '.join(refused)})"
+        )
         self.refused, self.ran_the_rest = refused, ran_the_rest
 
 
