@@ -56,7 +56,7 @@ def _with_lone_surrogates(raw: str | bytes, exc: orjson.JSONDecodeError) -> Any:
     if "surrogate in string" in str(exc):  # an escape, not bytes that are not UTF-8
         try:
             return json.loads(raw, parse_constant=_refuse_constant)
-        except ValueError:  # JSONDecodeError too
+        except (ValueError, RecursionError):  # JSONDecodeError too; nested past its limit
             pass
     raise InvalidPayload(DeadLetterReason.INVALID_JSON, f"payload is not JSON: {exc}") from None
 

@@ -1158,3 +1158,30 @@ def test_requests_taken_over_from_a_dead_worker_are_answered_once(
         time.sleep(0.5)  # a second reply would have come by now
     assert [redis.llen(keys.reply(i)) for i in ids] == [1] * len(ids)
     assert all(orjson.loads(redis.lindex(keys.reply(i), 0))["ok"] for i in ids)
+
+
+def test_a_request_the_parser_fails_on_unexpectedly_is_dead_lettered_once(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug reading one request must not leave it failing (and its password in the
+    stream) until it turns stale: it is dead-lettered without its password, once."""
+    real_parse = auth_server.parse_request
+
+    def fragile_parse(payload: Any) -> Any:
+        if b"fragile" in payload:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_parse(payload)
+
+    monkeypatch.setattr(auth_server, "parse_request", fragile_parse)
+    redis, keys = backend.redis, backend.keys
+    client = AuthClient(redis, prefix=backend.prefix, timeout=10)
+    request = {"request_id": str(uuid.uuid4()), "op": "login", "username": "fragile"}
+    redis.xadd(keys.auth_requests, {"payload": orjson.dumps({**request, "password": PASSWORD})})
+    with running(services):
+        assert client.register("alice", PASSWORD)["username"] == "alice"
+        poll(lambda: stream_is_clean(redis, keys))
+        time.sleep(1.5)  # a take-back would have served it again by now
+    (letter,) = dead_letters(redis, keys)
+    assert letter["reason"] == "invalid_request"
+    assert letter["message"] == "the request could not be read (RecursionError)"
+    assert PASSWORD not in letter["payload"]

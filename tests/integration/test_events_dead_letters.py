@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import Backend
 from tests.integration.helpers import (
@@ -24,6 +25,7 @@ from tests.integration.helpers import (
     standings,
 )
 from usermgmt.domain.games import BIGINT_MAX
+from usermgmt.workers.events import batch as batch_module
 
 DLQ_FIELDS = {"stream", "entry_id", "payload", "reason", "message", "deliveries", "failed_at"}
 
@@ -199,4 +201,32 @@ def test_dead_letters_are_written_once(backend: Backend) -> None:
         drain(services, consumer="c1")
         drain(services, consumer="c2")
         assert [d["reason"] for d in dead_letters(backend.redis, keys)] == ["invalid_json"]
+        assert pending_count(backend.redis, keys) == 0
+
+
+def test_an_entry_the_parser_fails_on_unexpectedly_is_dead_lettered_not_a_crash(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug reading one payload (here a parser that raises on it) must not stop the
+    worker, nor come back at every restart: the entry is dead-lettered, the rest applied."""
+    real_parse = batch_module.parse_event
+
+    def fragile_parse(kind: Any, payload: Any) -> Any:
+        if b"fragile" in payload:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_parse(kind, payload)
+
+    monkeypatch.setattr(batch_module, "parse_event", fragile_parse)
+    keys = backend.keys
+    with services_for(backend) as services:
+        add_players(services, "alice")
+        event(backend, "update", session_id="fragile", players=["alice"])
+        event(backend, "update", session_id="fine", players=["alice"])
+        drain(services)
+        (letter,) = dead_letters(backend.redis, keys)
+        assert (letter["reason"], letter["message"]) == (
+            "invalid_event",
+            "the payload could not be read (RecursionError)",
+        )
+        assert rows(services, "SELECT session_id FROM game_sessions") == [("fine",)]
         assert pending_count(backend.redis, keys) == 0

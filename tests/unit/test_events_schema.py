@@ -93,6 +93,16 @@ def test_a_lone_surrogate_escape_is_invalid_event_and_raw_surrogate_bytes_invali
     assert caught.value.reason is DeadLetterReason.INVALID_JSON
 
 
+def test_a_lone_surrogate_in_json_nested_too_deep_to_read_is_invalid_json() -> None:
+    """Python's parser, asked after orjson refused the surrogate, gives up on the depth:
+    the payload cannot be read, and is dead-lettered like text that is not JSON."""
+    deep = b"[" * 5_000 + b"]" * 5_000
+    payload = b'{"event_id": "%s", "session_id": "s1", "players": ["\\ud800"], "x": %s}'
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event(EventKind.UPDATE, payload % (str(uuid.uuid4()).encode(), deep))
+    assert caught.value.reason is DeadLetterReason.INVALID_JSON
+
+
 @pytest.mark.parametrize("body", [[], "text", 42, None])
 def test_json_that_is_not_an_object_is_invalid_event(body: Any) -> None:
     assert rejected(EventKind.TERMINATE, body).reason is DeadLetterReason.INVALID_EVENT

@@ -315,6 +315,12 @@ class AuthServer:
                 duration_ms=_ms(started),
             )
             return
+        except Exception as exc:  # a bug reading it: never a request failing for ever
+            self.log.exception("request could not be read", entry_id=entry.entry_id)
+            message = f"the request could not be read ({type(exc).__name__})"
+            finish(self.redis, self.keys, entry, reply=None, dead=("invalid_request", message))
+            self.metrics.observe_auth("unknown", "dead_lettered", time.perf_counter() - started)
+            return
         # Commands a handler queues here run just before the reply is pushed, in the
         # same round trip (a login's token exists before its reply can be read).
         pipe = self.redis.pipeline(transaction=False)

@@ -89,6 +89,11 @@ class Applier:
                 else:
                     batch.dead.append((entry, exc.reason, exc.message))
                 continue
+            except Exception as exc:  # a bug reading it: never an entry that stops the worker
+                self.log.exception("entry could not be read", entry_id=entry.entry_id)
+                message = f"the payload could not be read ({type(exc).__name__})"
+                batch.dead.append((entry, DeadLetterReason.INVALID_EVENT, message))
+                continue
             planned = PlannedEntry(
                 event, key[0], entry.entry_id, entry.payload, entry.deliveries > 1
             )
