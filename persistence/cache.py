@@ -51,12 +51,23 @@ def read_user(client: Redis, keys: Keys, username: str) -> UserView | None:
 
 
 def live_rank(client: Redis, keys: Keys, username: str) -> int | None:
-    """Competition rank from the sorted set, or None when the member is not there."""
-    score = client.zscore(keys.leaderboard, username)
-    if score is None:
+    """Competition rank from the sorted set, or None when the member is not there (or
+    the key holds another type of value: the worker rebuilds it)."""
+    try:
+        score = client.zscore(keys.leaderboard, username)
+        if score is None:
+            return None
+        higher = client.zcount(keys.leaderboard, f"({score}", "+inf")
+    except ResponseError as exc:
+        if not is_wrong_type(exc):
+            raise
         return None
-    higher = client.zcount(keys.leaderboard, f"({score}", "+inf")
     return int(higher) + 1
+
+
+def is_wrong_type(reply: object) -> bool:
+    """Whether a reply is Redis's WRONGTYPE error (a key of another type of value)."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 def queue_live_rank(pipe: Pipeline, keys: Keys, username: str, earnings: int) -> None:
@@ -78,7 +89,7 @@ def live_rank_reply(
     between), the rank is asked again with that score.
     """
     score, higher = replies[-2:]
-    if score is None:
+    if score is None or is_wrong_type(score):
         return None
     if score != earnings:
         return live_rank(client, keys, username)

@@ -231,3 +231,22 @@ def test_the_login_rank_guess_is_checked_against_the_sorted_set(backend: Backend
     assert rank("dave", 10) == 4
     assert rank("dave", 5) == 4  # the set is ahead of the database: its score counts
     assert rank("erin", 0) is None  # not in the set
+
+
+def test_a_leaderboard_key_of_another_type_never_fails_a_request_and_is_replaced(
+    services: Services, backend: Backend
+) -> None:
+    """Overwritten by hand while no game runs: registrations, logins and lookups answer
+    (ranks from the database), and the watch replaces the key with the set."""
+    add_players(services, "ann", "ben")
+    drain(services)
+    backend.redis.set(backend.keys.leaderboard, "written by hand")
+    with auth_server(services) as server:
+        assert ask(server, "register", username="cid", password="Correct-Horse-9")["ok"]
+        assert ask(server, "get_user", username="ann")["user"]["rank"] == 1
+        login = ask(server, "login", username="cid", password="Correct-Horse-9")
+        assert login["ok"] and login["user"]["rank"] == 1
+    watch = LeaderboardWatch(services, threading.Event())
+    assert watch.check_once() == 0
+    board = backend.redis.zrange(backend.keys.leaderboard, 0, -1, withscores=True)
+    assert {name.decode(): int(score) for name, score in board} == {"ann": 0, "ben": 0, "cid": 0}

@@ -27,6 +27,7 @@ from usermgmt.domain.auth import (
 )
 from usermgmt.domain.errors import ErrorCode
 from usermgmt.persistence import accounts, auth_store, cache
+from usermgmt.persistence.command_batch import WrongType
 from usermgmt.workers.auth.relay import Relay
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
@@ -105,7 +106,10 @@ class Handlers:
         batch = cache.CommandBatch()
         cache.queue_user(batch, self.keys, user, settings.user_cache_ttl)
         cache.queue_leaderboard_scores(batch, self.keys, {user.username: 0})
-        batch.send(self.redis).wait()
+        try:
+            batch.send(self.redis).wait()
+        except WrongType as exc:  # the account exists: a cache is no reason to fail it
+            self.log.error("a cache key holds another type of value", error=str(exc))
         return ok_reply(request.request_id, self.with_live_rank(user))
 
     def _taken(self, request: RegisterRequest) -> dict[str, Any]:
@@ -158,7 +162,12 @@ class Handlers:
             auth_store.queue_attempt(check, self.keys, username, request_id)
             if found is not None:
                 cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
-            checked = check.execute()
+            # The rank's replies may be an error (a leaderboard key of another type):
+            # the database's rank is answered then. The lockout's are raised.
+            checked = check.execute(raise_on_error=False)
+            for reply in checked[:5]:
+                if isinstance(reply, Exception):
+                    raise reply
             attempts = auth_store.Attempts.of(checked[3])
             if not (checked[0] or attempts.locks or attempts.too_many_at_once):
                 return checked

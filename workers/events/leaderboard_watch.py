@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from usermgmt.persistence.cache import is_wrong_type
 from usermgmt.persistence.ranking import count_players, rebuild_leaderboard_cache
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS
@@ -29,7 +30,9 @@ class LeaderboardWatch:
 
     The fill adds with `GT`, as every writer does, so running it beside batches never
     lowers a score: a player's earnings only grow. Counting first and asking Redis
-    second, a registration committed in between is in both or in the set alone.
+    second, a registration committed in between is in both or in the set alone. A key
+    overwritten with another type of value is replaced whole (no batch could write to
+    it meanwhile), as a batch meeting it would (`KeyRepair`).
     """
 
     def __init__(self, services: Services, stop: threading.Event) -> None:
@@ -47,11 +50,17 @@ class LeaderboardWatch:
         """Fill the set if it lacks players; returns how many it held before (or -1)."""
         engine, redis, keys = self.services.engine, self.services.redis, self.services.keys
         players = count_players(engine)
-        held = int(redis.zcard(keys.leaderboard))
-        if held >= players:
+        spoilt = False  # overwritten with another type of value: replaced whole
+        try:
+            held = int(redis.zcard(keys.leaderboard))
+        except ResponseError as exc:
+            if not is_wrong_type(exc):
+                raise
+            held, spoilt = 0, True
+        if held >= players and not spoilt:
             return -1
-        pipe = redis.pipeline(transaction=False)
-        rebuild_leaderboard_cache(engine, pipe, keys, replace=False)
+        pipe = redis.pipeline(transaction=True)
+        rebuild_leaderboard_cache(engine, pipe, keys, replace=spoilt)
         pipe.execute()
         log.warning(
             "the leaderboard cache lacked players (deleted or evicted?); filled it from "
