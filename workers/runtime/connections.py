@@ -16,7 +16,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, InternalError, OperationalError
 
 from usermgmt.persistence.command_batch import RedisUnavailable
 from usermgmt.persistence.db import make_engine, normalize_url, sqlite_path
@@ -30,8 +30,13 @@ REDIS_ERRORS = (
     ConnectionError,
     OSError,
 )
-# Transient: the database is away, locked or restarting. Other errors are not retried blindly.
-DATABASE_ERRORS = (OperationalError, InterfaceError)
+# Transient: the database is away, locked, restarting, or refusing writes for now (a
+# read-only PostgreSQL: a standby after a failover, a provider's disk-full read-only
+# mode, `default_transaction_read_only`; psycopg raises that, SQLSTATE 25006, as an
+# InternalError, as it does the server's other "invalid transaction state" errors).
+# Other errors are not retried blindly: a batch failing with one is applied entry by
+# entry, and an entry that keeps failing is dead-lettered.
+DATABASE_ERRORS = (OperationalError, InterfaceError, InternalError)
 
 ClusterMode = Literal["auto", "on", "off"]
 
