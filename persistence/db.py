@@ -71,10 +71,20 @@ def make_engine(
             _open_existing_only(engine, path)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if "connect_timeout" not in parsed.query:  # a host that does not answer is an outage
+        kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", CONNECT_TIMEOUT_S)
     engine = create_engine(parsed, **kwargs)
     _configure_postgresql(engine)
     return engine
 
+
+# PostgreSQL: how long a connection attempt may take, and how long a statement waits
+# for a lock (another session's `LOCK TABLE`, a long `ALTER`) before it fails: the
+# worker then reports the database as unusable and retries with backoff, and a SIGTERM
+# meanwhile stops it, rather than waiting in silence for ever. Settings given in the URL
+# or on the server win (`lock_timeout` only where it is off).
+CONNECT_TIMEOUT_S = 10
+LOCK_TIMEOUT = "10s"
 
 # plan_cache_mode exists from PostgreSQL 12 on.
 _PLAN_CACHE_MODE_SINCE = 120_000
@@ -113,6 +123,11 @@ def _configure_postgresql(engine: Engine) -> None:
             )
             if dbapi_connection.info.server_version >= _PLAN_CACHE_MODE_SINCE:
                 cursor.execute("SET plan_cache_mode = force_custom_plan")
+            cursor.execute(
+                "SELECT set_config('lock_timeout', %s, false) "
+                "WHERE current_setting('lock_timeout') IN ('0', '0ms')",
+                (LOCK_TIMEOUT,),
+            )
         dbapi_connection.commit()
 
 

@@ -8,23 +8,41 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
+import structlog
 from sqlalchemy import event
+from structlog.testing import capture_logs
 
-from tests.conftest import Backend
+from tests.conftest import REDIS_URL, Backend, _delete_prefix, _real_redis
 from tests.integration.helpers import (
     add_players,
     dead_letters,
     drain,
     pending_count,
     publish,
+    rows,
     services_for,
     standings,
 )
-from usermgmt.persistence.db import make_engine
+from tests.integration.replay_helpers import wait_until
+from usermgmt.persistence import db
+from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime.bootstrap import Services
+
+
+@contextmanager
+def cleaned(backend: Backend) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _delete_prefix(backend.redis, backend.prefix)
+        backend.redis.close()
 
 
 def read_only(url: str) -> Any:
@@ -76,3 +94,44 @@ def test_a_database_that_refuses_writes_pauses_the_worker_and_dead_letters_nothi
         assert dead_letters(redis, keys) == []
         assert pending_count(redis, keys) == 0
         assert standings(services)["alice"][:3] == (1, 0, 30)
+
+
+def test_a_table_locked_by_another_session_is_reported_and_waited_out(
+    postgres_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: an operator's `LOCK TABLE` (or a long migration) holds the worker's
+    batch. It gives up waiting after `lock_timeout`, says so (a conflict with another
+    transaction), retries, applies everything once the lock is gone, and stops at once
+    on request meanwhile (a SIGTERM exits 0, not after the drain timeout)."""
+    monkeypatch.setattr(db, "LOCK_TIMEOUT", "300ms")
+    upgrade(postgres_url)
+    backend = Backend("postgres-redis", postgres_url, _real_redis(), REDIS_URL, prefix)
+    keys, redis = backend.keys, backend.redis
+    with services_for(backend) as services, cleaned(backend):
+        add_players(services, "alice", "bob")
+        holder = sa.create_engine(postgres_url).connect()
+        holder.begin()
+        holder.execute(sa.text("LOCK TABLE users IN ACCESS EXCLUSIVE MODE"))
+        publish(redis, keys, "update", session_id="g1", players=["alice", "bob"])
+        stop = threading.Event()
+        consumer = EventConsumer(services, "c1", stop)
+        with capture_logs() as logs:
+            consumer.log = structlog.get_logger()
+            consumer.applier.log = consumer.log
+            thread = threading.Thread(target=consumer.run, daemon=True)
+            thread.start()
+            try:
+                wait_until(
+                    lambda: any(line.get("kind") == "lock_timeout" for line in logs), timeout=15
+                )
+            finally:
+                holder.rollback()  # the lock goes
+                holder.close()
+            wait_until(lambda: consumer.stats.applied == 1, timeout=15)
+            stop.set()
+            thread.join(15)
+        assert not thread.is_alive()
+        assert dead_letters(redis, keys) == []
+        assert rows(services, "SELECT session_id, status FROM game_sessions") == [
+            ("g1", "in_progress")
+        ]
