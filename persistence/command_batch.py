@@ -47,7 +47,7 @@ _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 # master's loss and its replica's promotion (one still loading its data after a restart,
 # or at its memory limit, has a redis-py error of its own). An outage to wait out, not a
 # failed command: the caller backs off and tries again.
-_UNAVAILABLE = ("MASTERDOWN ", "CLUSTERDOWN ", "TRYAGAIN ")
+_UNAVAILABLE = ("MASTERDOWN ", "CLUSTERDOWN ", "TRYAGAIN ", "READONLY ")
 
 
 class RedisUnavailable(RedisConnectionError):

@@ -11,8 +11,12 @@ the caches or dead letters before it.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 
 from bench.soak import RedisServer
 from tests.conftest import Backend, make_settings
+from tests.e2e.conftest import USERMGMT
 from tests.integration.helpers import (
     add_players,
     another_client,
@@ -35,6 +40,7 @@ from tests.integration.rematch import PLAYERS, assert_exact, publish_games
 from tests.integration.replay_helpers import wait_until
 from usermgmt.persistence.command_batch import CommandBatch, InFlight
 from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.workers.client.auth import AuthClient
 from usermgmt.workers.events import consumer as consumer_module
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime.backoff import Backoff
@@ -88,7 +94,14 @@ def write_two(port: int) -> None:
         client.close()
 
 
-@pytest.mark.parametrize("error", [LOADING, "MASTERDOWN Link with MASTER is down"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        LOADING,
+        "MASTERDOWN Link with MASTER is down",
+        "READONLY You can't write against a read only replica.",  # during a failover
+    ],
+)
 def test_a_server_that_cannot_serve_yet_is_an_outage(
     answering: tuple[list[str], int], error: str
 ) -> None:
@@ -235,4 +248,39 @@ def test_a_full_redis_pauses_the_consumer_and_acks_nothing(
         services.engine.dispose()
         producer.close()
         redis.close()
+        server.stop()
+
+
+def test_a_replica_is_waited_for_until_it_is_promoted(tmp_path: Path) -> None:
+    """A worker pointed at a replica (a failover not finished yet): one line saying the
+    server cannot take writes now, no traceback; it serves once the node is promoted."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        Redis(port=server.port).replicaof("127.0.0.1", 1)  # a master that never answers
+        env = {
+            **os.environ,
+            "USERMGMT_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+            "USERMGMT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+            "USERMGMT_BCRYPT_ROUNDS": "4",
+            "USERMGMT_LOG_FORMAT": "json",
+        }
+        subprocess.run([*USERMGMT, "migrate"], env=env, capture_output=True, check=True)
+        worker = subprocess.Popen(
+            [*USERMGMT, "worker"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(2)
+        Redis(port=server.port).replicaof("NO", "ONE")
+        client = AuthClient(Redis(port=server.port), timeout=20)
+        assert client.register("alice", "Correct-Horse-9")["username"] == "alice"
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=30)
+        assert worker.returncode == 0, output
+        assert "Traceback" not in output
+        assert "cannot serve writes now" in output and "read only replica" in output
+    finally:
         server.stop()

@@ -10,6 +10,7 @@ from redis.exceptions import (
     BusyLoadingError,
     NoPermissionError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
 )
@@ -27,6 +28,7 @@ REDIS_ERRORS = (
     RedisConnectionError,
     RedisTimeoutError,
     OutOfMemoryError,
+    ReadOnlyError,  # a replica: during a failover, until one is promoted
     ConnectionError,
     OSError,
 )
@@ -105,7 +107,7 @@ def redis_unreachable(url: str, exc: BaseException) -> str:
     """`cannot reach Redis at … (…); start it or set USERMGMT_REDIS_URL`; or, when it
     answers but cannot serve for now (loading after a restart, at its memory limit),
     `Redis at … cannot serve writes now (…); waiting for it`."""
-    if isinstance(exc, BusyLoadingError | OutOfMemoryError | RedisUnavailable):
+    if isinstance(exc, BusyLoadingError | OutOfMemoryError | ReadOnlyError | RedisUnavailable):
         return f"Redis at {safe_url(url)} cannot serve writes now ({_reason(exc)}); waiting for it"
     return (
         f"cannot reach Redis at {safe_url(url)} ({_reason(exc)}); "
