@@ -17,10 +17,12 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hiredis import Reader
 from redis import ConnectionPool, Redis
@@ -40,6 +42,8 @@ from tests.integration.rematch import PLAYERS, assert_exact, publish_games
 from tests.integration.replay_helpers import wait_until
 from usermgmt.persistence.command_batch import CommandBatch, InFlight
 from usermgmt.persistence.db import make_engine, upgrade
+from usermgmt.workers.auth.handlers import Handlers
+from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.client.auth import AuthClient
 from usermgmt.workers.events import consumer as consumer_module
 from usermgmt.workers.events.consumer import EventConsumer
@@ -283,4 +287,53 @@ def test_a_replica_is_waited_for_until_it_is_promoted(tmp_path: Path) -> None:
         assert "Traceback" not in output
         assert "cannot serve writes now" in output and "read only replica" in output
     finally:
+        server.stop()
+
+
+def test_a_reply_refused_by_a_full_redis_leaves_the_request_pending_until_answered(
+    tmp_path: Path, sqlite_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis reaches its memory limit (`noeviction`) while a request is served: it
+    refuses the reply but would run the ack and delete. Sent as one transaction, nothing
+    runs, and the request is answered once Redis takes writes again."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis = Redis(port=server.port)
+    upgrade(sqlite_url)
+    url = f"redis://127.0.0.1:{server.port}/0"
+    backend = Backend("sqlite-private-redis", sqlite_url, redis, url, prefix)
+    engine = make_engine(sqlite_url)
+    services = Services(make_settings(backend), redis, engine, backend.keys)
+    keys = backend.keys
+    real_answer = Handlers.answer
+
+    def answer_then_fill(handlers: Handlers, request: Any, pipe: Any) -> Any:
+        reply = real_answer(handlers, request, pipe)
+        if not filled:
+            filled.append(True)
+            redis.config_set("maxmemory", 1)  # full from now on: writes refused
+        return reply
+
+    filled: list[bool] = []
+    monkeypatch.setattr(Handlers, "answer", answer_then_fill)
+    stop = threading.Event()
+    try:
+        request_id = uuid.uuid4()
+        request = {"request_id": str(request_id), "op": "get_user", "username": "nobody"}
+        thread = threading.Thread(target=AuthServer(services, "a1", stop).run, daemon=True)
+        thread.start()
+        redis.xadd(keys.auth_requests, {"payload": orjson.dumps(request)})
+        wait_until(lambda: filled, timeout=10)
+        time.sleep(1.5)  # refused, and taken back at least once
+        assert not redis.exists(keys.reply(request_id))
+        assert redis.xlen(keys.auth_requests) == 1  # neither acked nor deleted
+        redis.config_set("maxmemory", 0)
+        popped = redis.blpop([keys.reply(request_id)], timeout=15)
+        assert popped is not None and orjson.loads(popped[1])["error"]["code"] == "not_found"
+        wait_until(lambda: redis.xlen(keys.auth_requests) == 0, timeout=15)
+        time.sleep(1.5)
+        assert not redis.exists(keys.reply(request_id))  # one reply, popped: no second
+    finally:
+        stop.set()
+        engine.dispose()
         server.stop()

@@ -32,13 +32,14 @@ def finish(
     `reply` is `(request_id, body)`; `dead` is `(reason, message)`. `pipe` may already
     hold commands that must run before the reply is pushed.
 
-    On a Redis Cluster these keys live on different nodes, and a pipeline runs on each
-    node independently: the order is kept by waiting for each step's replies (the
-    handler's commands, then the reply or dead letter, then the ack): three round trips.
+    On one server this is a transaction (`finishing`). On a Redis Cluster these keys
+    live on different nodes, and a pipeline runs on each node independently: the order
+    is kept by waiting for each step's replies (the handler's commands, then the reply
+    or dead letter, then the ack): three round trips.
     """
     cluster = nodes.is_cluster(redis)
     if pipe is None:
-        pipe = redis.pipeline(transaction=False)
+        pipe = finishing(redis)
     elif cluster and len(pipe):
         pipe.execute()  # a login's token exists before its reply can be read
     if reply is not None:
@@ -61,6 +62,14 @@ def finish(
     pipe.xack(entry.stream, AUTH_GROUP, entry.entry_id)
     pipe.xdel(entry.stream, entry.entry_id)
     pipe.execute()
+
+
+def finishing(redis: Redis) -> Pipeline:
+    """The pipeline `finish` sends: on one server a transaction, so the ack and delete
+    run only with the reply (a Redis at its memory limit refuses the reply: then
+    nothing runs, and the request stays pending, to be answered once it takes writes).
+    A cluster's keys live on several nodes: `finish` orders the steps there instead."""
+    return redis.pipeline(transaction=not nodes.is_cluster(redis))
 
 
 def redacted_text(payload: bytes | None) -> str:

@@ -22,7 +22,7 @@ from usermgmt.persistence.keys import AUTH_GROUP
 from usermgmt.workers.auth.handlers import Handlers
 from usermgmt.workers.auth.pool import hashing_pool
 from usermgmt.workers.auth.relay import Relay
-from usermgmt.workers.auth.replies import finish
+from usermgmt.workers.auth.replies import finish, finishing
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import REDIS_ERRORS, redis_unreachable
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
@@ -323,7 +323,7 @@ class AuthServer:
             return
         # Commands a handler queues here run just before the reply is pushed, in the
         # same round trip (a login's token exists before its reply can be read).
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = finishing(self.redis)
         reply = self.handlers.answer(request, pipe)
         try:
             finish(self.redis, self.keys, entry, reply=(request.request_id, reply), pipe=pipe)
