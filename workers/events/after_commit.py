@@ -49,11 +49,13 @@ class AfterCommit:
         self.streams = streams
         self.player_hashes = player_hashes
         self.log = log
-        # (when, key) of ended sessions' hashes to delete again, one queue per delay:
-        # `DELETE_AGAIN_AFTER_S`, kept only when `delete_again` (several writers).
-        self.again: list[deque[tuple[float, bytes]]] = (
-            [deque() for _ in DELETE_AGAIN_AFTER_S] if delete_again else []
-        )
+        # (when, key) of ended sessions' hashes to delete again, one queue per delay
+        # (`DELETE_AGAIN_AFTER_S`): always with several writers (`delete_again`), and
+        # for a while after this worker took the reader lease over (`repeat_for`): the
+        # writes of the worker that held it may still be on their way.
+        self.again: list[deque[tuple[float, bytes]]] = [deque() for _ in DELETE_AGAIN_AFTER_S]
+        self.always = delete_again
+        self.until = 0.0
 
     def pack(self, plan: Plan, world: World) -> cache.CommandBatch:
         """A new batch of writes holding a plan's caches (`write_caches`): packed while
@@ -84,8 +86,9 @@ class AfterCommit:
                 key = self.keys.session(session_id)
                 batch.add("DEL", key)
                 now = time.monotonic()
-                for queue, after_s in zip(self.again, DELETE_AGAIN_AFTER_S, strict=False):
-                    queue.append((now + after_s, key.encode()))  # (packing thread: atomic)
+                if self.always or now < self.until:
+                    for queue, after_s in zip(self.again, DELETE_AGAIN_AFTER_S, strict=True):
+                        queue.append((now + after_s, key.encode()))  # (packing thread: atomic)
         scores: dict[str, int] = {}
         for user_id in changes.touched_users:
             player = players.get(user_id)
@@ -95,6 +98,10 @@ class AfterCommit:
             self.player_hashes.queue(batch, player, live)
             scores[player.username] = player.earnings
         cache.queue_leaderboard_scores(batch, self.keys, scores)
+
+    def repeat_for(self, seconds: float) -> None:
+        """Delete ended sessions' hashes again (`DELETE_AGAIN_AFTER_S`) for `seconds`."""
+        self.until = time.monotonic() + seconds
 
     def deletes_due(self, batch: cache.CommandBatch) -> bool:
         """Queue the repeated deletes that are due (`DELETE_AGAIN_AFTER_S`); whether any."""

@@ -70,6 +70,7 @@ RANKS_DIRTY_TTL_S = 3600  # a hand-over's note to the next reader (`stand_by`)
 STOPPED_TTL_S = 7 * 24 * 3600  # a clean stop is remembered this long for a restart
 CLOCK_PAUSE_S = 0.001  # an entry of the server's current millisecond waits for the next
 LONG_WAIT_MS = 10_000  # a waiting entry older than this is logged, once
+TAKEOVER_REPEAT_S = 60.0  # after taking the reader lease over: see `AfterCommit.repeat_for`
 
 
 @dataclass
@@ -317,6 +318,9 @@ class EventConsumer:
         if self.standing_by:
             self.standing_by = False
             self.ranks.dirty = True  # the worker that read meanwhile may have left them so
+            # Its last writes may still be on their way (a stalled link, up to the socket
+            # timeout): an ended session's hash is deleted again meanwhile.
+            self.after_commit.repeat_for(TAKEOVER_REPEAT_S)
             self.log.info("reading new entries (holding the reader lease)")
         intake.buffer += intake.claim_abandoned()
         if self.unsent is not None or self.ranks.writing:
