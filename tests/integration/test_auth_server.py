@@ -18,13 +18,16 @@ import bcrypt
 import orjson
 import pytest
 import sqlalchemy as sa
+import structlog
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from structlog.testing import capture_logs
 
 from tests.conftest import Backend, make_settings
 from tests.integration.helpers import dead_letters, rows
 from usermgmt.domain.auth import WITHHELD, parse_request
 from usermgmt.persistence import auth_store
+from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import AUTH_GROUP, Keys
 from usermgmt.workers.auth import server as auth_server
 from usermgmt.workers.auth.handlers import Handlers
@@ -1185,3 +1188,22 @@ def test_a_request_the_parser_fails_on_unexpectedly_is_dead_lettered_once(
     assert letter["reason"] == "invalid_request"
     assert letter["message"] == "the request could not be read (RecursionError)"
     assert PASSWORD not in letter["payload"]
+
+
+def test_a_database_outage_is_logged_once_not_once_a_request(
+    services: Services, backend: Backend
+) -> None:
+    """Every request is answered `internal` while the database is away; the outage is
+    one error line (and a reminder a minute), as the other parts of the worker say it."""
+    away = dataclasses.replace(
+        services, engine=make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test")
+    )
+    redis, keys = backend.redis, backend.keys
+    with capture_logs() as logs, running(away) as server:
+        server.handlers.log = structlog.get_logger()
+        codes = [
+            code(raw_request(redis, keys, op="get_user", username=f"user{n}")) for n in range(5)
+        ]
+    assert codes == ["internal"] * 5
+    said = [line for line in logs if line["event"].startswith("cannot use the database")]
+    assert [line["log_level"] for line in said] == ["error"] + ["debug"] * 4

@@ -8,6 +8,7 @@ server's loop to back off. See docs/protocol.md, "Accounts".
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from usermgmt.domain.errors import ErrorCode
 from usermgmt.persistence import accounts, auth_store, cache
 from usermgmt.persistence.command_batch import WrongType
 from usermgmt.workers.auth.relay import Relay
+from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import (
     DATABASE_ERRORS,
@@ -57,6 +59,8 @@ class Handlers:
         self.keys = services.keys
         self.redis = services.redis
         self.rounds = services.settings.bcrypt_rounds
+        self.outage = Backoff()  # only its logging: a request is answered at once
+        self.outage_lock = threading.Lock()  # requests are served on several threads
         # Unknown users are checked against this hash so both failures cost one bcrypt.
         self.dummy_hash = bcrypt.hashpw(b"usermgmt-timing-equaliser", bcrypt.gensalt(self.rounds))
 
@@ -68,15 +72,23 @@ class Handlers:
         try:
             match request:
                 case RegisterRequest():
-                    return self.register(request)
+                    reply = self.register(request)
                 case LoginRequest():
-                    return self.login(request, pipe)
+                    reply = self.login(request, pipe)
                 case GetUserRequest():
-                    return self.get_user(request)
+                    reply = self.get_user(request)
                 case VerifyTokenRequest():
-                    return self.verify_token(request)
+                    reply = self.verify_token(request)
+            if self.outage.since is not None:
+                with self.outage_lock:
+                    self.outage.recovered(self.log, "the auth consumer's database")
+            return reply
         except DATABASE_ERRORS as exc:
-            self.log.error(database_unreachable(self.services.settings.database_url, exc))
+            # Said once, then once a minute, as every outage is (not once a request).
+            with self.outage_lock:
+                self.outage.retry(
+                    self.log, database_unreachable(self.services.settings.database_url, exc)
+                )
         except REDIS_ERRORS:
             raise
         except Exception as exc:  # a bug must not kill the server; the client gets told

@@ -134,11 +134,14 @@ class Worker:
 
     def _checkpoint_wal(self) -> None:
         """Checkpoint SQLite's WAL off the consumers' threads (see `checkpoint_wal`)."""
+        outage = Backoff()  # for its logging: once, then once a minute, not 10 times a second
         while not self.stop.wait(WAL_CHECKPOINT_EVERY_S):
             try:
                 checkpoint_wal(self.services.engine)
             except DATABASE_ERRORS as exc:
-                self.log.warning("WAL checkpoint failed; trying again", error=repr(exc))
+                outage.retry(self.log, "WAL checkpoint failed; trying again", error=repr(exc))
+            else:
+                outage.recovered(self.log, "the WAL checkpoint")
 
     def wait_for_schema(self) -> None:
         """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""
