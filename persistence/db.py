@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from usermgmt import migrations
@@ -66,7 +68,8 @@ def make_engine(
             path.parent.mkdir(parents=True, exist_ok=True)
         pool = NullPool if not parsed.database else None
         engine = create_engine(parsed, poolclass=pool, **kwargs)
-        _configure_sqlite(engine, 0 if background_checkpoints else WAL_AUTOCHECKPOINT_PAGES)
+        pages = 0 if background_checkpoints else WAL_AUTOCHECKPOINT_PAGES
+        _configure_sqlite(engine, pages, path)
         if path is not None and existing_only:
             _open_existing_only(engine, path)
         return engine
@@ -140,9 +143,28 @@ def _open_existing_only(engine: Engine, path: Path) -> None:
         cparams["uri"] = True
 
 
-def _configure_sqlite(engine: Engine, autocheckpoint_pages: int) -> None:
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _configure_sqlite(engine: Engine, autocheckpoint_pages: int, path: Path | None) -> None:
+    """Pragmas for every connection; transactions begun by us, IMMEDIATE on request.
+
+    A connection keeps the file it opened even once that file is deleted or replaced
+    (an operator's mistake, a restore done by hand): what it commits then goes nowhere.
+    Each transaction checks that `path` is still the file the connection opened; if not,
+    the connection is dropped and the transaction fails as an outage would, so nothing
+    is acked or answered as committed until the file is back.
+    """
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        if path is not None:
+            record.info["file_id"] = _file_id(path)
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -160,6 +182,11 @@ def _configure_sqlite(engine: Engine, autocheckpoint_pages: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        opened = connection.info.get("file_id")
+        if path is not None and opened is not None and _file_id(path) != opened:
+            connection.invalidate()
+            reason = f"the database file {path} was deleted or replaced under this connection"
+            raise OperationalError("BEGIN", None, sqlite3.OperationalError(reason))
         immediate = connection.get_execution_options().get(IMMEDIATE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 

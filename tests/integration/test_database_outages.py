@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,3 +136,50 @@ def test_a_table_locked_by_another_session_is_reported_and_waited_out(
         assert rows(services, "SELECT session_id, status FROM game_sessions") == [
             ("g1", "in_progress")
         ]
+
+
+def test_a_sqlite_file_moved_away_under_the_worker_is_an_outage(
+    tmp_path: Path, prefix: str
+) -> None:
+    """The worker's connection keeps the file it opened, even once it is moved away or
+    deleted: commits would go nowhere. Each transaction checks the path still names that
+    file, so the entries wait (not acked) until the database is back, then apply."""
+    path = tmp_path / "usermgmt.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    backend = Backend("sqlite-redis", url, _real_redis(), REDIS_URL, prefix)
+    keys, redis = backend.keys, backend.redis
+    with services_for(backend) as services, cleaned(backend):
+        services = Services(services.settings, redis, make_engine(url, existing_only=True), keys)
+        add_players(services, "alice", "bob")
+        stop = threading.Event()
+        consumer = EventConsumer(services, "c1", stop)
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        publish(redis, keys, "update", session_id="g1", players=["alice", "bob"])
+        wait_until(lambda: consumer.stats.applied == 1, timeout=15)
+        aside = tmp_path / "aside"
+        aside.mkdir()
+        for name in ("usermgmt.db", "usermgmt.db-wal", "usermgmt.db-shm"):
+            if (tmp_path / name).exists():
+                (tmp_path / name).rename(aside / name)
+        publish(
+            redis,
+            keys,
+            "terminate",
+            session_id="g1",
+            results=[{"username": "alice", "outcome": "win", "earnings": 30}],
+        )
+        time.sleep(2)
+        assert consumer.stats.applied == 1  # nothing committed into the moved file
+        assert pending_count(redis, keys) == 1 and dead_letters(redis, keys) == []
+        for name in ("usermgmt.db", "usermgmt.db-wal", "usermgmt.db-shm"):
+            if (aside / name).exists():
+                (aside / name).rename(tmp_path / name)
+        wait_until(lambda: consumer.stats.applied == 2, timeout=30)
+        stop.set()
+        thread.join(15)
+        assert not thread.is_alive()
+        assert pending_count(redis, keys) == 0
+        assert standings(services)["alice"][:3] == (1, 0, 30)
+        services.engine.dispose()
