@@ -1207,3 +1207,26 @@ def test_a_database_outage_is_logged_once_not_once_a_request(
     assert codes == ["internal"] * 5
     said = [line for line in logs if line["event"].startswith("cannot use the database")]
     assert [line["log_level"] for line in said] == ["error"] + ["debug"] * 4
+
+
+def test_a_registration_whose_reply_redis_refused_is_answered_as_created(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails after the account is committed: the request is served again, and
+    answered as the account it created, not as `username_taken` for it."""
+    real_rank = Handlers.with_live_rank
+    failed: list[bool] = []
+
+    def flaky_rank(handlers: Handlers, user: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise RedisConnectionError("connection reset by peer (injected)")
+        return real_rank(handlers, user)
+
+    monkeypatch.setattr(Handlers, "with_live_rank", flaky_rank)
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        reply = raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+    assert failed == [True]
+    assert reply["ok"] is True and reply["user"]["username"] == "alice"
+    assert table_counts(services) == (1, 1, 1)

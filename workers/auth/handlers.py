@@ -10,13 +10,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import bcrypt
 from redis.client import Pipeline
 from structlog.typing import FilteringBoundLogger
 
 from usermgmt.domain.auth import (
+    REQUEST_MAX_AGE_S,
     AuthRequest,
     GetUserRequest,
     LoginRequest,
@@ -41,6 +42,29 @@ from usermgmt.workers.runtime.connections import (
 # How often a login waiting for the checks before it (`Handlers.begin_check`) looks
 # again, give or take half, so that logins waiting side by side do not move in step.
 TURN_POLL_S = 0.05
+T = TypeVar("T")
+
+
+class Recent(Generic[T]):
+    """Values by key for `max_age_s`, thread-safe; older ones are dropped as new come."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self.items: dict[str, tuple[float, T]] = {}
+        self.lock = threading.Lock()
+
+    def put(self, key: str, value: T) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.items = {k: v for k, v in self.items.items() if now - v[0] < self.max_age_s}
+            self.items[key] = (now, value)
+
+    def get(self, key: str) -> T | None:
+        with self.lock:
+            found = self.items.get(key)
+        if found is None or time.monotonic() - found[0] >= self.max_age_s:
+            return None
+        return found[1]
 
 
 class Handlers:
@@ -59,6 +83,7 @@ class Handlers:
         self.keys = services.keys
         self.redis = services.redis
         self.rounds = services.settings.bcrypt_rounds
+        self.registered = Recent[UserView](REQUEST_MAX_AGE_S * 2)  # see `register`
         self.outage = Backoff()  # only its logging: a request is answered at once
         self.outage_lock = threading.Lock()  # requests are served on several threads
         # Unknown users are checked against this hash so both failures cost one bcrypt.
@@ -98,19 +123,31 @@ class Handlers:
         )
 
     def register(self, request: RegisterRequest) -> dict[str, Any]:
+        """Create the account, then its caches; the reply carries the live rank.
+
+        Redis may fail after the account is committed (at its memory limit, a dropped
+        connection): the request stays pending and this worker serves it again within a
+        second (`AuthServer.take_back`). The account it created then is remembered by
+        request id (`registered`), so that second pass answers it as created rather than
+        `username_taken`.
+        """
         settings = self.services.settings
-        if accounts.find_credentials(self.services.engine, request.username) is not None:
-            return self._taken(request)
-        password_hash = bcrypt.hashpw(request.password.encode(), bcrypt.gensalt(self.rounds))
-        try:
-            user = accounts.create_user(
-                self.services.engine,
-                request.username,
-                password_hash.decode(),
-                settings.starting_wallet,
-            )
-        except accounts.UsernameTaken:
-            return self._taken(request)
+        user = self.registered.get(str(request.request_id))
+        if user is None:
+            if accounts.find_credentials(self.services.engine, request.username) is not None:
+                return self._taken(request)
+            password = request.password.encode()
+            password_hash = bcrypt.hashpw(password, bcrypt.gensalt(self.rounds))
+            try:
+                user = accounts.create_user(
+                    self.services.engine,
+                    request.username,
+                    password_hash.decode(),
+                    settings.starting_wallet,
+                )
+            except accounts.UsernameTaken:
+                return self._taken(request)
+            self.registered.put(str(request.request_id), user)
         if self.relay is not None:
             # The accounts entry goes out before the reply, so any event a client
             # publishes about the new player comes after it in entry-id order.
