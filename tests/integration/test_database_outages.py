@@ -46,6 +46,23 @@ def cleaned(backend: Backend) -> Iterator[None]:
         backend.redis.close()
 
 
+def alice_wins_g1(redis: Any, keys: Any) -> None:
+    publish(
+        redis,
+        keys,
+        "terminate",
+        session_id="g1",
+        results=[{"username": "alice", "outcome": "win", "earnings": 30}],
+    )
+
+
+def move_database(source: Path, target: Path) -> None:
+    """`usermgmt.db` and its WAL files, as an operator's `mv` would."""
+    for name in ("usermgmt.db", "usermgmt.db-wal", "usermgmt.db-shm"):
+        if (source / name).exists():
+            (source / name).rename(target / name)
+
+
 def read_only(url: str) -> Any:
     """An engine whose connections may read but not write: a PostgreSQL standby after a
     failover, or a provider's disk-full read-only mode (SQLite: `query_only`)."""
@@ -71,13 +88,7 @@ def test_a_database_that_refuses_writes_pauses_the_worker_and_dead_letters_nothi
     with services_for(backend) as services:
         add_players(services, "alice", "bob")
         publish(redis, keys, "update", session_id="g1", players=["alice", "bob"])
-        publish(
-            redis,
-            keys,
-            "terminate",
-            session_id="g1",
-            results=[{"username": "alice", "outcome": "win", "earnings": 30}],
-        )
+        alice_wins_g1(redis, keys)
         engine = read_only(backend.database_url)
         refused = Services(services.settings, redis, engine, keys)
         stop = threading.Event()
@@ -160,22 +171,12 @@ def test_a_sqlite_file_moved_away_under_the_worker_is_an_outage(
         wait_until(lambda: consumer.stats.applied == 1, timeout=15)
         aside = tmp_path / "aside"
         aside.mkdir()
-        for name in ("usermgmt.db", "usermgmt.db-wal", "usermgmt.db-shm"):
-            if (tmp_path / name).exists():
-                (tmp_path / name).rename(aside / name)
-        publish(
-            redis,
-            keys,
-            "terminate",
-            session_id="g1",
-            results=[{"username": "alice", "outcome": "win", "earnings": 30}],
-        )
+        move_database(tmp_path, aside)
+        alice_wins_g1(redis, keys)
         time.sleep(2)
         assert consumer.stats.applied == 1  # nothing committed into the moved file
         assert pending_count(redis, keys) == 1 and dead_letters(redis, keys) == []
-        for name in ("usermgmt.db", "usermgmt.db-wal", "usermgmt.db-shm"):
-            if (aside / name).exists():
-                (aside / name).rename(tmp_path / name)
+        move_database(aside, tmp_path)
         wait_until(lambda: consumer.stats.applied == 2, timeout=30)
         stop.set()
         thread.join(15)

@@ -44,6 +44,19 @@ def play(backend: Backend, rng: random.Random, names: list[str], games: int, tag
         )
 
 
+def solo_wins(backend: Backend, *games: tuple[str, str, int]) -> None:
+    """Publish one-player games (session id, the winner, earnings): update, terminate."""
+    for session_id, winner, earnings in games:
+        publish(backend.redis, backend.keys, "update", session_id=session_id, players=[winner])
+        publish(
+            backend.redis,
+            backend.keys,
+            "terminate",
+            session_id=session_id,
+            results=[{"username": winner, "outcome": "win", "earnings": earnings}],
+        )
+
+
 def python_ranks(services: Services) -> dict[str, int]:
     earnings = {name: row[2] for name, row in standings(services).items()}
     return competition_ranks(earnings)
@@ -143,26 +156,11 @@ def test_the_leaderboard_cache_is_rebuilt_when_redis_lost_it(
     """After a Redis restart only the players of new games would be in the set, each
     ranked against part of the population; the worker rebuilds it from SQL first."""
     add_players(services, "ann", "ben", "cid")
-    for session_id, winner, earnings in (("g1", "ann", 90), ("g2", "ben", 40)):
-        publish(backend.redis, backend.keys, "update", session_id=session_id, players=[winner])
-        publish(
-            backend.redis,
-            backend.keys,
-            "terminate",
-            session_id=session_id,
-            results=[{"username": winner, "outcome": "win", "earnings": earnings}],
-        )
+    solo_wins(backend, ("g1", "ann", 90), ("g2", "ben", 40))
     drain(services)
     backend.redis.delete(backend.keys.leaderboard)
 
-    publish(backend.redis, backend.keys, "update", session_id="g3", players=["cid"])
-    publish(
-        backend.redis,
-        backend.keys,
-        "terminate",
-        session_id="g3",
-        results=[{"username": "cid", "outcome": "win", "earnings": 60}],
-    )
+    solo_wins(backend, ("g3", "cid", 60))
     drain(services)
     board = {
         name.decode(): int(score)
@@ -181,27 +179,11 @@ def test_a_leaderboard_cache_lost_while_the_worker_runs_is_filled_again(
     their players, until the watch fills in the rest from SQL. It never lowers a score
     a batch raised meanwhile (the set is ahead of the table it read)."""
     add_players(services, "ann", "ben", "cid", "dee")
-    games = (("g1", "ann", 90), ("g2", "ben", 40), ("g3", "dee", 20))
-    for session_id, winner, earnings in games:
-        publish(backend.redis, backend.keys, "update", session_id=session_id, players=[winner])
-        publish(
-            backend.redis,
-            backend.keys,
-            "terminate",
-            session_id=session_id,
-            results=[{"username": winner, "outcome": "win", "earnings": earnings}],
-        )
+    solo_wins(backend, ("g1", "ann", 90), ("g2", "ben", 40), ("g3", "dee", 20))
     drain(services)
     backend.redis.delete(backend.keys.leaderboard)
     backend.redis.zadd(backend.keys.leaderboard, {"cid": 0})  # a live batch's write, after
-    publish(backend.redis, backend.keys, "update", session_id="g4", players=["cid"])
-    publish(
-        backend.redis,
-        backend.keys,
-        "terminate",
-        session_id="g4",
-        results=[{"username": "cid", "outcome": "win", "earnings": 10}],
-    )
+    solo_wins(backend, ("g4", "cid", 10))
     drain(services)
     backend.redis.zadd(backend.keys.leaderboard, {"ann": 95}, gt=True)  # a batch ahead of SQL
     watch = LeaderboardWatch(services, threading.Event())
