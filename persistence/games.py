@@ -248,35 +248,26 @@ def _write_sessions(db: Driver, changes: Changes) -> None:
             "?::timestamptz[], ?::text[]) "
             "AS v(id, status, meta, end_reason, updated_at, ended_at, roster_order) "
             "WHERE game_sessions.id = v.id",
-            [
-                (
-                    s.pk,
-                    s.status,
-                    _meta(s),
-                    s.end_reason,
-                    db.time(s.updated_at),
-                    db.time(s.ended_at),
-                    _roster_order(s),
-                )
-                for s in old
-            ],
+            [(s.pk, *_changed(db, s)) for s in old],
         )
         return
     db.many(
         "UPDATE game_sessions SET status = ?, meta = ?, end_reason = ?, updated_at = ?, "
         "ended_at = ?, roster_order = ? WHERE id = ?",
-        [
-            (
-                s.status,
-                _meta(s),
-                s.end_reason,
-                db.time(s.updated_at),
-                db.time(s.ended_at),
-                _roster_order(s),
-                s.pk,
-            )
-            for s in old
-        ],
+        [(*_changed(db, s), s.pk) for s in old],
+    )
+
+
+def _changed(db: Driver, s: Session) -> tuple[Any, ...]:
+    """What an update of a session row writes: status, meta, end_reason, updated_at,
+    ended_at, roster_order."""
+    return (
+        s.status,
+        _meta(s),
+        s.end_reason,
+        db.time(s.updated_at),
+        db.time(s.ended_at),
+        _roster_order(s),
     )
 
 
