@@ -26,9 +26,10 @@ from usermgmt.workers.runtime.streams import Entry, dead_letter_payload
 # With several workers applying events side by side (no reader lease), a worker's
 # session-hash write can reach Redis after another worker's delete of the same hash:
 # each sends its writes after its own commit, and commits follow one another in
-# milliseconds. An ended session never comes back, so its hash is deleted again this
-# long after, in case such a write came in between.
-DELETE_AGAIN_AFTER_S = (1.0, 5.0)
+# milliseconds. A reader whose link stalled sends its last writes late, up to its socket
+# timeout (30 s), after another worker took the lease over. An ended session never
+# comes back, so its hash is deleted again this long after, in case such a write came.
+DELETE_AGAIN_AFTER_S = (1.0, 5.0, 35.0)
 
 
 class AfterCommit:
