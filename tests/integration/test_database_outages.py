@@ -1,7 +1,7 @@
 """A database that refuses writes for a while: the worker pauses and loses nothing.
 
-SPEC §3: "A database that is locked or away pauses the worker (with backoff) rather
-than dead-lettering anything."
+docs/protocol.md, "Deliveries, retries and outages": a database that is locked or away
+pauses the batch in hand, with backoff; nothing is dead-lettered for it.
 """
 
 from __future__ import annotations
