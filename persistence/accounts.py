@@ -146,6 +146,18 @@ def find_login(engine: Engine, username: str) -> tuple[str, UserView] | None:
     return str(password_hash), _to_view(view)
 
 
+def replace_password_hash(engine: Engine, user_id: int, old_hash: str, new_hash: str) -> bool:
+    """Store `new_hash` where the account still holds `old_hash` (a login that checked
+    `old_hash` upgrades it; a password changed meanwhile stays). Whether it was stored."""
+    with engine.begin() as conn:
+        db = Driver(conn)
+        db.run(
+            "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?",
+            (new_hash, user_id, old_hash),
+        )
+        return bool(db.cursor.rowcount == 1)
+
+
 def _to_view(row: Any) -> UserView:
     user_id, username, wallet, wins, losses, earnings, rank, session_id = row
     return UserView(

@@ -434,6 +434,35 @@ def test_unknown_user_and_wrong_password_get_the_same_answer_and_the_same_work(
     assert len(checks) == 2
 
 
+def test_a_login_upgrades_a_hash_of_another_cost_to_the_configured_one(
+    services: Services, backend: Backend
+) -> None:
+    """After `USERMGMT_BCRYPT_ROUNDS` changes, each account's next right login re-hashes
+    its password at the new cost, so an old account's login takes as long as an unknown
+    name's (checked against a hash of today's cost); a wrong password changes nothing."""
+
+    def stored_hash() -> str:
+        (row,) = rows(services, "SELECT password_hash FROM users WHERE username_key = 'alice'")
+        return str(row[0])
+
+    with running(services):
+        raw_request(backend.redis, backend.keys, op="register", username="alice", password=PASSWORD)
+    old = stored_hash()
+    assert old.startswith("$2b$04$")
+    services = with_settings(services, backend, bcrypt_rounds=5)
+    with running(services):
+        assert code(login(backend.redis, backend.keys, "alice", "Wrong-pass-1")) == (
+            "invalid_credentials"
+        )
+        assert stored_hash() == old
+        assert code(login(backend.redis, backend.keys, "ALICE", PASSWORD)) == "ok"
+        upgraded = stored_hash()
+        assert upgraded.startswith("$2b$05$")
+        assert bcrypt.checkpw(PASSWORD.encode(), upgraded.encode())
+        assert code(login(backend.redis, backend.keys, "alice", PASSWORD)) == "ok"
+        assert stored_hash() == upgraded  # already at the configured cost: kept
+
+
 def login(redis: Redis, keys: Keys, username: str, password: str) -> dict[str, Any]:
     return raw_request(redis, keys, op="login", username=username, password=password)
 

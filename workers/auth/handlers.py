@@ -190,9 +190,29 @@ class Handlers:
                 "unknown username or wrong password",
             )
         user = found[1]
+        if hash_cost(found[0]) != self.rounds:
+            self.upgrade_hash(user, found[0], request.password)
         token = auth_store.queue_session(pipe, self.keys, request.username, user.id)
         rank = cache.live_rank_reply(self.redis, self.keys, user.username, user.earnings, checked)
         return ok_reply(request.request_id, _with_rank(user, rank), token=token)
+
+    def upgrade_hash(self, user: UserView, stored: str, password: str) -> None:
+        """Hash a password again at `USERMGMT_BCRYPT_ROUNDS` once it has been checked
+        against a hash of another cost (the setting changed since the account was made):
+        otherwise a login's time tells such accounts from unknown names, which are
+        checked against a hash of today's cost. A failure only leaves the old hash."""
+        new_hash = bcrypt.hashpw(password.encode(), bcrypt.gensalt(self.rounds)).decode()
+        try:
+            upgraded = accounts.replace_password_hash(
+                self.services.engine, user.id, stored, new_hash
+            )
+        except DATABASE_ERRORS as exc:
+            self.log.warning("a password hash could not be upgraded", error=repr(exc))
+            return
+        if upgraded:
+            self.log.info(
+                "password hash upgraded", user_id=user.id, cost=hash_cost(stored), to=self.rounds
+            )
 
     def begin_check(
         self, username: str, request_id: str, found: tuple[str, UserView] | None
@@ -250,6 +270,12 @@ class Handlers:
     def with_live_rank(self, user: UserView) -> UserView:
         """The user with the rank the leaderboard sorted set gives right now."""
         return _with_rank(user, cache.live_rank(self.redis, self.keys, user.username))
+
+
+def hash_cost(password_hash: str) -> int | None:
+    """The cost (log2 rounds) of a bcrypt hash (`$2b$12$...`); None if it names none."""
+    parts = password_hash.split("$")
+    return int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
 
 
 def _with_rank(user: UserView, rank: int | None) -> UserView:
