@@ -28,6 +28,7 @@ from usermgmt.workers.client.auth import AuthClient
 from usermgmt.workers.ops import acl, dlq, status
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import make_redis
+from usermgmt.workers.runtime.redis_info import evicting_policy
 from usermgmt.workers.runtime.settings import Settings
 from usermgmt.workers.runtime.streams import remove_idle_consumers
 
@@ -232,6 +233,8 @@ def test_the_worker_role_runs_the_worker_and_nothing_outside_the_prefix(
         assert refused(lambda: worker.get(f"{prefix}x:user:alice"))
         assert refused(lambda: worker.keys("*"))
         assert refused(lambda: worker.config_get("maxmemory"))
+        assert evicting_policy(worker) is None  # INFO is allowed: the policy is readable
+        assert "maxmemory_policy" in worker.info("memory")
         assert refused(lambda: worker.execute_command("ACL", "LIST"))
         # Commands that would hurt the shared server are checked with a dry run only.
         user = f"{prefix}-worker"

@@ -92,6 +92,7 @@ def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
                 "-@dangerous",
                 "-@admin",
                 "+time",
+                "+info",  # to warn when Redis evicts keys (`maxmemory-policy`)
             ),
         ),
     ]

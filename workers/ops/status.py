@@ -24,6 +24,7 @@ from usermgmt.workers.runtime.redis_info import (
     GroupInfo,
     WorkerInfo,
     alive_workers,
+    evicting_policy,
     group_infos,
     streams_of,
     xrange_rows,
@@ -68,6 +69,7 @@ class Status:
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
     waiting: WaitingInfo | None = None
     database_error: str | None = None
+    redis_evicts: str | None = None  # Redis's maxmemory-policy, when it evicts keys
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +151,7 @@ def collect(client: Redis, engine: Engine, keys: Keys, database_url: str) -> Sta
         dlq_by_reason=dict(sorted(dlq_reasons(client, keys).items())),
         workers=alive_workers(client, keys),
         database=safe_url(database_url),
+        redis_evicts=evicting_policy(client),
     )
     try:
         status.checkpoints = read_checkpoints(engine)

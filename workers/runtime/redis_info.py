@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import orjson
 from redis import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
@@ -168,3 +168,31 @@ def alive_workers(client: Redis, keys: Keys) -> list[WorkerInfo]:
             )
         )
     return workers
+
+
+def evicting_policy(client: Redis) -> str | None:
+    """The `maxmemory-policy` when Redis may evict keys at its memory limit (a limit is
+    set and the policy is not `noeviction`): it may then evict a stream, its groups or a
+    waiting entry's data, and events are lost with them. None when nothing is evicted,
+    or when Redis does not say (`INFO` not allowed, a server that lacks it).
+    """
+    try:
+        info: Any = client.info("memory")
+    except (RedisError, OSError):
+        return None
+    nodes = [info] if "maxmemory_policy" in info else list(info.values())  # a cluster: per node
+    for node in nodes:
+        if not isinstance(node, dict):
+            continue
+        policy = text_of(node.get("maxmemory_policy")) or "noeviction"
+        if int(node.get("maxmemory") or 0) > 0 and policy != "noeviction":
+            return policy
+    return None
+
+
+def eviction_warning(policy: str) -> str:
+    """What to tell an operator whose Redis evicts (`evicting_policy`)."""
+    return (
+        f"Redis evicts keys at its memory limit (maxmemory-policy {policy}): event streams, "
+        "consumer groups and replies can be lost; set maxmemory-policy noeviction"
+    )

@@ -28,7 +28,7 @@ from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, 
 from usermgmt.workers.runtime.consumer_name import HEARTBEAT_EVERY_S, NameClaim
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
 from usermgmt.workers.runtime.pending import remove_idle_consumers
-from usermgmt.workers.runtime.redis_info import alive_workers
+from usermgmt.workers.runtime.redis_info import alive_workers, evicting_policy, eviction_warning
 
 log = structlog.get_logger("usermgmt.worker")
 
@@ -68,6 +68,7 @@ class Worker:
         self.events: EventConsumer | None = None
         self.auth: AuthServer | None = None
         self.relay: Relay | None = None
+        self.evicting: str | None = None  # Redis's maxmemory-policy, when it evicts
         self.log = log.bind(consumer=consumer)
         key = services.keys.heartbeat(consumer)
         self.name = NameClaim(services.redis, key, consumer, self.stop, self.log)
@@ -98,6 +99,7 @@ class Worker:
             )
             threads.append(self._thread("auth", self.auth.run))
         background = self._start_background()
+        self._check_eviction()
         threads.append(self._thread("heartbeat", self._heartbeat, daemon=True))
         self.log.info("worker started", only=self.only or "all", pid=os.getpid())
         for thread in threads[:-1]:
@@ -227,6 +229,17 @@ class Worker:
         except (RedisError, *REDIS_ERRORS) as exc:
             self.log.warning("housekeeping failed; trying again later", error=repr(exc))
 
+    def _check_eviction(self) -> None:
+        """Warn when Redis evicts keys at its memory limit; again whenever its policy
+        changes (checked at start, then once a minute)."""
+        policy = evicting_policy(self.services.redis)
+        if policy != self.evicting:
+            if policy is not None:
+                self.log.warning(eviction_warning(policy))
+            elif self.evicting is not None:
+                self.log.info("Redis no longer evicts keys", maxmemory_policy="noeviction")
+        self.evicting = policy
+
     def _sample_and_prune(self) -> None:
         redis, keys = self.services.redis, self.services.keys
         self.metrics.sample_streams(redis, keys)
@@ -237,6 +250,7 @@ class Worker:
         if time.monotonic() - self.last_prune < min(PRUNE_EVERY_S, idle_s):
             return
         self.last_prune = time.monotonic()
+        self._check_eviction()
         groups = [(keys.update_stream, EVENTS_GROUP), (keys.terminate_stream, EVENTS_GROUP)]
         groups.append((keys.auth_requests, AUTH_GROUP))
         alive = {self.consumer, *(worker.consumer for worker in alive_workers(redis, keys))}

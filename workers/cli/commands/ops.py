@@ -136,6 +136,8 @@ def print_status(console: Console, report: status.Status) -> None:
         console.print(waiting_line(report.waiting))
     if report.database_error:
         console.print(f"database checkpoint: unavailable: {report.database_error}")
+    if report.redis_evicts:
+        console.print(f"warning: {redis_info.eviction_warning(report.redis_evicts)}")
 
 
 def waiting_line(waiting: status.WaitingInfo) -> str:
