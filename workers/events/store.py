@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -81,6 +82,8 @@ class EventStore:
         self.db: Connection | None = None
         self.known = WorldCache()
         self.helper: ThreadPoolExecutor | None = None  # packs caches beside a commit
+        # When the transaction in hand began (monotonic), for the worker's stall watch.
+        self.busy_since: float | None = None
 
     def apply(
         self,
@@ -94,6 +97,19 @@ class EventStore:
         `pack`: run on the helper thread while the commit runs; what it returns comes
         back as `Applied.caches` (None if it failed: the caller packs them itself).
         """
+        self.busy_since = time.monotonic()
+        try:
+            return self._apply(planned, horizon_ms, now, pack)
+        finally:
+            self.busy_since = None
+
+    def _apply(
+        self,
+        planned: list[PlannedEntry],
+        horizon_ms: int | None,
+        now: datetime,
+        pack: Packer | None,
+    ) -> Applied:
         conn = self.connection()
         transaction = conn.begin()
         try:
@@ -188,14 +204,18 @@ class EventStore:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """One write transaction on the held connection, committed on leaving."""
-        conn = self.connection()
-        transaction = conn.begin()
+        self.busy_since = time.monotonic()
         try:
-            yield conn
-            transaction.commit()
-        except BaseException as exc:
-            self._failed(conn, transaction, exc)
-            raise
+            conn = self.connection()
+            transaction = conn.begin()
+            try:
+                yield conn
+                transaction.commit()
+            except BaseException as exc:
+                self._failed(conn, transaction, exc)
+                raise
+        finally:
+            self.busy_since = None
 
     def connection(self) -> Connection:
         """The held connection, opened on first use."""

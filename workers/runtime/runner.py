@@ -24,7 +24,12 @@ from usermgmt.workers.ops.trim import Trimmer
 from usermgmt.workers.runtime import early_signals
 from usermgmt.workers.runtime.backoff import Backoff
 from usermgmt.workers.runtime.bootstrap import Services
-from usermgmt.workers.runtime.connections import DATABASE_ERRORS, REDIS_ERRORS, database_unreachable
+from usermgmt.workers.runtime.connections import (
+    DATABASE_ERRORS,
+    REDIS_ERRORS,
+    database_unreachable,
+    safe_url,
+)
 from usermgmt.workers.runtime.consumer_name import HEARTBEAT_EVERY_S, NameClaim
 from usermgmt.workers.runtime.metrics import NO_METRICS, Metrics
 from usermgmt.workers.runtime.pending import remove_idle_consumers
@@ -33,6 +38,9 @@ from usermgmt.workers.runtime.redis_info import alive_workers, evicting_policy, 
 log = structlog.get_logger("usermgmt.worker")
 
 PRUNE_EVERY_S = 60.0
+# An event transaction in hand this long is reported: lock and connect timeouts end a
+# wait well before, so the database has stopped answering (a hung server or storage).
+STALL_WARN_S = 30.0
 WAL_CHECKPOINT_EVERY_S = 0.1  # SQLite: see `checkpoint_wal`
 
 
@@ -69,6 +77,7 @@ class Worker:
         self.auth: AuthServer | None = None
         self.relay: Relay | None = None
         self.evicting: str | None = None  # Redis's maxmemory-policy, when it evicts
+        self.stalled_since: float | None = None  # the event transaction reported stalled
         self.log = log.bind(consumer=consumer)
         key = services.keys.heartbeat(consumer)
         self.name = NameClaim(services.redis, key, consumer, self.stop, self.log)
@@ -190,6 +199,7 @@ class Worker:
     def _heartbeat(self) -> None:
         """Keep `um:worker:heartbeat:<consumer>` alive so `usermgmt health` can tell."""
         while not self.stop.is_set():
+            self._watch_database()
             try:
                 self.name.beat(self._describe())
             except REDIS_ERRORS:
@@ -201,6 +211,28 @@ class Worker:
             self.name.release()
         except REDIS_ERRORS:
             pass
+
+    def _watch_database(self) -> None:
+        """Say when the event consumer's transaction has waited `STALL_WARN_S` for the
+        database (psycopg has no read timeout: a stopped server is waited for without
+        end), and when it is answered."""
+        since = self.events.store.busy_since if self.events is not None else None
+        if since is not None and since == self.stalled_since:
+            return
+        if self.stalled_since is not None:
+            self.log.info(
+                "the database answered the event consumer again",
+                waited_s=round(time.monotonic() - self.stalled_since, 1),
+            )
+            self.stalled_since = None
+        if since is not None and time.monotonic() - since >= STALL_WARN_S:
+            self.log.error(
+                "the database has not answered the event consumer for a while; "
+                "is the server or its storage hung?",
+                waited_s=round(time.monotonic() - since, 1),
+                database=safe_url(self.services.settings.database_url),
+            )
+            self.stalled_since = since
 
     def _describe(self) -> dict[str, object]:
         """What the heartbeat says: who this worker is, and how its events go."""
