@@ -57,14 +57,18 @@ _CHECKING, _FAILED = "c:", "f:"
 
 @dataclass(frozen=True)
 class Attempts:
-    """The lockout's sorted set, read: requests whose check runs, and failed ones."""
+    """The lockout's sorted set, read: requests whose check runs, and failed ones.
+
+    Members are `c:<entry id>` and `f:<entry id>`: a request is its stream entry, whose
+    id Redis chose, never its `request_id`, which a client could send again and again
+    to have many failures counted as one."""
 
     checking: int
     failed: int
 
     @classmethod
     def of(cls, members: list[bytes] | list[str]) -> Attempts:
-        """Counted by request: a request served again (reclaimed) counts once."""
+        """Counted by entry: a request served again (reclaimed) counts once."""
         names = [m.decode() if isinstance(m, bytes) else m for m in members]
         failed = {m[2:] for m in names if m.startswith(_FAILED)}
         checking = {m[2:] for m in names if m.startswith(_CHECKING)} - failed
@@ -80,7 +84,7 @@ class Attempts:
         return self.checking + self.failed > LOCKOUT_MAX_FAILURES
 
 
-def queue_attempt(pipe: Pipeline, keys: Keys, username: str, request_id: str) -> None:
+def queue_attempt(pipe: Pipeline, keys: Keys, username: str, entry_id: str) -> None:
     """Count a login's check as running *before* the password is checked (four
     commands; the third's reply is the set, for `Attempts.of`).
 
@@ -93,17 +97,17 @@ def queue_attempt(pipe: Pipeline, keys: Keys, username: str, request_id: str) ->
     now = time.time()
     key = keys.login_failures(username)
     pipe.zremrangebyscore(key, "-inf", now - LOCKOUT_WINDOW_S)
-    pipe.zadd(key, {_CHECKING + request_id: now - LOCKOUT_WINDOW_S + CHECK_MAX_S})
+    pipe.zadd(key, {_CHECKING + entry_id: now - LOCKOUT_WINDOW_S + CHECK_MAX_S})
     pipe.zrange(key, 0, -1)
     pipe.expire(key, LOCKOUT_WINDOW_S)
 
 
-def forget_attempt(client: Redis, keys: Keys, username: str, request_id: str) -> None:
+def forget_attempt(client: Redis, keys: Keys, username: str, entry_id: str) -> None:
     """A check that did not run (locked, or waiting its turn) counts nothing."""
-    client.zrem(keys.login_failures(username), _CHECKING + request_id)
+    client.zrem(keys.login_failures(username), _CHECKING + entry_id)
 
 
-def record_failure(client: Redis, keys: Keys, username: str, request_id: str) -> bool:
+def record_failure(client: Redis, keys: Keys, username: str, entry_id: str) -> bool:
     """A checked password was wrong: the failure that makes `LOCKOUT_MAX_FAILURES` in
     the window locks the username for `LOCKOUT_DURATION_S`. Returns whether it did.
 
@@ -112,8 +116,8 @@ def record_failure(client: Redis, keys: Keys, username: str, request_id: str) ->
     """
     key = keys.login_failures(username)
     pipe = client.pipeline(transaction=True)
-    pipe.zrem(key, _CHECKING + request_id)
-    pipe.zadd(key, {_FAILED + request_id: time.time()})
+    pipe.zrem(key, _CHECKING + entry_id)
+    pipe.zadd(key, {_FAILED + entry_id: time.time()})
     pipe.zrange(key, 0, -1)
     pipe.expire(key, LOCKOUT_WINDOW_S)
     if not Attempts.of(pipe.execute()[2]).locks:

@@ -341,7 +341,8 @@ def test_two_racing_registrations_of_one_name_have_exactly_one_winner(
                 }
             )
         )
-        replies.append(server.handlers.answer(request, server.redis.pipeline(transaction=False)))
+        pipe = server.redis.pipeline(transaction=False)
+        replies.append(server.handlers.answer(request, pipe, f"{name}-entry"))
 
     threads = [
         threading.Thread(target=register, args=(names[0], "Password-one")),
@@ -1259,3 +1260,55 @@ def test_a_registration_whose_reply_redis_refused_is_answered_as_created(
     assert failed == [True]
     assert reply["ok"] is True and reply["user"]["username"] == "alice"
     assert table_counts(services) == (1, 1, 1)
+
+
+def send_with_one_request_id(
+    redis: Redis, keys: Keys, request_id: str, requests: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Publish `requests`, all under one `request_id`, one after the other, each reply
+    popped before the next is sent (their reply key is the same)."""
+    replies = []
+    for fields in requests:
+        redis.xadd(
+            keys.auth_requests, {"payload": orjson.dumps({"request_id": request_id, **fields})}
+        )
+        popped = redis.blpop([keys.reply(uuid.UUID(request_id))], timeout=10)
+        assert popped is not None, f"no reply to {fields['op']}"
+        replies.append(orjson.loads(popped[1]))
+    return replies
+
+
+def test_failed_logins_sent_again_under_one_request_id_each_count(
+    services: Services, backend: Backend
+) -> None:
+    """A client that reuses one `request_id` still gets five guesses a window: each
+    request is its own stream entry, and the lockout counts entries."""
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        raw_request(redis, keys, op="register", username="alice", password=PASSWORD)
+        guesses = [
+            {"op": "login", "username": "alice", "password": f"Wrong-pass-{n}"} for n in range(6)
+        ]
+        guesses.append({"op": "login", "username": "alice", "password": PASSWORD})
+        replies = send_with_one_request_id(redis, keys, str(uuid.uuid4()), guesses)
+    assert [code(reply) for reply in replies] == ["invalid_credentials"] * 5 + ["locked"] * 2
+
+
+def test_registrations_sent_under_one_request_id_each_get_their_own_answer(
+    services: Services, backend: Backend
+) -> None:
+    redis, keys = backend.redis, backend.keys
+    with running(services):
+        replies = send_with_one_request_id(
+            redis,
+            keys,
+            str(uuid.uuid4()),
+            [
+                {"op": "register", "username": "first", "password": PASSWORD},
+                {"op": "register", "username": "second", "password": PASSWORD},
+                {"op": "register", "username": "first", "password": PASSWORD},
+            ],
+        )
+    assert [code(reply) for reply in replies] == ["ok", "ok", "username_taken"]
+    assert [reply["user"]["username"] for reply in replies[:2]] == ["first", "second"]
+    assert [row[0] for row in user_rows(services)] == ["first", "second"]

@@ -78,7 +78,7 @@ def auth_server(services: Services) -> Iterator[AuthServer]:
 def ask(server: AuthServer, op: str, **fields: Any) -> dict[str, Any]:
     request = parse_request(orjson.dumps({"request_id": str(uuid.uuid4()), "op": op, **fields}))
     pipe = server.redis.pipeline(transaction=False)  # what the server sends with the reply
-    reply = server.handlers.answer(request, pipe)
+    reply = server.handlers.answer(request, pipe, str(uuid.uuid4()))  # an entry id of its own
     pipe.execute()
     return reply
 

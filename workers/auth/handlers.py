@@ -89,17 +89,20 @@ class Handlers:
         # Unknown users are checked against this hash so both failures cost one bcrypt.
         self.dummy_hash = bcrypt.hashpw(b"usermgmt-timing-equaliser", bcrypt.gensalt(self.rounds))
 
-    def answer(self, request: AuthRequest, pipe: Pipeline) -> dict[str, Any]:
+    def answer(self, request: AuthRequest, pipe: Pipeline, entry_id: str) -> dict[str, Any]:
         """The reply to a valid request; database trouble becomes an `internal` error.
 
         Commands a handler queues on `pipe` must run just before the reply is pushed.
+        `entry_id`: the request's stream entry id. What must count a request once, however
+        often it is served (a failed login, a registration made), is keyed by it: Redis
+        gives each entry its own, where a client may send one `request_id` many times.
         """
         try:
             match request:
                 case RegisterRequest():
-                    reply = self.register(request)
+                    reply = self.register(request, entry_id)
                 case LoginRequest():
-                    reply = self.login(request, pipe)
+                    reply = self.login(request, pipe, entry_id)
                 case GetUserRequest():
                     reply = self.get_user(request)
                 case VerifyTokenRequest():
@@ -122,17 +125,17 @@ class Handlers:
             request.request_id, ErrorCode.INTERNAL, "the request could not be served"
         )
 
-    def register(self, request: RegisterRequest) -> dict[str, Any]:
+    def register(self, request: RegisterRequest, entry_id: str) -> dict[str, Any]:
         """Create the account, then its caches; the reply carries the live rank.
 
         Redis may fail after the account is committed (at its memory limit, a dropped
         connection): the request stays pending and this worker serves it again within a
         second (`AuthServer.take_back`). The account it created then is remembered by
-        request id (`registered`), so that second pass answers it as created rather than
+        entry id (`registered`), so that second pass answers it as created rather than
         `username_taken`.
         """
         settings = self.services.settings
-        user = self.registered.get(str(request.request_id))
+        user = self.registered.get(entry_id)
         if user is None:
             if accounts.find_credentials(self.services.engine, request.username) is not None:
                 return self._taken(request)
@@ -147,7 +150,7 @@ class Handlers:
                 )
             except accounts.UsernameTaken:
                 return self._taken(request)
-            self.registered.put(str(request.request_id), user)
+            self.registered.put(entry_id, user)
         if self.relay is not None:
             # The accounts entry goes out before the reply, so any event a client
             # publishes about the new player comes after it in entry-id order.
@@ -168,12 +171,11 @@ class Handlers:
             f"the username {request.username!r} is taken",
         )
 
-    def login(self, request: LoginRequest, pipe: Pipeline) -> dict[str, Any]:
+    def login(self, request: LoginRequest, pipe: Pipeline, entry_id: str) -> dict[str, Any]:
         """Two Redis round trips besides bcrypt, as a rule: the lock, the check's count
         and the live rank before it, the token with the reply after it (`pipe`)."""
         found = accounts.find_login(self.services.engine, request.username)
-        request_id = str(request.request_id)
-        checked = self.begin_check(request.username, request_id, found)
+        checked = self.begin_check(request.username, entry_id, found)
         if checked is None:
             return error_reply(
                 request.request_id,
@@ -183,7 +185,7 @@ class Handlers:
         stored = found[0].encode() if found else self.dummy_hash
         matches = bcrypt.checkpw(request.password.encode(), stored)
         if found is None or not matches:
-            auth_store.record_failure(self.redis, self.keys, request.username, request_id)
+            auth_store.record_failure(self.redis, self.keys, request.username, entry_id)
             return error_reply(
                 request.request_id,
                 ErrorCode.INVALID_CREDENTIALS,
@@ -215,7 +217,7 @@ class Handlers:
             )
 
     def begin_check(
-        self, username: str, request_id: str, found: tuple[str, UserView] | None
+        self, username: str, entry_id: str, found: tuple[str, UserView] | None
     ) -> list[Any] | None:
         """Count this login's check as running; None when the username is locked.
 
@@ -228,7 +230,7 @@ class Handlers:
         while True:
             check = self.redis.pipeline(transaction=False)
             auth_store.queue_is_locked(check, self.keys, username)
-            auth_store.queue_attempt(check, self.keys, username, request_id)
+            auth_store.queue_attempt(check, self.keys, username, entry_id)
             if found is not None:
                 cache.queue_live_rank(check, self.keys, found[1].username, found[1].earnings)
             # The rank's replies may be an error (a leaderboard key of another type):
@@ -240,7 +242,7 @@ class Handlers:
             attempts = auth_store.Attempts.of(checked[3])
             if not (checked[0] or attempts.locks or attempts.too_many_at_once):
                 return checked
-            auth_store.forget_attempt(self.redis, self.keys, username, request_id)
+            auth_store.forget_attempt(self.redis, self.keys, username, entry_id)
             if checked[0] or attempts.locks or time.monotonic() > deadline:
                 return None
             time.sleep(random.uniform(0.5, 1.5) * TURN_POLL_S)

@@ -324,7 +324,7 @@ class AuthServer:
         # Commands a handler queues here run just before the reply is pushed, in the
         # same round trip (a login's token exists before its reply can be read).
         pipe = finishing(self.redis)
-        reply = self.handlers.answer(request, pipe)
+        reply = self.handlers.answer(request, pipe, entry.entry_id)
         try:
             finish(self.redis, self.keys, entry, reply=(request.request_id, reply), pipe=pipe)
         except TypeError as exc:  # orjson refused the reply (a bug): still one reply
