@@ -245,21 +245,17 @@ class _Planner:
             for key, player in zip(event.player_keys, players, strict=True)
             if live.get(player.id) != event.session_id
         ]
-        if self.queue_behind(entry, wanted):
-            return
-        # Every silent session it needs ends, whatever the order of its players, also
-        # when the update then waits for a busy player: at its first decision, as only
-        # then can a session be silent as of the update's entry (a later event of it
-        # makes it live again, and a session joined later is newer than the update).
-        busy: Player | None = None
+        # Every silent session it needs ends at its first decision, whatever the order
+        # of its players, also when the update then waits: behind an earlier update
+        # that wants one of its players (freed by the expiry, that one now goes first)
+        # or for a busy player.
         for player in players:
             current = live.get(player.id)
-            if current is None or current == event.session_id:
-                continue
-            if self._is_silent(current, entry.ms):
+            if current not in (None, event.session_id) and self._is_silent(current, entry.ms):
                 self._expire(current, entry.ms)
-            elif busy is None:
-                busy = player
+        if self.queue_behind(entry, wanted):
+            return
+        busy = next((p for p in players if live.get(p.id) not in (None, event.session_id)), None)
         if busy is not None:
             self.wait(
                 entry,

@@ -478,6 +478,34 @@ def test_an_expired_session_frees_its_players_for_other_waiters() -> None:
 
 
 @RESTART
+def test_an_update_that_expires_a_session_does_not_overtake_an_earlier_one_wanting_its_player(
+    restart: bool,
+) -> None:
+    """s2 asks for alice while s0 is live: it waits. s1 asks for her once s0 is silent: s0
+    ends as expired, and alice goes to s2 first, in entry-id order; s1 then waits for
+    her to leave s2. (s1 used to queue behind s2 without expiring s0, and s2 then timed
+    out waiting for s0: a valid update lost.)"""
+    world = silent_world()
+    worker = Worker(world, restart, Limits(max_wait_ms=60_000, session_timeout_ms=10_000))
+    first = worker.batch(entry(update("s2", "alice", "carol"), ms=T + 9_000))
+    assert first.outcomes == [WAITING]
+    later = entry(update("s1", "alice"), ms=T + 10_001)
+    run = worker.batch(later)
+    assert run.plan.expired_sessions == ["s0"]
+    assert [(p.event.session_id, d.outcome) for p, d in run.plan.decided] == [
+        ("s2", Outcome.APPLIED)
+    ]
+    assert world.live_session_of == {1: "s2", 3: "s2"}
+    assert worker.waits_for(later) == "player alice to leave live session s2"
+    ends = worker.batch(entry(terminate("s2", ("alice", "win", 5)), ms=T + 10_002))
+    assert [(p.event.session_id, d.outcome) for p, d in ends.plan.decided] == [
+        ("s2", Outcome.APPLIED),
+        ("s1", Outcome.APPLIED),
+    ]
+    assert world.live_session_of == {1: "s1"}
+
+
+@RESTART
 def test_waiting_entries_of_a_session_that_expires_are_dead_at_once(restart: bool) -> None:
     """s0's update waits for carol (in s9, never ending), its terminate behind it. An
     update needing alice expires s0: both are then `session_ended` at once, as a new
