@@ -18,6 +18,7 @@ of payloads that no longer exist. See docs/protocol.md for the protocol around t
 
 # No `from __future__ import annotations` here: a TypedDict needs its annotations as
 # objects to know which keys are `NotRequired` (`__required_keys__`).
+import argparse
 import copy
 import json
 import sys
@@ -300,8 +301,17 @@ def repository_schemas_dir() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m usermgmt.domain.schemas [DIR]`: regenerate the schema files."""
-    args = sys.argv[1:] if argv is None else argv
-    directory = Path(args[0]) if args else repository_schemas_dir()
+    parser = argparse.ArgumentParser(
+        prog="python -m usermgmt.domain.schemas",
+        description="Write the JSON Schemas of every payload (default: docs/schemas/ of "
+        "the source tree this module is in).",
+    )
+    parser.add_argument("directory", nargs="?", type=Path, help="where to write them")
+    args = parser.parse_args(argv)
+    try:
+        directory = args.directory or repository_schemas_dir()
+    except FileNotFoundError:
+        parser.error("this module is installed outside a source tree: name the directory")
     for path in write_schemas(directory):
         print(f"wrote {path}")
     return 0

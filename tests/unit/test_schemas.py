@@ -20,6 +20,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
+from usermgmt.domain import schemas as schemas_module
 from usermgmt.domain.accounts import TOKEN_BYTES
 from usermgmt.domain.auth import (
     GetUserRequest,
@@ -81,6 +82,27 @@ def test_main_writes_every_schema_and_removes_stale_ones(tmp_path: Path) -> None
     assert {path.stem for path in tmp_path.iterdir()} == set(SCHEMAS)
     for name, schema in SCHEMAS.items():
         assert (tmp_path / f"{name}.json").read_text(encoding="utf-8") == schema_text(schema)
+
+
+def test_main_is_a_command_with_help_and_usage_errors(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as helped:
+        main(["--help"])
+    assert helped.value.code == 0 and "directory" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no folder named --help
+
+    def outside() -> Path:
+        raise FileNotFoundError("not in a source tree")
+
+    monkeypatch.setattr(schemas_module, "repository_schemas_dir", outside)
+    with pytest.raises(SystemExit) as refused:
+        main([])
+    assert refused.value.code == 2
+    assert "outside a source tree: name the directory" in capsys.readouterr().err
 
 
 def test_every_schema_names_its_payload() -> None:
