@@ -311,7 +311,7 @@ def test_a_file_that_is_not_a_database_is_one_line(
         (["user", "alice"], "there is no database at"),
         (["trim"], "there is no database at"),
         (["worker", "--only", "events"], "no schema yet; run `usermgmt migrate` first"),
-        (["replay"], "has no schema; run `usermgmt migrate`"),
+        (["replay"], "there is no database at"),
     ],
 )
 def test_a_missing_sqlite_file_is_named_and_not_created(

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from usermgmt.persistence.db import current_revision
+from usermgmt.persistence.db import current_revision, sqlite_path
 from usermgmt.persistence.snapshots import SnapshotError, SnapshotInfo
 from usermgmt.workers.cli.commands.base import (
     CommandFailed,
@@ -183,6 +183,12 @@ def _require_schema(database_url: str) -> None:
         revision = current_revision(database_url)
     except DATABASE_ERRORS as exc:
         raise CommandFailed(database_unreachable(database_url, exc)) from None
+    path = sqlite_path(database_url)
+    if revision is None and path is not None and not path.exists():
+        raise CommandFailed(
+            f"there is no database at {path}; run `usermgmt migrate` "
+            "(with the same --database) to create it"
+        )
     if revision is None:
         raise CommandFailed(
             f"the database at {safe_url(database_url)} has no schema; "
