@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,41 @@ def test_demo_without_redis_or_redis_server_says_how_to_get_it(tmp_path: Path) -
     assert "redis-server is not installed" in lines[0]
     assert "install Redis" in lines[0] and "USERMGMT_REDIS_URL" in lines[0]
     assert not (tmp_path / "demo.db").exists()
+
+
+def test_ctrl_c_while_players_register_ends_the_demo_at_once_and_cleans_up(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C reaches the whole process group, the demo's worker too: the registrations
+    in flight then never get a reply, and the demo used to wait out their 30 s timeout."""
+    env = {**os.environ, "USERMGMT_REDIS_URL": REDIS_URL, "PYTHONPATH": str(REPO)}
+    args = ["--players", "2000", "--games", "10", "--bcrypt-rounds", "12"]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "usermgmt.workers.sim.demo", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert demo.stdout is not None
+    prefix = None
+    for line in demo.stdout:  # the banner, then the worker's start
+        if match := re.search(r"keys under ([\w-]+):\*", line):
+            prefix = match.group(1)
+        if line.startswith("worker started"):
+            break
+    assert prefix is not None
+    time.sleep(2)  # registering: at cost 12, 2,000 players take minutes
+    os.killpg(demo.pid, signal.SIGINT)
+    started = time.monotonic()
+    _, err = demo.communicate(timeout=60)
+    took = time.monotonic() - started
+    assert demo.returncode == 1 and "demo: interrupted" in err, err
+    assert took < 15, f"the demo took {took:.1f} s to stop"
+    redis = _real_redis()
+    try:
+        assert list(redis.scan_iter(match=f"{prefix}:*", count=1000)) == []
+    finally:
+        redis.close()

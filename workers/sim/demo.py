@@ -388,7 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr)
-        return 1
+        # Ctrl-C stopped the worker too: registrations in flight would each wait out
+        # their reply timeout (30 s) before the interpreter could exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 

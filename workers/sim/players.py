@@ -86,10 +86,15 @@ def register_players(
     done = 1
     if on_done is not None:
         on_done(done)
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
         for made in pool.map(one, names[1:]):
             created += made
             done += 1
             if on_done is not None:
                 on_done(done)
+    finally:
+        # Interrupted (Ctrl-C, which stops the worker too): the requests in flight would
+        # each wait out their reply timeout; nobody waits for them.
+        pool.shutdown(wait=False, cancel_futures=True)
     return Registered(created, len(names) - created, time.perf_counter() - started)
