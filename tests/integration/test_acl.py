@@ -6,6 +6,9 @@ user is never touched.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.client.auth import AuthClient
+from usermgmt.workers.client.publisher import Publisher
 from usermgmt.workers.ops import acl, dlq, status
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import make_redis
@@ -33,6 +37,7 @@ from usermgmt.workers.runtime.settings import Settings
 from usermgmt.workers.runtime.streams import remove_idle_consumers
 
 PASSWORD = "acl-test-password-1"
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = [
     {"username": "alice", "outcome": "win", "earnings": 70},
     {"username": "bob", "outcome": "loss", "earnings": 0},
@@ -150,6 +155,71 @@ def test_a_game_server_may_only_publish_results(
     assert refused(lambda: game_server.xgroup_destroy(keys.terminate_stream, "usermgmt-events"))
     assert refused(lambda: game_server.xdel(keys.terminate_stream, "0-1"))
     assert not admin.exists(keys.update_stream)
+
+
+def as_role(server_url: str, user: str) -> str:
+    """The Redis URL logged in as `user`."""
+    return server_url.replace("redis://", f"redis://{user}:{PASSWORD}@", 1)
+
+
+def event_ids(admin: Redis, stream: str) -> list[str]:
+    return [str(orjson.loads(fields[b"payload"])["event_id"]) for _, fields in admin.xrange(stream)]
+
+
+@pytest.mark.parametrize(
+    ("role", "kind", "event"),
+    [
+        ("matchmaking", "update", {"session_id": "p1", "players": ["alice", "bob"]}),
+        ("game-server", "terminate", {"session_id": "p1", "results": RESULTS}),
+    ],
+)
+def test_a_producer_role_can_publish_with_the_bundled_client_and_the_cli(
+    clients: dict[str, Redis],
+    admin: Redis,
+    server_url: str,
+    prefix: str,
+    tmp_path: Path,
+    role: str,
+    kind: str,
+    event: dict[str, Any],
+) -> None:
+    # Both wrap their XADDs in MULTI/EXEC: a role without them had the XADDs run one
+    # by one outside the refused transaction, and the publisher told it had failed.
+    keys = Keys(prefix)
+    stream = keys.event_stream(kind)
+    by_client = Publisher(clients[role], prefix=prefix)
+    first = by_client.publish(kind, event)
+    with by_client.batch() as batch:
+        batch.add(kind, event)
+        batch.add(kind, event)
+    assert len(batch.entry_ids) == 2
+
+    lines = [{**event, "event_id": str(uuid.uuid4())} for _ in range(2)]
+    file = tmp_path / f"{kind}.jsonl"
+    file.write_bytes(b"\n".join(orjson.dumps(line) for line in lines))
+    env = {
+        **os.environ,
+        "USERMGMT_REDIS_URL": as_role(server_url, f"{prefix}-{role}"),
+        "USERMGMT_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
+        "USERMGMT_KEY_PREFIX": prefix,
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "usermgmt.workers.cli.main", "publish", kind, str(file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"published 2 {kind} event(s) to {stream}"
+    assert result.stderr == ""
+    sent = event_ids(admin, stream)
+    assert len(sent) == 5
+    assert sent[0] == str(first.event_id)
+    assert sent[1:3] == [str(added.event_id) for added in batch.events]
+    assert sent[3:] == [line["event_id"] for line in lines]
 
 
 def test_an_auth_client_may_only_send_requests_and_pop_replies(

@@ -27,6 +27,9 @@ ROLES = ("matchmaking", "game-server", "auth-client", "worker")
 # CLUSTER SLOTS and COMMAND let a cluster client find which node holds which key.
 _BASE = ("reset", "+ping", "+hello", "+cluster|slots", "+command")
 _HASH_READS = "+hget +hmget +hgetall +hexists +exists"
+# `usermgmt publish` and the bundled Publisher wrap their XADDs in MULTI/EXEC. These
+# touch no key; without them Redis refuses MULTI and then runs the XADDs one by one.
+_TRANSACTION = ("+multi", "+exec", "+discard")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
                 *_BASE,
                 f"~{keys.update_stream}",
                 "+xadd",
+                *_TRANSACTION,
                 f"(%R~{prefix}:user:* %R~{prefix}:session:* {_HASH_READS})",
             ),
         ),
@@ -64,7 +68,7 @@ def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
             "game-server",
             f"{names}game-server",
             "XADD game results (terminate events)",
-            (*_BASE, f"~{keys.terminate_stream}", "+xadd"),
+            (*_BASE, f"~{keys.terminate_stream}", "+xadd", *_TRANSACTION),
         ),
         Role(
             "auth-client",
