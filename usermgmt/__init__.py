@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from usermgmt.workers.client.publisher import Batch as Batch
     from usermgmt.workers.client.publisher import InvalidEvent as InvalidEvent
     from usermgmt.workers.client.publisher import Publisher as Publisher
+    from usermgmt.workers.client.publisher import PublishFailed as PublishFailed
 
 _CLIENT = {
     "AuthClient": "usermgmt.workers.client.auth",
@@ -35,9 +36,18 @@ _CLIENT = {
     "Batch": "usermgmt.workers.client.publisher",
     "InvalidEvent": "usermgmt.workers.client.publisher",
     "Publisher": "usermgmt.workers.client.publisher",
+    "PublishFailed": "usermgmt.workers.client.publisher",
 }
 
-__all__ = ["AuthClient", "AuthError", "AuthTimeout", "Batch", "InvalidEvent", "Publisher"]
+__all__ = [
+    "AuthClient",
+    "AuthError",
+    "AuthTimeout",
+    "Batch",
+    "InvalidEvent",
+    "PublishFailed",
+    "Publisher",
+]
 
 
 def __getattr__(name: str) -> Any:

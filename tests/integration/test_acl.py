@@ -28,7 +28,7 @@ from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.client.auth import AuthClient
-from usermgmt.workers.client.publisher import Publisher
+from usermgmt.workers.client.publisher import Publisher, PublishFailed
 from usermgmt.workers.ops import acl, dlq, status
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import make_redis
@@ -166,6 +166,29 @@ def event_ids(admin: Redis, stream: str) -> list[str]:
     return [str(orjson.loads(fields[b"payload"])["event_id"]) for _, fields in admin.xrange(stream)]
 
 
+def publish_as(
+    server_url: str, user: str, prefix: str, tmp_path: Path, kind: str, lines: list[Any]
+) -> subprocess.CompletedProcess[str]:
+    """`usermgmt publish KIND FILE` as a process logged in as `user`, FILE holding `lines`."""
+    file = tmp_path / f"{kind}-{uuid.uuid4().hex[:6]}.jsonl"
+    file.write_bytes(b"\n".join(orjson.dumps(line) for line in lines))
+    env = {
+        **os.environ,
+        "USERMGMT_REDIS_URL": as_role(server_url, user),
+        "USERMGMT_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
+        "USERMGMT_KEY_PREFIX": prefix,
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "usermgmt.workers.cli.main", "publish", kind, str(file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("role", "kind", "event"),
     [
@@ -195,23 +218,7 @@ def test_a_producer_role_can_publish_with_the_bundled_client_and_the_cli(
     assert len(batch.entry_ids) == 2
 
     lines = [{**event, "event_id": str(uuid.uuid4())} for _ in range(2)]
-    file = tmp_path / f"{kind}.jsonl"
-    file.write_bytes(b"\n".join(orjson.dumps(line) for line in lines))
-    env = {
-        **os.environ,
-        "USERMGMT_REDIS_URL": as_role(server_url, f"{prefix}-{role}"),
-        "USERMGMT_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
-        "USERMGMT_KEY_PREFIX": prefix,
-        "PYTHONPATH": str(REPO),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "usermgmt.workers.cli.main", "publish", kind, str(file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = publish_as(server_url, f"{prefix}-{role}", prefix, tmp_path, kind, lines)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"published 2 {kind} event(s) to {stream}"
     assert result.stderr == ""
@@ -220,6 +227,99 @@ def test_a_producer_role_can_publish_with_the_bundled_client_and_the_cli(
     assert sent[0] == str(first.event_id)
     assert sent[1:3] == [str(added.event_id) for added in batch.events]
     assert sent[3:] == [line["event_id"] for line in lines]
+
+
+UPDATE = {"session_id": "p2", "players": ["alice", "bob"]}
+TERMINATE = {"session_id": "p2", "results": RESULTS}
+
+
+@pytest.fixture
+def without_multi(admin: Redis, prefix: str) -> Iterator[str]:
+    """A user with the matchmaking role's rules less MULTI/EXEC/DISCARD (as they were)."""
+    (role,) = [role for role in acl.roles(Keys(prefix)) if role.role == "matchmaking"]
+    user = f"{prefix}-nomulti"
+    rules = [rule for rule in role.rules if rule not in ("+multi", "+exec", "+discard")]
+    on_every_node(admin, "ACL", "SETUSER", user, *rules, "on", f">{PASSWORD}")
+    try:
+        yield user
+    finally:
+        on_every_node(admin, "ACL", "DELUSER", user)
+
+
+def test_a_refused_multi_is_one_line_saying_the_events_may_have_been_published(
+    without_multi: str, admin: Redis, server_url: str, prefix: str, tmp_path: Path
+) -> None:
+    stream = Keys(prefix).update_stream
+    result = publish_as(server_url, without_multi, prefix, tmp_path, "update", [UPDATE] * 2)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"usermgmt: Redis refused the publish to {stream}: ")
+    assert "'multi'" in result.stderr
+    assert "0 of 2 event(s) were published and the next 2 may have been" in result.stderr
+    assert admin.xlen(stream) == 2  # which is why "may have been"
+
+    client = connect(server_url, username=without_multi, password=PASSWORD)
+    try:
+        with (
+            pytest.raises(PublishFailed) as failed,
+            Publisher(client, prefix=prefix).batch() as batch,
+        ):
+            batch.add("update", UPDATE)
+        assert failed.value.published == []
+        assert failed.value.unknown == batch.events
+    finally:
+        client.close()
+
+
+def test_a_command_refused_in_the_transaction_is_one_line_saying_nothing_was_published(
+    clients: dict[str, Redis], admin: Redis, server_url: str, prefix: str, tmp_path: Path
+) -> None:
+    keys = Keys(prefix)
+    # A matchmaker may not publish results: Redis refuses the XADD as it is queued and
+    # discards the whole transaction.
+    user = f"{prefix}-matchmaking"
+    result = publish_as(server_url, user, prefix, tmp_path, "terminate", [TERMINATE] * 2)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.rstrip().endswith("nothing was published")
+    assert not admin.exists(keys.terminate_stream)
+    with (
+        pytest.raises(PublishFailed) as failed,
+        Publisher(clients["matchmaking"], prefix=prefix).batch() as batch,
+    ):
+        batch.add("update", UPDATE)
+        batch.add("terminate", TERMINATE)
+    assert failed.value.published == failed.value.unknown == []
+    assert not admin.exists(keys.update_stream)
+
+
+def test_a_command_failing_in_the_transaction_says_which_events_were_published(
+    clients: dict[str, Redis], admin: Redis, server_url: str, prefix: str, tmp_path: Path
+) -> None:
+    keys = Keys(prefix)
+    # An update stream whose ids are exhausted: each XADD fails as EXEC runs it, and
+    # Redis keeps what the others did.
+    admin.xadd(
+        keys.update_stream, {"payload": b"{}"}, id="18446744073709551615-18446744073709551615"
+    )
+    result = publish_as(
+        server_url, f"{prefix}-matchmaking", prefix, tmp_path, "update", [UPDATE] * 2
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "exhausted the last possible ID" in result.stderr
+    assert result.stderr.rstrip().endswith("nothing was published")
+    assert admin.xlen(keys.update_stream) == 1
+
+    with pytest.raises(PublishFailed) as failed, Publisher(admin, prefix=prefix).batch() as batch:
+        batch.add("update", UPDATE)
+        done = batch.add("terminate", TERMINATE)
+    assert failed.value.published == [done]
+    assert failed.value.unknown == []
+    assert event_ids(admin, keys.terminate_stream) == [str(done.event_id)]
+    assert "1 of 2 event(s) were published" in str(failed.value)
 
 
 def test_an_auth_client_may_only_send_requests_and_pop_replies(

@@ -17,6 +17,11 @@
 Every call validates the event first (an `InvalidEvent` names the broken field) and
 makes up an `event_id` unless one is given. Pass the same `event_id` to publish the
 same event again safely: the worker applies it once.
+
+When Redis refuses a publish, `PublishFailed` (a redis `ResponseError`) says which
+events it added (`published`) and which it may have added (`unknown`): a refused
+MULTI leaves the XADDs to run one by one, and a transaction whose command fails
+when it runs keeps the others.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import orjson
 from pydantic import ValidationError
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import ExecAbortError, ResponseError
 
 from usermgmt.domain.auth import describe_validation_error
 from usermgmt.domain.events import EventKind, GameEvent, TerminateEvent, UpdateEvent
@@ -45,6 +51,30 @@ _MODELS: dict[EventKind, type[UpdateEvent] | type[TerminateEvent]] = {
 
 class InvalidEvent(ValueError):
     """An event the worker would dead-letter: the message names the field and the rule."""
+
+
+class PublishFailed(ResponseError):
+    """Redis refused a batch or part of it.
+
+    `error` is Redis's refusal; `published` are the events Redis added, `unknown` those
+    it may or may not have added; it added none of the others.
+    """
+
+    def __init__(
+        self,
+        error: ResponseError,
+        published: Sequence[GameEvent],
+        unknown: Sequence[GameEvent],
+        total: int,
+    ) -> None:
+        if unknown:
+            outcome = f"{len(unknown)} of {total} event(s) may have been published"
+        else:
+            outcome = f"{len(published)} of {total} event(s) were published"
+        super().__init__(f"{error}; {outcome}")
+        self.error = error
+        self.published = list(published)
+        self.unknown = list(unknown)
 
 
 def build_event(kind: EventKind | str, data: Mapping[str, Any]) -> GameEvent:
@@ -140,6 +170,26 @@ class Batch:
         return self.add(EventKind.TERMINATE, data)
 
 
+def _execute(pipe: Pipeline, events: Sequence[GameEvent]) -> list[str]:
+    """Send the queued XADDs; their entry ids, or `PublishFailed` saying what was added."""
+    try:
+        results = pipe.execute(raise_on_error=False)
+    except ResponseError as exc:
+        # redis-py raises a queued command's error (annotated "Command # n", n >= 1)
+        # only once EXEC was aborted. When MULTI itself was refused (its error, "Command
+        # # 0" on a cluster), the XADDs sent after it ran one by one.
+        text = str(exc)
+        queued = text.startswith("Command # ") and not text.startswith("Command # 0 ")
+        aborted = isinstance(exc, ExecAbortError) or queued
+        raise PublishFailed(exc, [], [] if aborted else events, len(events)) from exc
+    failed = [result for result in results if isinstance(result, ResponseError)]
+    if failed:
+        # Redis does not roll a transaction back: the other XADDs were applied.
+        added = [e for e, r in zip(events, results, strict=True) if not isinstance(r, Exception)]
+        raise PublishFailed(failed[0], added, [], len(events))
+    return [text_of(entry_id) for entry_id in results]
+
+
 class Publisher:
     """Publishes update and terminate events to the streams under one key prefix."""
 
@@ -149,12 +199,15 @@ class Publisher:
 
     @contextmanager
     def batch(self) -> Iterator[Batch]:
-        """Queue events, then publish them in one round trip; nothing is sent on an error."""
+        """Queue events, then publish them in one round trip (MULTI/EXEC).
+
+        Nothing is sent when the block raises; `PublishFailed` when Redis refuses.
+        """
         with self.redis.pipeline(transaction=True) as pipe:
             batch = Batch(self.keys, pipe)
             yield batch
             if batch.events:
-                batch.entry_ids = [text_of(entry_id) for entry_id in pipe.execute()]
+                batch.entry_ids = _execute(pipe, batch.events)
 
     def publish(self, kind: EventKind | str, data: Mapping[str, Any]) -> GameEvent:
         """Validate and publish one event given as a mapping."""

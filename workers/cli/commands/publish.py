@@ -11,7 +11,13 @@ import orjson
 
 from usermgmt.domain.events import EventKind, GameEvent
 from usermgmt.workers.cli.commands.base import CommandFailed, Subparsers, connected, settings_from
-from usermgmt.workers.client.publisher import InvalidEvent, Publisher, build_event
+from usermgmt.workers.client.publisher import (
+    InvalidEvent,
+    Publisher,
+    PublishFailed,
+    build_event,
+)
+from usermgmt.workers.runtime.connections import REDIS_ERRORS, redis_unreachable
 
 CHUNK = 500  # events per MULTI/EXEC round trip
 MAX_ERRORS_SHOWN = 20
@@ -60,12 +66,33 @@ def cmd_publish(args: argparse.Namespace) -> int:
                     for event in events[start : start + CHUNK]:
                         batch.add_event(event)
                 published += len(batch.events)
-        except Exception:
-            if published:
-                print(f"published the first {published} event(s) only", file=sys.stderr)
-            raise
+        except PublishFailed as exc:
+            added, unknown = published + len(exc.published), len(exc.unknown)
+            raise CommandFailed(
+                f"Redis refused the publish to {stream}: {exc.error}; "
+                + outcome(added, unknown, len(events))
+            ) from None
+        except REDIS_ERRORS as exc:
+            unknown = min(CHUNK, len(events) - published)
+            raise CommandFailed(
+                f"{redis_unreachable(settings.redis_url, exc)}; "
+                + outcome(published, unknown, len(events))
+            ) from None
     print(f"published {published} {kind} event(s) to {stream}")
     return 0
+
+
+def outcome(added: int, unknown: int, total: int) -> str:
+    """What reached the stream, for the one line of a failed publish."""
+    if unknown:
+        return (
+            f"{added} of {total} event(s) were published and the next {unknown} may have "
+            "been: look at the stream before publishing again (a line without an event_id "
+            "gets a new one each time, so it would be applied twice)"
+        )
+    if added:
+        return f"{added} of {total} event(s) were published, the others were not"
+    return "nothing was published"
 
 
 def read_lines(file: str) -> list[str]:
