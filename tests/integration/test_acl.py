@@ -29,7 +29,7 @@ from usermgmt.persistence.keys import Keys
 from usermgmt.workers.auth.server import AuthServer
 from usermgmt.workers.client.auth import AuthClient
 from usermgmt.workers.client.publisher import Publisher, PublishFailed
-from usermgmt.workers.ops import acl, dlq, status
+from usermgmt.workers.ops import acl, backup, dlq, replay, status, trim
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import make_redis
 from usermgmt.workers.runtime.redis_info import evicting_policy
@@ -398,6 +398,15 @@ def test_the_worker_role_runs_the_worker_and_nothing_outside_the_prefix(
         assert [w.consumer for w in report.workers] == ["acl-worker"]
         remove_idle_consumers(worker, keys.update_stream, "usermgmt-events", 10**9)
         assert dlq.purge(worker, keys) == report.dlq_length
+        assert {plan.stream for plan in trim.trim_streams(services, retention_s=0)} >= {
+            keys.update_stream,
+            keys.terminate_stream,
+        }
+        assert replay.rebuild_caches(services.engine, worker, keys)
+        assert admin.zscore(keys.leaderboard, "alice") == 70  # rebuilt as the worker
+        saved = backup.backup(services, tmp_path / "backup.db")
+        assert saved.marks_note is None  # the replay marks were read as the worker
+        assert (tmp_path / "backup.db").stat().st_size > 0
 
         assert refused(lambda: worker.set("elsewhere:key", 1))
         assert refused(lambda: worker.get(f"{prefix}x:user:alice"))
@@ -406,9 +415,28 @@ def test_the_worker_role_runs_the_worker_and_nothing_outside_the_prefix(
         assert evicting_policy(worker) is None  # INFO is allowed: the policy is readable
         assert "maxmemory_policy" in worker.info("memory")
         assert refused(lambda: worker.execute_command("ACL", "LIST"))
-        # Commands that would hurt the shared server are checked with a dry run only.
+        # Server-wide code (Lua scripts and function libraries other applications on
+        # the same Redis may rely on), messages to anyone, other databases: harmless
+        # calls are made, the others checked with a dry run only.
+        assert refused(lambda: worker.function_delete(f"{prefix}-no-such-library"))
+        assert refused(lambda: worker.eval("return 1", 0))
+        assert refused(lambda: worker.fcall(f"{prefix}_no_such_function", 0))
+        assert refused(lambda: worker.publish(f"{prefix}-channel", "hello"))
+        assert refused(lambda: worker.move(f"{prefix}:nothing", 9))
+        assert refused(lambda: worker.copy(f"{prefix}:{{c}}a", f"{prefix}:{{c}}b", 9))
         user = f"{prefix}-worker"
-        for command in (["FLUSHALL"], ["FLUSHDB"], ["SHUTDOWN"], ["DEBUG", "SLEEP", "0"]):
+        for command in (
+            ["FLUSHALL"],
+            ["FLUSHDB"],
+            ["SHUTDOWN"],
+            ["DEBUG", "SLEEP", "0"],
+            ["FUNCTION", "FLUSH"],
+            ["FUNCTION", "LOAD", "REPLACE", "#!lua name=probe\nredis.register_function('p', f)"],
+            ["FUNCTION", "RESTORE", "payload", "REPLACE"],
+            ["SCRIPT", "FLUSH"],
+            ["SCRIPT", "LOAD", "return 1"],
+            ["SWAPDB", "0", "1"],
+        ):
             verdict = admin.execute_command("ACL", "DRYRUN", user, *command)
             assert b"no permissions" in verdict, command
         assert (

@@ -95,6 +95,12 @@ def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
                 "+@transaction",
                 "-@dangerous",
                 "-@admin",
+                # FUNCTION FLUSH/LOAD/DELETE/RESTORE are @write but act on the whole
+                # server's code, which other applications may use; the worker runs no
+                # script. MOVE and COPY ... DB write into other databases.
+                "-@scripting",
+                "-move",
+                "-copy",
                 "+time",
                 "+info",  # to warn when Redis evicts keys (`maxmemory-policy`)
             ),
