@@ -6,6 +6,7 @@ Every test runs on every backend; the worker side is the real EventConsumer in b
 from __future__ import annotations
 
 import dataclasses
+import io
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from rich.console import Console
 
 from tests.conftest import Backend, make_settings
 from tests.e2e.conftest import wait_for
@@ -21,6 +23,7 @@ from tests.integration.helpers import dead_letters, drain, publish, rows
 from usermgmt.persistence import accounts
 from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP
+from usermgmt.workers.cli.commands.ops import print_status
 from usermgmt.workers.events import consumer as consumer_module
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.ops import dlq, status
@@ -194,6 +197,48 @@ class Recorder:
 def status_clock_ms(backend: Backend) -> int:
     seconds, micros = backend.redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+MAX_ID = "18446744073709551615-18446744073709551615"
+
+
+def test_status_warns_about_a_stream_whose_last_id_is_ahead_of_redis_clock(
+    services: Services, backend: Backend
+) -> None:
+    keys, redis = backend.keys, backend.redis
+    publish(redis, keys, "update", session_id="g1", players=["alice", "bob"])
+    ensure_group(redis, keys.terminate_stream, EVENTS_GROUP)
+    report = status.collect(redis, services.engine, keys, backend.database_url)
+    assert report.ids_ahead == {}
+
+    # Ids a producer may choose (ACLs cannot stop it): two minutes ahead, the largest
+    # id there is, and half a minute ahead (a clock step: not warned about).
+    now = redis_time_ms(redis)
+    redis.xadd(keys.terminate_stream, {"payload": b"{}"}, id=f"{now + 120_000}-0")
+    redis.xadd(keys.update_stream, {"payload": b"{}"}, id=MAX_ID)
+    redis.xadd(keys.auth_requests, {"payload": b"{}"}, id=f"{now + 30_000}-0")
+    report = status.collect(redis, services.engine, keys, backend.database_url)
+    assert set(report.ids_ahead) == {keys.update_stream, keys.terminate_stream}
+    assert report.ids_ahead[keys.update_stream].last_id == MAX_ID
+    assert 100 < report.ids_ahead[keys.terminate_stream].ahead_s <= 120
+    as_json = orjson.loads(orjson.dumps(report.to_json()))
+    assert as_json["ids_ahead"][keys.terminate_stream]["last_id"] == f"{now + 120_000}-0"
+
+    out = io.StringIO()
+    print_status(Console(file=out, width=400), report)
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"warning: stream {keys.update_stream} has the entry id {MAX_ID}")
+    assert "years ahead of Redis's clock" in warnings[0]
+    assert (
+        f"stream {keys.terminate_stream} has the entry id {now + 120_000}-0, 2 min" in (warnings[1])
+    )
+    assert "XSETID" in warnings[1]
+
+    # Deleting the entry leaves the stream's last id where it was: still warned about.
+    redis.xdel(keys.terminate_stream, f"{now + 120_000}-0")
+    report = status.collect(redis, services.engine, keys, backend.database_url)
+    assert report.ids_ahead[keys.terminate_stream].last_id == f"{now + 120_000}-0"
 
 
 def test_status_counts_lag_itself_when_redis_cannot(services: Services, backend: Backend) -> None:

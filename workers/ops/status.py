@@ -16,9 +16,11 @@ from redis.exceptions import ResponseError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from usermgmt.domain.events import entry_id_key
 from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.keys import Keys
 from usermgmt.persistence.waiting import waiting_summary
+from usermgmt.workers.runtime.clock import redis_time_ms
 from usermgmt.workers.runtime.connections import database_unreachable, safe_url
 from usermgmt.workers.runtime.redis_info import (
     GroupInfo,
@@ -29,6 +31,8 @@ from usermgmt.workers.runtime.redis_info import (
     streams_of,
     xrange_rows,
 )
+
+AHEAD_LIMIT_MS = 60_000  # an entry id further ahead of Redis's clock was chosen by hand
 
 
 @dataclass
@@ -43,6 +47,7 @@ class StreamInfo:
     last_id: str | None = None
     groups: list[GroupInfo] = field(default_factory=list)
     checkpoint: str | None = None
+    last_generated_id: str | None = None  # may outlive its entry (deleted, trimmed)
 
 
 @dataclass
@@ -54,6 +59,14 @@ class WaitingInfo:
     oldest_entry_id: str | None = None
     oldest_age_s: float | None = None  # since its entry id's time
     oldest_waits_for: str | None = None
+
+
+@dataclass
+class IdAhead:
+    """A stream's last id, more than `AHEAD_LIMIT_MS` ahead of Redis's clock."""
+
+    last_id: str
+    ahead_s: float
 
 
 @dataclass
@@ -70,6 +83,7 @@ class Status:
     waiting: WaitingInfo | None = None
     database_error: str | None = None
     redis_evicts: str | None = None  # Redis's maxmemory-policy, when it evicts keys
+    ids_ahead: dict[str, IdAhead] = field(default_factory=dict)  # by stream key
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +104,43 @@ def stream_info(client: Redis, name: str, key: str) -> StreamInfo:
         first_id=text_of(first[0]) if first else None,
         last_id=text_of(last[0]) if last else None,
         groups=group_infos(client, key),
+        last_generated_id=text_of(raw.get("last-generated-id")) or None,
     )
+
+
+def ids_ahead(streams: list[StreamInfo], now_ms: int) -> dict[str, IdAhead]:
+    """Streams whose last id lies more than `AHEAD_LIMIT_MS` past `now_ms` (Redis's clock).
+
+    Only an XADD with an explicit id puts one there, and ACLs cannot forbid it: later
+    entries get ids after it, which defeats staleness checks, and at the largest id
+    every `XADD *` fails.
+    """
+    ahead: dict[str, IdAhead] = {}
+    for stream in streams:
+        ids = [entry_id_key(i) for i in (stream.last_id, stream.last_generated_id) if i]
+        if ids and max(ids)[0] > now_ms + AHEAD_LIMIT_MS:
+            ms, seq = max(ids)
+            ahead[stream.key] = IdAhead(f"{ms}-{seq}", round((ms - now_ms) / 1000, 1))
+    return ahead
+
+
+def ahead_warning(key: str, ahead: IdAhead) -> str:
+    """What to tell an operator about a stream in `Status.ids_ahead`."""
+    return (
+        f"stream {key} has the entry id {ahead.last_id}, {_span(ahead.ahead_s)} ahead of "
+        "Redis's clock: a producer chose it (XADD with an explicit id), so later events "
+        "there escape the staleness checks, and at the largest id none can be published. "
+        "Switch off the user that wrote it, XDEL the entries ahead, then XSETID the stream "
+        'and XGROUP SETID its groups back to the last good id (docs/operations.md, "Access '
+        'control")'
+    )
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86_400), ("days", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def dlq_reasons(client: Redis, keys: Keys, page: int = 1_000) -> Counter[str]:
@@ -153,6 +203,10 @@ def collect(client: Redis, engine: Engine, keys: Keys, database_url: str) -> Sta
         database=safe_url(database_url),
         redis_evicts=evicting_policy(client),
     )
+    try:
+        status.ids_ahead = ids_ahead(streams, redis_time_ms(client))
+    except ResponseError:  # TIME not allowed to this user: nothing to compare with
+        pass
     try:
         status.checkpoints = read_checkpoints(engine)
         status.waiting = read_waiting(engine)

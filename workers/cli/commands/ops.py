@@ -138,6 +138,8 @@ def print_status(console: Console, report: status.Status) -> None:
         console.print(f"database checkpoint: unavailable: {report.database_error}")
     if report.redis_evicts:
         console.print(f"warning: {redis_info.eviction_warning(report.redis_evicts)}")
+    for key, ahead in report.ids_ahead.items():
+        console.print(f"warning: {status.ahead_warning(key, ahead)}", markup=False)
 
 
 def waiting_line(waiting: status.WaitingInfo) -> str:
