@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -113,6 +114,29 @@ def test_the_rules_name_every_role_and_start_from_nothing(prefix: str) -> None:
     line = roles[2].setuser()
     assert line.startswith(f"ACL SETUSER {prefix}-auth-client reset ")
     assert f'"(~{prefix}:auth:reply:* +blpop +lpop)"' in line
+
+
+def test_every_role_connects_to_the_database_its_url_names(prefix: str) -> None:
+    """A URL naming another database than 0 (`redis://…/3`) makes the client SELECT it
+    on connecting: refused, no role could connect at all. (A cluster has database 0
+    only: the standalone server is the case.)"""
+    admin = _real_redis()
+    roles = acl.roles(Keys(prefix), user_prefix=f"{prefix}-")
+    try:
+        for role in roles:
+            admin.execute_command("ACL", "SETUSER", role.user, *role.rules)
+            admin.execute_command("ACL", "SETUSER", role.user, "on", f">{PASSWORD}")
+            url = urlsplit(REDIS_URL)._replace(path="/3").geturl()  # the same server
+            other = Redis.from_url(url, username=role.user, password=PASSWORD)
+            try:
+                assert other.ping() is True, role.role
+                assert other.connection_pool.connection_kwargs["db"] == 3
+            finally:
+                other.close()
+    finally:
+        for role in roles:
+            admin.execute_command("ACL", "DELUSER", role.user)
+        admin.close()
 
 
 def test_matchmaking_may_only_publish_updates_and_read_users_and_sessions(

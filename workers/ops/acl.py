@@ -24,8 +24,10 @@ from usermgmt.persistence.keys import Keys
 ROLES = ("matchmaking", "game-server", "auth-client", "worker")
 
 # Every line starts from nothing; PING and HELLO let a client check its connection,
-# CLUSTER SLOTS and COMMAND let a cluster client find which node holds which key.
-_BASE = ("reset", "+ping", "+hello", "+cluster|slots", "+command")
+# SELECT lets it use the database its URL names (`redis://…/3`; a client selects it on
+# connecting), CLUSTER SLOTS and COMMAND let a cluster client find which node holds
+# which key. Key patterns hold in every database.
+_BASE = ("reset", "+ping", "+hello", "+select", "+cluster|slots", "+command")
 _HASH_READS = "+hget +hmget +hgetall +hexists +exists"
 # `usermgmt publish` and the bundled Publisher wrap their XADDs in MULTI/EXEC. These
 # touch no key; without them Redis refuses MULTI and then runs the XADDs one by one.
