@@ -1,15 +1,16 @@
 """SQLite snapshots: a consistent online copy, and putting one back.
 
 Both directions use SQLite's online backup API (one step, inside a read
-transaction): the copy is the database as of one commit, while the worker keeps
-writing in WAL mode, and a restore writes through SQLite, so the target's WAL and
-shared-memory files stay coherent.
+transaction) into a new file beside the destination, checked, then renamed over it:
+the copy is the database as of one commit while the worker keeps writing in WAL
+mode, and a restore does not depend on what the file it replaces holds.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -137,16 +138,49 @@ def inspect_snapshot(path: Path) -> SnapshotInfo:
     )
 
 
+# Files SQLite keeps beside a database; stale ones must not meet a restored file.
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
 def restore_snapshot(snapshot: Path, target: Path) -> None:
-    """Replace the database in `target` with the snapshot's content, through SQLite."""
+    """Replace the database file `target` with the snapshot's content.
+
+    The copy is written beside the target and renamed over it, so whatever the old
+    file holds (garbage, a half-written page, nothing) does not matter, and a failed
+    copy leaves the old file as it was. The old file's WAL, shared-memory and
+    rollback-journal files go first: left beside the new file, SQLite would apply them to it.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    src = sqlite3.connect(f"file:{snapshot}?mode=ro", uri=True)
+    partial = target.with_name(target.name + ".restoring")
+    partial.unlink(missing_ok=True)
     try:
-        dst = sqlite3.connect(target, timeout=BUSY_TIMEOUT_S)
         try:
-            src.backup(dst)
-            dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            dst.close()
-    finally:
-        src.close()
+            src = sqlite3.connect(f"file:{snapshot}?mode=ro", uri=True)
+            try:
+                dst = sqlite3.connect(partial)
+                try:
+                    src.backup(dst)
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+        except sqlite3.Error as exc:
+            raise SnapshotError(f"copying {snapshot} to {partial} failed ({exc})") from None
+        _finalize(partial)
+        _keep_mode(target, partial)
+        for suffix in SIDE_FILES:
+            target.with_name(target.name + suffix).unlink(missing_ok=True)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _keep_mode(old: Path, new: Path) -> None:
+    """Give `new` the permission bits of `old`, when there is an old file."""
+    try:
+        mode = old.stat().st_mode
+    except OSError:
+        return
+    os.chmod(new, stat.S_IMODE(mode))

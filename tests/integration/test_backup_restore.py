@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -285,3 +287,46 @@ def test_a_failed_backup_leaves_no_file_behind(
     assert main(["backup", str(target)]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cli.db"]
+
+
+def test_cli_restore_replaces_a_corrupted_database_file(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate"]) == 0
+    settings = load_settings()
+    services = Services(
+        settings, _real_redis(), make_engine(settings.database_url), Keys(settings.key_prefix)
+    )
+    register(services, new_relay(services), *PLAYERS)
+    play_games(services, 0, 3, PLAYERS)
+    drain(services)
+    assert main(["backup", str(tmp_path / "snap.db")]) == 0
+    play_games(services, 3, 3, PLAYERS)
+    drain(services)
+    expected = table_rows(services.engine)
+    services.engine.dispose()
+
+    live = tmp_path / "cli.db"
+    # A WAL with frames of the old database, left beside it: SQLite would apply them to
+    # whatever file is put there.
+    writer = sqlite3.connect(live, isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("UPDATE users SET wallet = wallet + 1000000")
+    stale_wal = Path(f"{live}-wal").read_bytes()
+    writer.close()
+    live.chmod(0o600)
+    live.write_bytes(os.urandom(65_536))  # the database is lost: its file is garbage
+    Path(f"{live}-wal").write_bytes(stale_wal)
+    capsys.readouterr()
+
+    assert main(["restore", str(tmp_path / "snap.db")]) == 0
+    out, err = capsys.readouterr()
+    assert "restored" in out and "caches rebuilt" in out
+    assert "Traceback" not in err
+    assert table_rows(services.engine) == expected
+    with services.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
+    assert stat.S_IMODE(live.stat().st_mode) == 0o600  # the file keeps its permissions
+    assert not Path(f"{live}.restoring").exists()
+    services.engine.dispose()
+    services.redis.close()

@@ -341,6 +341,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
             )
         except (NotSQLite, WorkerAlive, SnapshotError, FileExistsError) as exc:
             raise CommandFailed(str(exc)) from None
+        except OSError as exc:
+            raise CommandFailed(
+                f"cannot put the snapshot in place of {safe_url(settings.database_url)} ({exc})"
+            ) from None
     console = Console(highlight=False)
     info = report.snapshot
     console.print(
