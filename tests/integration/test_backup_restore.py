@@ -330,3 +330,53 @@ def test_cli_restore_replaces_a_corrupted_database_file(
     assert not Path(f"{live}.restoring").exists()
     services.engine.dispose()
     services.redis.close()
+
+
+def test_cli_restore_into_another_file_leaves_the_live_caches_alone(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate"]) == 0
+    settings = load_settings()
+    services = Services(
+        settings, _real_redis(), make_engine(settings.database_url), Keys(settings.key_prefix)
+    )
+    redis, keys = services.redis, services.keys
+    register(services, new_relay(services), *PLAYERS)
+    play_games(services, 0, 3, PLAYERS)
+    drain(services)
+    assert main(["backup", str(tmp_path / "snap.db")]) == 0
+    play_games(services, 3, 3, PLAYERS)
+    drain(services)
+    redis.hset(keys.user("p00"), mapping={"username": "p00", "wallet": 1})  # a cached user
+    board = redis.zrange(keys.leaderboard, 0, -1, withscores=True)
+    assert board
+    live_rows = table_rows(services.engine)
+    redis.set(keys.heartbeat("w1"), orjson.dumps({"pid": 1}), ex=30)  # a live worker
+    capsys.readouterr()
+
+    other = f"sqlite:///{tmp_path / 'inspect.db'}"
+    code = main(
+        ["restore", str(tmp_path / "snap.db"), "--no-replay", "--force", "--database", other]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "caches not rebuilt" in out and "caches rebuilt:" not in out
+    # The other file holds the snapshot; the live database and its caches are untouched.
+    inspected = make_engine(other)
+    assert table_rows(inspected) != live_rows
+    assert len(table_rows(inspected)["users"]) == len(PLAYERS)
+    inspected.dispose()
+    assert table_rows(services.engine) == live_rows
+    assert redis.zrange(keys.leaderboard, 0, -1, withscores=True) == board
+    assert redis.hget(keys.user("p00"), "wallet") == b"1"
+
+    # Restoring into the configured file, named by --database, still rebuilds them.
+    redis.delete(keys.heartbeat("w1"))
+    services.engine.dispose()
+    code = main(["restore", str(tmp_path / "snap.db"), "--database", settings.database_url])
+    assert code == 0
+    assert "caches rebuilt:" in capsys.readouterr().out
+    assert not redis.exists(keys.user("p00"))  # user hashes are dropped by a rebuild
+    assert table_rows(services.engine) == live_rows  # the replay brought it back
+    services.engine.dispose()
+    services.redis.close()

@@ -149,10 +149,13 @@ def restore(
     replay: bool = True,
     start: EntryKey | None = None,
     progress: Callable[[dict[str, EntryKey]], ProgressCallback] | None = None,
+    refresh_caches: bool = True,
 ) -> RestoreReport:
     """Put a snapshot back into the configured SQLite file, replay, rebuild the caches.
 
     `progress`, given the replay's starting points, returns the replay's progress callback.
+    Without `refresh_caches` the Redis caches are left alone (`report.caches` is empty):
+    the caller restores into a database the caches do not belong to.
     """
     started = time.perf_counter()
     target = sqlite_path(services.settings.database_url)
@@ -187,7 +190,8 @@ def restore(
             progress=progress(report.starts) if progress is not None else None,
         ).run(report.starts)
     clear_backup_marks(services.engine)
-    report.caches = rebuild_caches(services.engine, services.redis, services.keys)
+    if refresh_caches:
+        report.caches = rebuild_caches(services.engine, services.redis, services.keys)
     report.elapsed_s = time.perf_counter() - started
     return report
 

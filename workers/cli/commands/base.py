@@ -31,10 +31,11 @@ class CommandFailed(Exception):
     """A command could not do its job; the message is one line for a person (exit code 1)."""
 
 
-def add_database_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database", metavar="URL", help="SQLAlchemy URL (default: USERMGMT_DATABASE_URL)"
-    )
+def add_database_option(
+    parser: argparse.ArgumentParser,
+    help_text: str = "SQLAlchemy URL (default: USERMGMT_DATABASE_URL)",
+) -> None:
+    parser.add_argument("--database", metavar="URL", help=help_text)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

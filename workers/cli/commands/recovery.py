@@ -39,6 +39,7 @@ from usermgmt.workers.ops.trim import TrimResult, trim_streams
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, database_unreachable, safe_url
 from usermgmt.workers.runtime.ranges import FIRST, LAST, EntryKey, format_id, parse_id
+from usermgmt.workers.runtime.settings import ConfigError, load_settings
 
 PLAIN_PROGRESS_EVERY_S = 2.0
 
@@ -111,7 +112,11 @@ def register(subparsers: Subparsers) -> None:
     restore_.add_argument(
         "--from", dest="start", metavar="ID", help="replay every stream from this id instead"
     )
-    add_database_option(restore_)
+    add_database_option(
+        restore_,
+        help_text="restore into this SQLite file instead of USERMGMT_DATABASE_URL's; the Redis "
+        "caches are then left alone (they belong to the configured database)",
+    )
     restore_.set_defaults(func=cmd_restore)
 
     trim = subparsers.add_parser(
@@ -329,6 +334,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     start = _entry_id(args.start, "--from") if args.start else None
     settings = settings_from(args)
+    configured = _configured_database_url(args)
+    # The caches under the prefix mirror the configured database: rebuilding them from
+    # another file would overwrite a live deployment's caches with that file's content.
+    own_caches = configured is not None and sqlite_path(configured) == sqlite_path(
+        settings.database_url
+    )
     with connected(settings, database=False) as services, replay_progress() as progress:
         try:
             report = restore(
@@ -338,6 +349,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 replay=not args.no_replay,
                 start=start,
                 progress=lambda starts: progress(services, starts, LAST),
+                refresh_caches=own_caches,
             )
         except (NotSQLite, WorkerAlive, SnapshotError, FileExistsError) as exc:
             raise CommandFailed(str(exc)) from None
@@ -358,9 +370,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"{stream.rsplit(':', 1)[-1]} {format_id(key)}" for stream, key in report.starts.items()
         )
         console.print(replay_table(f"Replay from {starts}", report.summary))
-    console.print(caches_line(report.caches))
+    if own_caches:
+        console.print(caches_line(report.caches))
+    else:
+        configured_text = safe_url(configured) if configured else "an invalid setting"
+        console.print(
+            f"caches not rebuilt: {safe_url(settings.database_url)} is not the configured "
+            f"database (USERMGMT_DATABASE_URL is {configured_text}); the Redis caches under "
+            f"prefix {settings.key_prefix!r} belong to that one"
+        )
     console.print(f"done in {report.elapsed_s:.2f} s")
     return 0
+
+
+def _configured_database_url(args: argparse.Namespace) -> str | None:
+    """USERMGMT_DATABASE_URL (or its default), whatever `--database` says; None when
+    that setting is invalid."""
+    if not args.database:
+        return settings_from(args).database_url
+    try:
+        return load_settings().database_url
+    except ConfigError:
+        return None
 
 
 def _marks_text(info: SnapshotInfo) -> str:
