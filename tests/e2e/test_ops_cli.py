@@ -266,3 +266,28 @@ def test_acl_prints_one_setuser_line_per_role(stack: Stack) -> None:
     as_json = orjson.loads(stack.cli("acl", "--json", "--user-prefix", "prod-").stdout)
     assert as_json[0]["user"] == "prod-matchmaking"
     assert f"~{stack.prefix}:{{events}}:terminate" in as_json[1]["rules"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["trim", "--retention-s", "nan", "--dry-run"], "argument --retention-s: must be seconds"),
+        (["trim", "--retention-s", "inf", "--dry-run"], "argument --retention-s: must be seconds"),
+        (["trim", "--retention-s", "-1"], "argument --retention-s: must be seconds"),
+        (["leaderboard", "--top", "100000000000000000000"], "argument --top: must be 1 to"),
+        (["leaderboard", "--top", "0"], "argument --top: must be 1 to"),
+        (["dlq", "list", "--limit", "100000000000000000000"], "argument --limit: must be 1 to"),
+        (["simulate", "--games", "100000000000000000000"], "argument --games: must be 0 to"),
+        (["simulate", "--players", "100000000000000000000"], "argument --players: must be 1 to"),
+        (["simulate", "--players", "lots"], "argument --players: not a whole number"),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors_naming_the_option(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    # Refused by the parser, before anything is contacted: the entry point runs in-process.
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

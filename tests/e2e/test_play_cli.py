@@ -79,6 +79,8 @@ def test_simulate_without_a_worker_says_so_in_one_line(stack: Stack) -> None:
         (["--rate", "-1"], "--rate must not be negative"),
         (["--password", "short"], "--password must be 8-72 bytes"),
         (["--timeout", "0"], "--timeout must be positive"),
+        (["--rate", "nan"], "--rate must be a number of events per second"),
+        (["--timeout", "inf"], "--timeout must be a number of seconds"),
     ],
 )
 def test_simulate_rejects_bad_options(

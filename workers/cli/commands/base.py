@@ -90,3 +90,19 @@ def seconds(low: float, high: float, zero: bool = True) -> Callable[[str], float
         return number
 
     return parse
+
+
+def count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (a bound keeps a typo such
+    as an extra zero run from reaching SQL, where it overflows a 64-bit integer)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be {low:,} to {high:,}, got {value}")
+        return number
+
+    return parse

@@ -16,6 +16,7 @@ from usermgmt.workers.cli.commands.base import (
     Subparsers,
     UsageError,
     connected,
+    count,
     settings_from,
 )
 from usermgmt.workers.cli.commands.ops import make_console
@@ -24,6 +25,7 @@ from usermgmt.workers.ops import dlq
 REASONS = [str(reason) for reason in DeadLetterReason]  # a typo is a usage error
 
 DEFAULT_LIMIT = 100
+MAX_LIMIT = 1_000_000
 MESSAGE_WIDTH = 70
 
 
@@ -42,7 +44,7 @@ def register(subparsers: Subparsers) -> None:
     list_.add_argument("--reason", choices=REASONS, help="only letters with this reason code")
     list_.add_argument(
         "--limit",
-        type=positive,
+        type=count(1, MAX_LIMIT),
         default=DEFAULT_LIMIT,
         metavar="N",
         help=f"show at most N letters (default {DEFAULT_LIMIT})",
@@ -86,17 +88,6 @@ def entry_id(value: str) -> str:
             f"not a dead letter id: {value!r} (ids look like 1733312130123-0; see `dlq list`)"
         )
     return value
-
-
-def positive(value: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 def cmd_list(args: argparse.Namespace) -> int:

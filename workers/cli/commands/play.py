@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from dataclasses import asdict
 
@@ -16,6 +17,7 @@ from usermgmt.workers.cli.commands.base import (
     UsageError,
     add_database_option,
     connected,
+    count,
     settings_from,
 )
 from usermgmt.workers.cli.tables import (
@@ -36,6 +38,10 @@ from usermgmt.workers.sim.simulate import (
 )
 
 DEFAULT_PASSWORD = "simulated-pass"  # noqa: S105 - the documented password of simulated players
+# Bounds of the size options: far above any real use, far below what overflows SQL.
+MAX_ROWS = 1_000_000
+MAX_SIM_PLAYERS = 1_000_000
+MAX_SIM_GAMES = 10_000_000
 
 
 def register(subparsers: Subparsers) -> None:
@@ -49,8 +55,12 @@ def register(subparsers: Subparsers) -> None:
         "earnings (some games aborted). Games overlap, but no player is ever in two live "
         "sessions at once. Prints a summary; the worker applies the events.",
     )
-    simulate.add_argument("--players", type=int, default=200, metavar="N", help="default 200")
-    simulate.add_argument("--games", type=int, default=2000, metavar="N", help="default 2000")
+    simulate.add_argument(
+        "--players", type=count(1, MAX_SIM_PLAYERS), default=200, metavar="N", help="default 200"
+    )
+    simulate.add_argument(
+        "--games", type=count(0, MAX_SIM_GAMES), default=2000, metavar="N", help="default 2000"
+    )
     simulate.add_argument(
         "--players-per-game", type=int, default=4, metavar="N", help="roster size (default 4)"
     )
@@ -99,7 +109,11 @@ def register(subparsers: Subparsers) -> None:
         "tables. Ranks are exact competition ranks (ties share a rank).",
     )
     leaderboard.add_argument(
-        "--top", type=int, default=10, metavar="N", help="rows to show (default 10)"
+        "--top",
+        type=count(1, MAX_ROWS),
+        default=10,
+        metavar="N",
+        help=f"rows to show (default 10, at most {MAX_ROWS:,})",
     )
     leaderboard.add_argument(
         "--around", metavar="USER", help="show the N rows around USER instead of the top"
@@ -130,9 +144,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         name_prefix=args.name_prefix,
     )
     problems = config.problems()
-    if args.rate < 0:
+    if not math.isfinite(args.rate):
+        problems.append("--rate must be a number of events per second")
+    elif args.rate < 0:
         problems.append("--rate must not be negative")
-    if args.timeout <= 0:
+    if not math.isfinite(args.timeout):
+        problems.append("--timeout must be a number of seconds")
+    elif args.timeout <= 0:
         problems.append("--timeout must be positive")
     password_problem = check_password(args.password)
     if password_problem:
@@ -181,8 +199,6 @@ def simulation_summary(report: SimulationReport) -> Table:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    if args.top < 1:
-        raise UsageError("--top must be at least 1")
     settings = settings_from(args)
     with connected(settings, redis=False) as services:
         total = standings.count_players(services.engine)

@@ -39,7 +39,7 @@ from usermgmt.workers.ops.trim import TrimResult, trim_streams
 from usermgmt.workers.runtime.bootstrap import Services
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS, database_unreachable, safe_url
 from usermgmt.workers.runtime.ranges import FIRST, LAST, EntryKey, format_id, parse_id
-from usermgmt.workers.runtime.settings import ConfigError, load_settings
+from usermgmt.workers.runtime.settings import CENTURY_S, ConfigError, load_settings
 
 PLAIN_PROGRESS_EVERY_S = 2.0
 
@@ -130,7 +130,7 @@ def register(subparsers: Subparsers) -> None:
     )
     trim.add_argument(
         "--retention-s",
-        type=float,
+        type=seconds(0, CENTURY_S),
         metavar="N",
         help="keep entries younger than N seconds (default USERMGMT_STREAM_RETENTION_S)",
     )
@@ -412,8 +412,6 @@ def _size(size: int) -> str:
 def cmd_trim(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     retention = settings.stream_retention_s if args.retention_s is None else args.retention_s
-    if retention < 0:
-        raise UsageError("--retention-s must be 0 or more")
     with connected(settings) as services:
         results = trim_streams(services, retention, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
