@@ -47,15 +47,20 @@ def take_snapshot(source: Path, dest: Path, marks: dict[str, str], now: datetime
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
-        src = sqlite3.connect(source, timeout=BUSY_TIMEOUT_S)
         try:
             dst = sqlite3.connect(partial)
+        except sqlite3.Error as exc:  # e.g. a directory where no file can be created
+            raise SnapshotError(f"cannot write the backup to {dest} ({exc})") from None
+        try:
+            src = sqlite3.connect(source, timeout=BUSY_TIMEOUT_S)
             try:
                 src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
             finally:
-                dst.close()
+                src.close()
+        except sqlite3.Error as exc:  # e.g. a full disk, a locked or damaged source
+            raise SnapshotError(f"copying {source} to {dest} failed ({exc})") from None
         finally:
-            src.close()
+            dst.close()
         _write_marks(partial, marks, now)
         _finalize(partial)
         os.replace(partial, dest)

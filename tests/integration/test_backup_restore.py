@@ -380,3 +380,23 @@ def test_cli_restore_into_another_file_leaves_the_live_caches_alone(
     assert table_rows(services.engine) == live_rows  # the replay brought it back
     services.engine.dispose()
     services.redis.close()
+
+
+def test_cli_backup_refuses_a_missing_directory_and_an_unwritable_path(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
+    missing = tmp_path / "typo" / "nightly" / "snap.db"
+    assert main(["backup", str(missing)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'typo' / 'nightly'} does not exist" in err[0]
+    assert not (tmp_path / "typo").exists()  # nothing created on a mistyped path
+
+    # procfs lets nobody, root included, create a file: SQLite cannot open the copy.
+    unwritable = Path("/proc/usermgmt-backup-test.db")
+    assert main(["backup", str(unwritable)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"usermgmt: cannot write the backup to {unwritable} (unable to open database file)"
+    ]

@@ -114,7 +114,12 @@ def _destination(path: Path) -> Path:
     if path.is_dir():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         return path / f"usermgmt-{stamp}.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Never created: a mistyped directory would hide the backups where nobody looks.
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write the backup to {path}: the directory {path.parent} does not exist "
+            "(create it first, or check the path)"
+        )
     return path
 
 

@@ -87,7 +87,8 @@ def register(subparsers: Subparsers) -> None:
         description="Copy the SQLite database with SQLite's online backup API: a consistent "
         "snapshot as of one commit, taken while workers keep writing. The snapshot records "
         "where a replay must start after restoring it. PATH is a file, or a directory to "
-        "write usermgmt-<UTC time>.db into. For PostgreSQL use pg_dump (exit 1 with a hint).",
+        "write usermgmt-<UTC time>.db into; a missing directory is refused, not created. "
+        "For PostgreSQL use pg_dump (exit 1 with a hint).",
     )
     backup_.add_argument("path", metavar="PATH", type=Path, help="snapshot file or directory")
     backup_.add_argument("--force", action="store_true", help="overwrite an existing file")
