@@ -7,6 +7,7 @@ import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -18,6 +19,7 @@ from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.workers.cli.main import main
 from usermgmt.workers.client.auth import AuthClient
+from usermgmt.workers.ops import acl
 from usermgmt.workers.runtime.streams import Entry, dead_letter, ensure_group
 
 
@@ -291,3 +293,27 @@ def test_out_of_range_numbers_are_usage_errors_naming_the_option(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_redis_user_without_the_rights_gets_one_line_naming_the_permission(
+    stack: Stack,
+) -> None:
+    # A producer's credentials (the matchmaking role of `usermgmt acl`) used for
+    # operator commands: Redis answers NOPERM.
+    role = next(r for r in acl.roles(Keys(stack.prefix), user_prefix=f"{stack.prefix}-"))
+    assert role.role == "matchmaking"
+    stack.redis.execute_command("ACL", "SETUSER", role.user, *role.rules)
+    stack.redis.execute_command("ACL", "SETUSER", role.user, "on", ">acl-test-password-1")
+    try:
+        parts = urlsplit(stack.env["USERMGMT_REDIS_URL"])
+        url = urlunsplit(parts._replace(netloc=f"{role.user}:acl-test-password-1@{parts.netloc}"))
+        for command, missing in (("health", "'scan' command"), ("status", "'xlen' command")):
+            result = stack.cli(command, USERMGMT_REDIS_URL=url)
+            assert result.returncode == 1, (command, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, (command, result.stderr)
+            assert "refused a command for lack of permission" in lines[0]
+            assert missing in lines[0] and role.user in lines[0]
+            assert "acl-test-password-1" not in lines[0]
+    finally:
+        stack.redis.execute_command("ACL", "DELUSER", role.user)

@@ -48,7 +48,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     from sqlalchemy.exc import DatabaseError
 
     from usermgmt.workers.cli.commands.base import CommandFailed, UsageError
-    from usermgmt.workers.runtime.connections import database_unreachable
+    from usermgmt.workers.runtime.connections import database_unreachable, redis_refused
     from usermgmt.workers.runtime.settings import ConfigError, missing_redis_database
 
     args = build_parser().parse_args(argv)
@@ -65,12 +65,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     except CommandFailed as exc:
         print(f"usermgmt: {exc}", file=sys.stderr)
         return 1
-    except ResponseError as exc:  # a setting only the server can judge: the database number
-        config_error = missing_redis_database(exc)
-        if config_error is None:
-            raise
-        print(f"usermgmt: error: {config_error}", file=sys.stderr)
-        return 2
+    except ResponseError as exc:  # an error reply, e.g. NOPERM from a user with fewer rights
+        config_error = missing_redis_database(exc)  # a setting only the server can judge
+        if config_error is not None:
+            print(f"usermgmt: error: {config_error}", file=sys.stderr)
+            return 2
+        print(f"usermgmt: {redis_refused(_redis_url(), exc)}", file=sys.stderr)
+        return 1
     except DatabaseError as exc:  # not an outage (those are caught nearer): a file that is
         # not a database, a schema not ours
         print(f"usermgmt: {database_unreachable(_database_url(args), exc)}", file=sys.stderr)
@@ -78,6 +79,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("usermgmt: interrupted", file=sys.stderr)
         return 1
+
+
+def _redis_url() -> str:
+    """The Redis URL the command used (the settings were read before the failure)."""
+    from usermgmt.workers.runtime.settings import load_settings
+
+    try:
+        return load_settings().redis_url
+    except Exception:  # a fallback, as in `_database_url`
+        return "USERMGMT_REDIS_URL"
 
 
 def _database_url(args: argparse.Namespace) -> str:

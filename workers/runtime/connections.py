@@ -115,6 +115,18 @@ def redis_unreachable(url: str, exc: BaseException) -> str:
     )
 
 
+def redis_refused(url: str, exc: BaseException) -> str:
+    """One line for an error reply from Redis; a missing ACL permission says which one
+    (Redis names the command, key or channel) and what user the commands need."""
+    if isinstance(exc, NoPermissionError) or str(exc).startswith("NOPERM"):
+        return (
+            f"Redis at {safe_url(url)} refused a command for lack of permission "
+            f"({_reason(exc)}); operator commands need a user with the worker role's rules "
+            "(`usermgmt acl`): set USERMGMT_REDIS_URL to one"
+        )
+    return f"Redis at {safe_url(url)} answered with an error: {_reason(exc)}"
+
+
 def database_unreachable(url: str, exc: BaseException) -> str:
     """`cannot use the database at … (…); check it or set USERMGMT_DATABASE_URL`."""
     path = sqlite_path(url)
@@ -162,6 +174,7 @@ __all__ = [
     "database_unreachable",
     "make_engine",
     "make_redis",
+    "redis_refused",
     "redis_unreachable",
     "safe_url",
 ]
