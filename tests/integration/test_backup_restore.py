@@ -392,6 +392,11 @@ def test_cli_backup_refuses_a_missing_directory_and_an_unwritable_path(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{tmp_path / 'typo' / 'nightly'} does not exist" in err[0]
     assert not (tmp_path / "typo").exists()  # nothing created on a mistyped path
+    # A directory named with its slash stays one, even missing: never a file of its name.
+    assert main(["backup", f"{tmp_path / 'nightly'}/"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("nightly/: no such directory")
+    assert not (tmp_path / "nightly").exists()
 
     # procfs lets nobody, root included, create a file: SQLite cannot open the copy.
     unwritable = Path("/proc/usermgmt-backup-test.db")

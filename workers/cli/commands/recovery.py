@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -90,7 +91,7 @@ def register(subparsers: Subparsers) -> None:
         "write usermgmt-<UTC time>.db into; a missing directory is refused, not created. "
         "For PostgreSQL use pg_dump (exit 1 with a hint).",
     )
-    backup_.add_argument("path", metavar="PATH", type=Path, help="snapshot file or directory")
+    backup_.add_argument("path", metavar="PATH", help="snapshot file or directory")
     backup_.add_argument("--force", action="store_true", help="overwrite an existing file")
     add_database_option(backup_)
     backup_.set_defaults(func=cmd_backup)
@@ -312,9 +313,13 @@ def _ms(entry_id: bytes | str) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    path = Path(args.path)
+    if args.path.endswith(("/", os.sep)) and not path.expanduser().is_dir():
+        # `Path` drops the slash: a missing `dir/` would be written as a file named dir.
+        raise CommandFailed(f"cannot write the backup into {args.path}: no such directory")
     with connected(settings, redis=False) as services:
         try:
-            report = backup(services, args.path, force=args.force)
+            report = backup(services, path, force=args.force)
         except NotSQLite as exc:
             raise CommandFailed(str(exc)) from None
         except (FileExistsError, FileNotFoundError, SnapshotError) as exc:
