@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, _real_redis
 from tests.e2e.conftest import REPO, USERMGMT, Stack, wait_for
 from usermgmt.workers.cli.main import build_parser, main
 from usermgmt.workers.client.auth import AuthClient, AuthError
@@ -520,3 +520,24 @@ def test_the_worker_refuses_an_unmigrated_database_in_one_line(
     assert len(lines) == 1, lines
     assert "usermgmt migrate" in lines[0]
     assert "Traceback" not in lines[0]
+
+
+def test_a_wrong_redis_password_is_named_as_such_not_as_redis_being_away(
+    cli: Any, prefix: str
+) -> None:
+    """Redis answers and refuses the credentials: "start it" would send the operator
+    after the wrong thing."""
+    admin = _real_redis()
+    user = f"{prefix}-operator"
+    admin.execute_command("ACL", "SETUSER", user, "on", ">right-password", "~*", "+@all")
+    try:
+        parts = urlsplit(REDIS_URL)
+        url = parts._replace(netloc=f"{user}:wrong-password@{parts.hostname}:{parts.port}")
+        result = cli("status", USERMGMT_REDIS_URL=url.geturl())
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()
+    assert result.returncode == 1
+    (line,) = stderr_lines(result)
+    assert "refused the credentials" in line and "check the user and password" in line
+    assert "wrong-password" not in line and "start it" not in line

@@ -7,6 +7,7 @@ from typing import Any, Literal, cast
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     NoPermissionError,
     OutOfMemoryError,
@@ -109,6 +110,11 @@ def redis_unreachable(url: str, exc: BaseException) -> str:
     `Redis at … cannot serve writes now (…); waiting for it`."""
     if isinstance(exc, BusyLoadingError | OutOfMemoryError | ReadOnlyError | RedisUnavailable):
         return f"Redis at {safe_url(url)} cannot serve writes now ({_reason(exc)}); waiting for it"
+    if isinstance(exc, AuthenticationError):  # it answers: starting it is not the fix
+        return (
+            f"Redis at {safe_url(url)} refused the credentials ({_reason(exc)}); "
+            "check the user and password in USERMGMT_REDIS_URL"
+        )
     return (
         f"cannot reach Redis at {safe_url(url)} ({_reason(exc)}); "
         "start it or set USERMGMT_REDIS_URL"
