@@ -339,6 +339,37 @@ def upgrade(url: str, revision: str = "head") -> None:
         engine.dispose()
 
 
+def head_revision() -> str:
+    """The schema revision this release's migrations end at (what `upgrade` reaches)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert head is not None  # the package ships its migrations
+    return str(head)
+
+
+def schema_mismatch(revision: str | None) -> str | None:
+    """What is wrong with a database at `revision` for this release, or None when it is
+    at this release's head."""
+    head = head_revision()
+    if revision == head:
+        return None
+    if revision is None:
+        return "the database has no schema yet; run `usermgmt migrate` first"
+    from alembic.script import ScriptDirectory
+
+    known = {script.revision for script in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
+    if revision in known:
+        return (
+            f"the database is at schema revision {revision} and this release needs {head}; "
+            "run `usermgmt migrate` first"
+        )
+    return (
+        f"the database is at schema revision {revision}, which this release does not know "
+        f"(its newest is {head}): a newer release migrated it; run that release"
+    )
+
+
 def current_revision(url: str) -> str | None:
     """The revision the database is at, or None when it was never migrated (also a
     SQLite file that does not exist, which is left so)."""

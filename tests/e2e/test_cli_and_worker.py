@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REDIS_URL, _real_redis
 from tests.e2e.conftest import REPO, USERMGMT, Stack, wait_for
+from usermgmt.persistence.db import current_revision, upgrade
 from usermgmt.workers.cli.main import build_parser, main
 from usermgmt.workers.client.auth import AuthClient, AuthError
 
@@ -541,3 +542,30 @@ def test_a_wrong_redis_password_is_named_as_such_not_as_redis_being_away(
     (line,) = stderr_lines(result)
     assert "refused the credentials" in line and "check the user and password" in line
     assert "wrong-password" not in line and "start it" not in line
+
+
+@pytest.mark.parametrize(
+    ("revision", "says"),
+    [
+        ("0006", "at schema revision 0006 and this release needs"),
+        ("0099", "which this release does not know"),
+    ],
+)
+def test_a_worker_refuses_a_database_another_release_migrated(
+    cli: Any, tmp_path: Path, revision: str, says: str
+) -> None:
+    """An old schema lacks what the worker writes (on PostgreSQL its statements failed
+    as errors that dead-lettered valid events); a newer one may mean anything. The
+    worker and replay refuse it at once, in one line, and leave it as it is."""
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    upgrade(url, "0006")
+    if revision == "0099":
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE alembic_version SET version_num = '0099'")
+    for command in (["worker", "--only", "events"], ["replay"]):
+        result = cli(*command, USERMGMT_DATABASE_URL=url)
+        assert result.returncode == 1, command
+        (line,) = stderr_lines(result)
+        assert says in line, line
+    assert current_revision(url) == revision

@@ -13,7 +13,12 @@ from types import FrameType
 import structlog
 from redis.exceptions import RedisError
 
-from usermgmt.persistence.db import checkpoint_wal, current_revision, is_sqlite
+from usermgmt.persistence.db import (
+    checkpoint_wal,
+    current_revision,
+    is_sqlite,
+    schema_mismatch,
+)
 from usermgmt.persistence.keys import AUTH_GROUP, EVENTS_GROUP
 from usermgmt.workers.auth.relay import Relay
 from usermgmt.workers.auth.replies import drop_stale_requests
@@ -155,7 +160,8 @@ class Worker:
                 outage.recovered(self.log, "the WAL checkpoint")
 
     def wait_for_schema(self) -> None:
-        """Wait (with backoff) for a reachable database; refuse to run on an unmigrated one."""
+        """Wait (with backoff) for a reachable database; refuse to run on one whose schema
+        is not this release's (never migrated, migrated by an older or a newer release)."""
         backoff = Backoff(first=0.5)
         while not self.stop.is_set():
             try:
@@ -165,8 +171,9 @@ class Worker:
                 self.stop.wait(backoff.retry(self.log, database_unreachable(url, exc)))
                 continue
             backoff.recovered(self.log, "the database")
-            if revision is None:
-                raise NotMigrated("the database has no schema yet; run `usermgmt migrate` first")
+            problem = schema_mismatch(revision)
+            if problem is not None:  # its statements would fail, some as dead letters
+                raise NotMigrated(problem)
             return
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from usermgmt.persistence.db import current_revision, sqlite_path
+from usermgmt.persistence.db import current_revision, schema_mismatch, sqlite_path
 from usermgmt.persistence.snapshots import SnapshotError, SnapshotInfo
 from usermgmt.workers.cli.commands.base import (
     CommandFailed,
@@ -201,6 +201,9 @@ def _require_schema(database_url: str) -> None:
             f"the database at {safe_url(database_url)} has no schema; "
             "run `usermgmt migrate` (with the same --database) first"
         )
+    problem = schema_mismatch(revision)
+    if problem is not None:
+        raise CommandFailed(problem)
 
 
 def replay_table(title: str, summary: ReplaySummary) -> Table:
