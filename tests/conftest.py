@@ -12,19 +12,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from urllib.parse import quote
 
 import fakeredis
 import pytest
 import sqlalchemy as sa
+import structlog
 from redis import Redis
 from redis.cluster import RedisCluster
+from structlog.testing import capture_logs
 
 from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.persistence.keys import Keys
@@ -185,3 +189,17 @@ def services(backend: Backend) -> Iterator[Services]:
     )
     yield built
     built.engine.dispose()
+
+
+@contextmanager
+def all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every log entry from debug up, whatever level an earlier test configured the
+    loggers with. Loggers cache their level on first use: bind the one under test
+    anew inside (`structlog.get_logger(...).bind(...)`)."""
+    config = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**config)

@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from structlog.testing import capture_logs
+import structlog
 
-from tests.conftest import Backend
+from tests.conftest import Backend, all_logs
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.runtime import runner
 from usermgmt.workers.runtime.bootstrap import Services
@@ -24,7 +24,8 @@ def test_a_transaction_the_database_holds_too_long_is_reported_once_then_its_end
     worker = Worker(services, "w1")
     worker.events = EventConsumer(services, "w1", threading.Event())
     store = worker.events.store
-    with capture_logs() as logs:
+    with all_logs() as logs:
+        worker.log = structlog.get_logger("usermgmt.worker").bind(consumer="w1")
         with store.transaction():
             worker._watch_database()  # just begun: nothing to say
             time.sleep(0.4)

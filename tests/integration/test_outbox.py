@@ -190,7 +190,7 @@ def test_register_publishes_before_it_replies(services: Services) -> None:
             }
         )
     )
-    reply = server.handlers.register(request)  # type: ignore[arg-type]
+    reply = server.handlers.register(request, "1-0")  # type: ignore[arg-type]
     server.pool.shutdown()
     assert reply["ok"]
     [event] = stream_payloads(services)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import fakeredis
 import pytest
+import structlog
 from redis import Redis
 from rich.console import Console
-from structlog.testing import capture_logs
 
 from bench.soak import RedisServer
-from tests.conftest import Backend, make_settings
+from tests.conftest import Backend, all_logs, make_settings
 from usermgmt.persistence.db import make_engine, upgrade
 from usermgmt.workers.cli.commands.ops import print_status
 from usermgmt.workers.ops import status
@@ -63,7 +63,8 @@ def test_the_worker_warns_at_start_and_when_the_policy_changes(
     try:
         private_redis.config_set("maxmemory", "512mb")
         private_redis.config_set("maxmemory-policy", "volatile-lru")
-        with capture_logs() as logs:
+        with all_logs() as logs:
+            worker.log = structlog.get_logger("usermgmt.worker").bind(consumer="w1")
             worker._check_eviction()
             worker._check_eviction()  # unchanged: said once
             private_redis.config_set("maxmemory-policy", "allkeys-lfu")

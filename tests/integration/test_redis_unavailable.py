@@ -307,8 +307,8 @@ def test_a_reply_refused_by_a_full_redis_leaves_the_request_pending_until_answer
     keys = backend.keys
     real_answer = Handlers.answer
 
-    def answer_then_fill(handlers: Handlers, request: Any, pipe: Any) -> Any:
-        reply = real_answer(handlers, request, pipe)
+    def answer_then_fill(handlers: Handlers, request: Any, pipe: Any, entry_id: str) -> Any:
+        reply = real_answer(handlers, request, pipe, entry_id)
         if not filled:
             filled.append(True)
             redis.config_set("maxmemory", 1)  # full from now on: writes refused
