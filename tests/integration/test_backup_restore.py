@@ -212,17 +212,24 @@ def cli_env(
     redis.close()
 
 
-def test_cli_backup_restore_replay_and_trim(
-    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def migrated_with_games(games: int) -> Services:
+    """`usermgmt migrate` on the CLI's settings, then `PLAYERS` registered and `games`
+    games applied."""
     assert main(["migrate"]) == 0
     settings = load_settings()
     services = Services(
         settings, _real_redis(), make_engine(settings.database_url), Keys(settings.key_prefix)
     )
     register(services, new_relay(services), *PLAYERS)
-    play_games(services, 0, 5, PLAYERS)
+    play_games(services, 0, games, PLAYERS)
     drain(services)
+    return services
+
+
+def test_cli_backup_restore_replay_and_trim(
+    cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    services = migrated_with_games(5)
     capsys.readouterr()
 
     assert main(["backup", str(tmp_path / "snap.db")]) == 0
@@ -292,14 +299,7 @@ def test_a_failed_backup_leaves_no_file_behind(
 def test_cli_restore_replaces_a_corrupted_database_file(
     cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["migrate"]) == 0
-    settings = load_settings()
-    services = Services(
-        settings, _real_redis(), make_engine(settings.database_url), Keys(settings.key_prefix)
-    )
-    register(services, new_relay(services), *PLAYERS)
-    play_games(services, 0, 3, PLAYERS)
-    drain(services)
+    services = migrated_with_games(3)
     assert main(["backup", str(tmp_path / "snap.db")]) == 0
     play_games(services, 3, 3, PLAYERS)
     drain(services)
@@ -335,15 +335,8 @@ def test_cli_restore_replaces_a_corrupted_database_file(
 def test_cli_restore_into_another_file_leaves_the_live_caches_alone(
     cli_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["migrate"]) == 0
-    settings = load_settings()
-    services = Services(
-        settings, _real_redis(), make_engine(settings.database_url), Keys(settings.key_prefix)
-    )
+    services = migrated_with_games(3)
     redis, keys = services.redis, services.keys
-    register(services, new_relay(services), *PLAYERS)
-    play_games(services, 0, 3, PLAYERS)
-    drain(services)
     assert main(["backup", str(tmp_path / "snap.db")]) == 0
     play_games(services, 3, 3, PLAYERS)
     drain(services)
@@ -373,7 +366,8 @@ def test_cli_restore_into_another_file_leaves_the_live_caches_alone(
     # Restoring into the configured file, named by --database, still rebuilds them.
     redis.delete(keys.heartbeat("w1"))
     services.engine.dispose()
-    code = main(["restore", str(tmp_path / "snap.db"), "--database", settings.database_url])
+    configured = services.settings.database_url
+    code = main(["restore", str(tmp_path / "snap.db"), "--database", configured])
     assert code == 0
     assert "caches rebuilt:" in capsys.readouterr().out
     assert not redis.exists(keys.user("p00"))  # user hashes are dropped by a rebuild
