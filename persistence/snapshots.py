@@ -172,7 +172,7 @@ def restore_snapshot(snapshot: Path, target: Path) -> None:
         except sqlite3.Error as exc:
             raise SnapshotError(f"copying {snapshot} to {partial} failed ({exc})") from None
         _finalize(partial)
-        _keep_mode(target, partial)
+        _keep_owner_and_mode(target, partial)
         for suffix in SIDE_FILES:
             target.with_name(target.name + suffix).unlink(missing_ok=True)
         os.replace(partial, target)
@@ -182,10 +182,14 @@ def restore_snapshot(snapshot: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
-def _keep_mode(old: Path, new: Path) -> None:
-    """Give `new` the permission bits of `old`, when there is an old file."""
+def _keep_owner_and_mode(old: Path, new: Path) -> None:
+    """Give `new` the owner and permission bits of `old`, when there is an old file: a
+    restore run as root (`docker exec`, sudo) must leave the database writable by the
+    service's user. Only root may give a file away; anyone else keeps their own."""
     try:
-        mode = old.stat().st_mode
+        info = old.stat()
     except OSError:
         return
-    os.chmod(new, stat.S_IMODE(mode))
+    if os.geteuid() == 0 and (info.st_uid, info.st_gid) != (os.geteuid(), os.getegid()):
+        os.chown(new, info.st_uid, info.st_gid)
+    os.chmod(new, stat.S_IMODE(info.st_mode))

@@ -315,6 +315,9 @@ def test_cli_restore_replaces_a_corrupted_database_file(
     stale_wal = Path(f"{live}-wal").read_bytes()
     writer.close()
     live.chmod(0o600)
+    # The service's own user owns it (as in the image); the restore runs as root here.
+    owner = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(live, *owner)
     live.write_bytes(os.urandom(65_536))  # the database is lost: its file is garbage
     Path(f"{live}-wal").write_bytes(stale_wal)
     capsys.readouterr()
@@ -327,6 +330,7 @@ def test_cli_restore_replaces_a_corrupted_database_file(
     with services.engine.connect() as conn:
         assert conn.execute(text("PRAGMA integrity_check")).scalar() == "ok"
     assert stat.S_IMODE(live.stat().st_mode) == 0o600  # the file keeps its permissions
+    assert (live.stat().st_uid, live.stat().st_gid) == owner  # and its owner
     assert not Path(f"{live}.restoring").exists()
     services.engine.dispose()
     services.redis.close()
