@@ -268,6 +268,11 @@ def test_acl_prints_one_setuser_line_per_role(stack: Stack) -> None:
     as_json = orjson.loads(stack.cli("acl", "--json", "--user-prefix", "prod-").stdout)
     assert as_json[0]["user"] == "prod-matchmaking"
     assert f"~{stack.prefix}:{{events}}:terminate" in as_json[1]["rules"]
+    assert all("+select|0" in role["rules"] for role in as_json)
+    # The database the URL names is the one each role may select, and no other.
+    url = urlsplit(stack.env["USERMGMT_REDIS_URL"])._replace(path="/5").geturl()
+    in_db_5 = stack.cli("acl", "--json", USERMGMT_REDIS_URL=url)
+    assert all("+select|5" in role["rules"] for role in orjson.loads(in_db_5.stdout))
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ user is never touched.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -116,12 +117,14 @@ def test_the_rules_name_every_role_and_start_from_nothing(prefix: str) -> None:
     assert f'"(~{prefix}:auth:reply:* +blpop +lpop)"' in line
 
 
-def test_every_role_connects_to_the_database_its_url_names(prefix: str) -> None:
+def test_every_role_connects_to_the_database_its_url_names_and_no_other(prefix: str) -> None:
     """A URL naming another database than 0 (`redis://…/3`) makes the client SELECT it
-    on connecting: refused, no role could connect at all. (A cluster has database 0
-    only: the standalone server is the case.)"""
+    on connecting: refused, no role could connect at all. Any other database stays
+    refused: key patterns hold in every database, and another deployment under the same
+    prefix may live in database 0. (A cluster has database 0 only: the standalone
+    server is the case.)"""
     admin = _real_redis()
-    roles = acl.roles(Keys(prefix), user_prefix=f"{prefix}-")
+    roles = acl.roles(Keys(prefix), user_prefix=f"{prefix}-", database=3)
     try:
         for role in roles:
             admin.execute_command("ACL", "SETUSER", role.user, *role.rules)
@@ -130,6 +133,7 @@ def test_every_role_connects_to_the_database_its_url_names(prefix: str) -> None:
             other = Redis.from_url(url, username=role.user, password=PASSWORD)
             try:
                 assert other.ping() is True, role.role
+                assert refused(functools.partial(other.execute_command, "SELECT", "0")), role.role
                 assert other.connection_pool.connection_kwargs["db"] == 3
             finally:
                 other.close()

@@ -23,11 +23,15 @@ from usermgmt.persistence.keys import Keys
 
 ROLES = ("matchmaking", "game-server", "auth-client", "worker")
 
+
 # Every line starts from nothing; PING and HELLO let a client check its connection,
-# SELECT lets it use the database its URL names (`redis://…/3`; a client selects it on
-# connecting), CLUSTER SLOTS and COMMAND let a cluster client find which node holds
-# which key. Key patterns hold in every database.
-_BASE = ("reset", "+ping", "+hello", "+select", "+cluster|slots", "+command")
+# SELECT the database its URL names (`redis://…/3`: a client selects it on connecting;
+# only that one, as key patterns hold in every database), CLUSTER SLOTS and COMMAND let
+# a cluster client find which node holds which key.
+def _base(database: int) -> tuple[str, ...]:
+    return ("reset", "+ping", "+hello", f"+select|{database}", "+cluster|slots", "+command")
+
+
 _HASH_READS = "+hget +hmget +hgetall +hexists +exists"
 # `usermgmt publish` and the bundled Publisher wrap their XADDs in MULTI/EXEC. These
 # touch no key; without them Redis refuses MULTI and then runs the XADDs one by one.
@@ -49,17 +53,19 @@ class Role:
         return " ".join(("ACL", "SETUSER", self.user, *words))
 
 
-def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
-    """The four roles for the streams and caches under `keys.prefix`."""
+def roles(keys: Keys, user_prefix: str | None = None, database: int = 0) -> list[Role]:
+    """The four roles for the streams and caches under `keys.prefix`, in `database` (the
+    number `USERMGMT_REDIS_URL` names; 0 on a cluster)."""
     prefix = keys.prefix
     names = user_prefix if user_prefix is not None else f"{prefix}-"
+    base = _base(database)
     return [
         Role(
             "matchmaking",
             f"{names}matchmaking",
             "XADD session updates; read cached users and live sessions",
             (
-                *_BASE,
+                *base,
                 f"~{keys.update_stream}",
                 "+xadd",
                 *_TRANSACTION,
@@ -70,13 +76,13 @@ def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
             "game-server",
             f"{names}game-server",
             "XADD game results (terminate events)",
-            (*_BASE, f"~{keys.terminate_stream}", "+xadd", *_TRANSACTION),
+            (*base, f"~{keys.terminate_stream}", "+xadd", *_TRANSACTION),
         ),
         Role(
             "auth-client",
             f"{names}auth-client",
             "XADD auth requests; pop their replies",
-            (*_BASE, f"~{keys.auth_requests}", "+xadd", f"(~{prefix}:auth:reply:* +blpop +lpop)"),
+            (*base, f"~{keys.auth_requests}", "+xadd", f"(~{prefix}:auth:reply:* +blpop +lpop)"),
         ),
         Role(
             "worker",
@@ -84,7 +90,7 @@ def roles(keys: Keys, user_prefix: str | None = None) -> list[Role]:
             "run `usermgmt worker` and the operator commands: every key under the prefix, "
             "no administrative or dangerous command",
             (
-                *_BASE,
+                *base,
                 f"~{prefix}:*",
                 "+@read",
                 "+@write",

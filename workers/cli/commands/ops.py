@@ -7,6 +7,7 @@ import socket
 import sys
 
 import orjson
+from redis.connection import parse_url
 from rich.console import Console
 from rich.table import Table
 
@@ -188,7 +189,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_acl(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    roles = acl.roles(Keys(settings.key_prefix), args.user_prefix)
+    database = int(parse_url(settings.redis_url).get("db") or 0)  # type: ignore[no-untyped-call]
+    roles = acl.roles(Keys(settings.key_prefix), args.user_prefix, database)
     if args.json:
         data = [
             {
