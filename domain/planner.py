@@ -249,13 +249,17 @@ class _Planner:
         # of its players, also when the update then waits: behind an earlier update
         # that wants one of its players (freed by the expiry, that one now goes first)
         # or for a busy player.
+        busy: Player | None = None
         for player in players:
             current = live.get(player.id)
-            if current not in (None, event.session_id) and self._is_silent(current, entry.ms):
+            if current is None or current == event.session_id:
+                continue
+            if self._is_silent(current, entry.ms):
                 self._expire(current, entry.ms)
+            elif busy is None:
+                busy = player
         if self.queue_behind(entry, wanted):
             return
-        busy = next((p for p in players if live.get(p.id) not in (None, event.session_id)), None)
         if busy is not None:
             self.wait(
                 entry,
