@@ -37,6 +37,20 @@ def _write(engine: sa.Engine, rows: int) -> None:
         )
 
 
+def test_every_connection_syncs_its_commits(sqlite_url: str) -> None:
+    """A batch is acked (an answer sent) right after its commit: the commit must be on
+    disk by then, not only at the next checkpoint, or a power loss could roll back what
+    Redis already counts as done. synchronous=FULL (2) on every engine the worker makes."""
+    upgrade(sqlite_url)
+    for engine in (make_engine(sqlite_url, background_checkpoints=True), make_engine(sqlite_url)):
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+        finally:
+            engine.dispose()
+
+
 def test_commits_do_not_checkpoint_with_background_checkpoints(sqlite_url: str) -> None:
     upgrade(sqlite_url)
     engine = make_engine(sqlite_url, background_checkpoints=True)
