@@ -466,6 +466,7 @@ class EventConsumer:
         unsent, self.unsent = self.unsent, None
         if unsent is not None:
             self.settle()
+            self.store.wait_durable()  # what it acks is on disk first
             self.in_flight = unsent.send(self.redis)
             self.in_flight_applied, self.unsent_applied = self.unsent_applied, []
 

@@ -13,13 +13,20 @@
   the driver lets the GIL go), a helper thread packs the batch's cache writes
   (`apply(pack=...)`): in small batches the commit and the packing each took about a
   sixth of the time, and now overlap. They are sent only once the commit is done.
+- On SQLite its commits do not wait for the disk (`synchronous=NORMAL` on this
+  connection only): the helper thread fsyncs the WAL right after each one, while the
+  consumer reads its next entries, and `wait_durable` holds every ack and dead letter
+  until that is done. A power loss therefore never rolls back anything acked, and the
+  worker does not stand still for the sync (about 0.2 ms a commit here; done inside
+  COMMIT it raised the p99 at half load by 16-50% in three pairs of runs, beside it
+  by a median of about 10% in six, within this machine's noise).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import NamedTuple
@@ -32,7 +39,7 @@ from usermgmt.domain.games import Decision, Order, PlannedEntry, World, event_us
 from usermgmt.domain.planner import Plan, plan_batch
 from usermgmt.domain.waiting import Limits, Waiters
 from usermgmt.persistence.cache import CommandBatch
-from usermgmt.persistence.db import IMMEDIATE, fit_page_cache, is_sqlite
+from usermgmt.persistence.db import IMMEDIATE, fit_page_cache, is_sqlite, sync_wal
 from usermgmt.persistence.games import (
     load_checkpoints,
     load_world,
@@ -53,6 +60,10 @@ from usermgmt.persistence.world_cache import WorldCache
 from usermgmt.workers.runtime.connections import DATABASE_ERRORS
 
 log = structlog.get_logger("usermgmt.events")
+
+
+class CommitNotDurable(RuntimeError):
+    """A committed batch could not be made durable (the WAL's fsync failed)."""
 
 
 class Applied(NamedTuple):
@@ -81,7 +92,8 @@ class EventStore:
         self.sqlite = is_sqlite(engine)
         self.db: Connection | None = None
         self.known = WorldCache()
-        self.helper: ThreadPoolExecutor | None = None  # packs caches beside a commit
+        self.helper: ThreadPoolExecutor | None = None  # packs caches, syncs commits
+        self.syncing: list[Future[None]] = []  # WAL syncs of commits not yet waited for
         # When the transaction in hand began (monotonic), for the worker's stall watch.
         self.busy_since: float | None = None
 
@@ -151,6 +163,7 @@ class EventStore:
                 transaction.commit()
             finally:
                 caches = packing.result() if packing else None  # never raises
+            self._sync_later()
         except BaseException as exc:
             self._failed(conn, transaction, exc)
             raise
@@ -211,6 +224,7 @@ class EventStore:
             try:
                 yield conn
                 transaction.commit()
+                self._sync_later()
             except BaseException as exc:
                 self._failed(conn, transaction, exc)
                 raise
@@ -224,9 +238,28 @@ class EventStore:
             if self.sqlite:
                 driver = conn.connection.driver_connection
                 driver.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+                driver.execute("PRAGMA synchronous=NORMAL")  # type: ignore[union-attr]
                 fit_page_cache(driver)
             self.db = conn
         return self.db
+
+    def wait_durable(self) -> None:
+        """Return once every commit made so far is on disk; before anything they decided
+        is acked. A WAL that cannot be synced raises `CommitNotDurable`: what the
+        commit wrote may be lost, so nothing of it may be acked."""
+        pending, self.syncing = self.syncing, []
+        for sync in pending:
+            try:
+                sync.result()
+            except OSError as exc:
+                raise CommitNotDurable(
+                    f"the database's write-ahead log could not be synced to disk ({exc})"
+                ) from exc
+
+    def _sync_later(self) -> None:
+        """Sync the WAL on the helper thread (it has packed this batch's caches by now)."""
+        if self.sqlite:
+            self.syncing.append(self._helper().submit(sync_wal, self.engine))
 
     def close(self) -> None:
         """Let the connection go (never back to the pool: foreign keys are off on it),
