@@ -122,8 +122,10 @@ def record_failure(client: Redis, keys: Keys, username: str, entry_id: str) -> b
     pipe.expire(key, LOCKOUT_WINDOW_S)
     if not Attempts.of(pipe.execute()[2]).locks:
         return False
-    lock = client.pipeline(transaction=False)
-    lock.set(keys.login_lock(username), 1, ex=LOCKOUT_DURATION_S)
-    lock.delete(key)
-    lock.execute()
+    # The failures stay (they leave the window before the lock ends): a login that
+    # asked for the lock just before it was set still finds them when it counts its
+    # check (`queue_attempt`), and is refused. Deleted here, such a login found an
+    # empty set and was checked: a sixth guess (on a cluster the two keys live on
+    # different nodes, and the two reads are never one step).
+    client.set(keys.login_lock(username), 1, ex=LOCKOUT_DURATION_S)
     return True

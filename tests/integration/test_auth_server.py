@@ -576,6 +576,26 @@ def test_logins_sent_side_by_side_get_at_most_five_passwords_checked(
         assert len(checked) == 5 and after == "locked"
 
 
+def test_a_login_that_saw_no_lock_yet_is_refused_once_the_name_locks(
+    services: Services, backend: Backend
+) -> None:
+    """The lock and the count are two keys (two nodes of a cluster): a login can find
+    no lock, then count its check once the fifth failure has locked the name. It must
+    still be refused: the count says locked, not only the lock key."""
+    redis, keys = backend.redis, backend.keys
+    for n in range(auth_store.LOCKOUT_MAX_FAILURES - 1):
+        assert not auth_store.record_failure(redis, keys, "alice", f"1-{n}")
+    late = redis.pipeline(transaction=False)
+    auth_store.queue_is_locked(late, keys, "alice")
+    assert late.execute() == [0]  # the late login looked: not locked yet
+    assert auth_store.record_failure(redis, keys, "alice", "2-0")  # the fifth locks
+    count = redis.pipeline(transaction=False)
+    auth_store.queue_attempt(count, keys, "alice", "3-0")  # then it counts its check
+    attempts = auth_store.Attempts.of(count.execute()[2])
+    assert attempts.locks
+    assert redis.exists(keys.login_lock("alice"))
+
+
 @pytest.mark.parametrize("right_at", [0, 2, 4])
 def test_four_failures_beside_a_success_never_lock(
     services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch, right_at: int
