@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from redis import Redis
@@ -25,13 +26,25 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def queue_session(pipe: Pipeline, keys: Keys, username: str, user_id: int) -> str:
+def queue_session(
+    pipe: Pipeline, keys: Keys, username: str, user_id: int, counted: Iterable[bytes | str]
+) -> str:
     """After a good password: forget the failed logins and issue a token (two commands).
+
+    `counted`: the lockout set's members as this login's check was counted (its own
+    among them, `queue_attempt`). Only those are forgotten: a failure counted while
+    the password was being checked stays. Were the set emptied, a slow success ending
+    after five failures had locked the name would empty it, and a login that had
+    asked for the lock just before it was set would find no failures when it counts
+    its check, and be checked: a sixth guess (on a cluster the two keys live on
+    different nodes, and the two reads are never one step).
 
     Only the token's digest is stored; the token itself goes back to the caller.
     """
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    pipe.delete(keys.login_failures(username))
+    members = list(counted)
+    if members:
+        pipe.zrem(keys.login_failures(username), *members)
     pipe.set(keys.token(token_digest(token)), user_id, ex=TOKEN_TTL_S)
     return token
 
@@ -91,8 +104,9 @@ def queue_attempt(pipe: Pipeline, keys: Keys, username: str, entry_id: str) -> N
     A check in flight counts like a failure, so logins sent side by side cannot all
     be checked before the first failure is counted: at most `LOCKOUT_MAX_FAILURES`
     guesses a window, however many run at once, on however many workers. It counts
-    until its outcome (`record_failure` turns it into a failure, a success clears the
-    set) or for `CHECK_MAX_S`: its score is set so that the window's trim drops it then.
+    until its outcome (`record_failure` turns it into a failure, a success forgets what
+    was counted beside it, `queue_session`) or for `CHECK_MAX_S`: its score is set so
+    that the window's trim drops it then.
     """
     now = time.time()
     key = keys.login_failures(username)

@@ -596,6 +596,47 @@ def test_a_login_that_saw_no_lock_yet_is_refused_once_the_name_locks(
     assert redis.exists(keys.login_lock("alice"))
 
 
+def test_a_success_whose_check_began_before_the_failures_leaves_them_counted(
+    services: Services, backend: Backend
+) -> None:
+    """A success forgets the attempts it was counted beside, not failures that came
+    later: a slow right-password login that ends after five failures locked the name
+    must leave them, or a login that saw no lock yet counts its check in an empty set
+    and is checked, a sixth guess (the lock and the count are two keys, two nodes of a
+    cluster)."""
+    redis, keys = backend.redis, backend.keys
+
+    def admit(entry_id: str) -> list[Any]:
+        """A login's check counted as running, as `Handlers.begin_check` admits it."""
+        pipe = redis.pipeline(transaction=False)
+        auth_store.queue_attempt(pipe, keys, "alice", entry_id)
+        members: list[Any] = pipe.execute()[2]
+        attempts = auth_store.Attempts.of(members)
+        assert not (attempts.locks or attempts.too_many_at_once)
+        return members
+
+    def succeed(counted: list[Any]) -> None:
+        """A right password: the token and the reply's commands, as `Handlers.login`."""
+        pipe = redis.pipeline(transaction=False)
+        auth_store.queue_session(pipe, keys, "alice", 1, counted)
+        pipe.execute()
+
+    slow = admit("1-0")  # a right password, slow to check (a loaded worker)
+    succeed(admit("1-1"))  # another right one, quick: it forgets the count so far
+    for n in range(auth_store.LOCKOUT_MAX_FAILURES - 1):
+        admit(f"2-{n}")
+        assert not auth_store.record_failure(redis, keys, "alice", f"2-{n}")
+    late = redis.pipeline(transaction=False)
+    auth_store.queue_is_locked(late, keys, "alice")
+    assert late.execute() == [0]  # a late login looked: not locked yet
+    admit("3-0")
+    assert auth_store.record_failure(redis, keys, "alice", "3-0")  # the fifth locks
+    succeed(slow)  # the slow one ends
+    count = redis.pipeline(transaction=False)
+    auth_store.queue_attempt(count, keys, "alice", "4-0")  # the late login counts
+    assert auth_store.Attempts.of(count.execute()[2]).locks
+
+
 @pytest.mark.parametrize("right_at", [0, 2, 4])
 def test_four_failures_beside_a_success_never_lock(
     services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch, right_at: int

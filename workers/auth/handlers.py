@@ -194,7 +194,7 @@ class Handlers:
         user = found[1]
         if hash_cost(found[0]) != self.rounds:
             self.upgrade_hash(user, found[0], request.password)
-        token = auth_store.queue_session(pipe, self.keys, request.username, user.id)
+        token = auth_store.queue_session(pipe, self.keys, request.username, user.id, checked[3])
         rank = cache.live_rank_reply(self.redis, self.keys, user.username, user.earnings, checked)
         return ok_reply(request.request_id, _with_rank(user, rank), token=token)
 
