@@ -202,6 +202,20 @@ def queue_user(batch: CommandBatch, keys: Keys, user: UserView, ttl: int) -> Non
     PlayerHashes(keys, ttl, limit=1).queue(batch, user, user.session)
 
 
+def queue_user_whole(pipe: Pipeline, keys: Keys, user: UserView, ttl: int) -> None:
+    """Replace a cached user hash on a redis-py pipeline, whatever the key held (DEL,
+    HSET, EXPIRE): `queue_user`'s writes, for a transaction."""
+    key = keys.user(user.username)
+    items: list[str | int] = []
+    for name in _USER_FIELDS:
+        items += (name, getattr(user, name))
+    if user.session is not None:
+        items += ("session", user.session)
+    pipe.delete(key)
+    pipe.hset(key, items=items)
+    pipe.expire(key, ttl)
+
+
 def queue_session(
     batch: CommandBatch,
     keys: Keys,
@@ -258,5 +272,6 @@ __all__ = [
     "queue_live_rank",
     "queue_session",
     "queue_user",
+    "queue_user_whole",
     "read_user",
 ]

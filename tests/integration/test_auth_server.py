@@ -25,8 +25,8 @@ from structlog.testing import capture_logs
 
 from tests.conftest import Backend, make_settings
 from tests.integration.helpers import dead_letters, rows
-from usermgmt.domain.auth import WITHHELD, parse_request
-from usermgmt.persistence import auth_store
+from usermgmt.domain.auth import WITHHELD, GetUserRequest, parse_request
+from usermgmt.persistence import accounts, auth_store, cache
 from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import AUTH_GROUP, Keys
 from usermgmt.workers.auth import server as auth_server
@@ -789,6 +789,35 @@ def test_get_user_fills_the_cache_with_public_fields_and_the_configured_ttl(
     assert 0 < redis.ttl(keys.user("alice")) <= 123
     for value in cached.values():
         assert not value.startswith("$2")
+
+
+def test_a_get_user_fill_racing_a_newer_write_leaves_no_stale_hash(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `get_user` that missed the cache reads the account from SQL, then writes the
+    hash. A game applied in between (its commit, then its hash written) must not be
+    undone by that late fill: the hash would show the old wallet for the whole TTL."""
+    redis, keys = backend.redis, backend.keys
+    accounts.create_user(services.engine, "alice", "$2b$04$" + "x" * 53, wallet=0)
+    real_load_user = accounts.load_user
+
+    def load_then_a_game_commits(*args: Any, **kwargs: Any) -> Any:
+        seen = real_load_user(*args, **kwargs)  # the request read the account
+        with services.engine.begin() as conn:  # then a game's win commits ...
+            conn.execute(sa.text("UPDATE users SET wallet = wallet + 150"))
+        newer = real_load_user(services.engine, username="alice")
+        assert newer is not None and newer.wallet == 150
+        batch = cache.CommandBatch()  # ... and its worker writes the hash
+        cache.queue_user(batch, keys, newer, services.settings.user_cache_ttl)
+        batch.send(redis).wait()
+        return seen
+
+    monkeypatch.setattr(accounts, "load_user", load_then_a_game_commits)
+    handlers = Handlers(services, structlog.get_logger())
+    request = GetUserRequest(request_id=uuid.uuid4(), op="get_user", username="alice")
+    handlers.answer(request, redis.pipeline(transaction=False), "1-0")
+    cached = cache.read_user(redis, keys, "alice")
+    assert cached is None or cached.wallet == 150
 
 
 def test_get_user_reads_the_cache_first(

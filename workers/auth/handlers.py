@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import bcrypt
 from redis.client import Pipeline
+from redis.exceptions import WatchError
 from structlog.typing import FilteringBoundLogger
 
 from usermgmt.domain.auth import (
@@ -250,15 +251,33 @@ class Handlers:
     def get_user(self, request: GetUserRequest) -> dict[str, Any]:
         user = cache.read_user(self.redis, self.keys, request.username)
         if user is None:
-            user = accounts.load_user(self.services.engine, username=request.username)
+            user = self.fill_user(request.username)
             if user is None:
                 return error_reply(
                     request.request_id, ErrorCode.NOT_FOUND, f"no user named {request.username!r}"
                 )
-            batch = cache.CommandBatch()
-            cache.queue_user(batch, self.keys, user, self.services.settings.user_cache_ttl)
-            batch.send(self.redis).wait()
         return ok_reply(request.request_id, self.with_live_rank(user))
+
+    def fill_user(self, username: str) -> UserView | None:
+        """A user missed in the cache, read from SQL and cached (None if there is none).
+
+        The hash is watched before the account is read: a game committed after the read
+        writes the hash after its commit, and such a newer hash makes the fill a no-op
+        (WATCH, then MULTI/EXEC on one key) rather than being overwritten with the
+        older record for the whole TTL.
+        """
+        with self.redis.pipeline(transaction=True) as fill:
+            fill.watch(self.keys.user(username))  # type: ignore[no-untyped-call]
+            user = accounts.load_user(self.services.engine, username=username)
+            if user is None:
+                return None
+            fill.multi()
+            cache.queue_user_whole(fill, self.keys, user, self.services.settings.user_cache_ttl)
+            try:
+                fill.execute()
+            except WatchError:
+                pass  # a newer hash was written meanwhile: it stays
+        return user
 
     def verify_token(self, request: VerifyTokenRequest) -> dict[str, Any]:
         user_id = auth_store.resolve_token(self.redis, self.keys, request.token)
