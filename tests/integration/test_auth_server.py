@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import Backend, make_settings
 from tests.integration.helpers import dead_letters, rows
-from usermgmt.domain.auth import WITHHELD, GetUserRequest, parse_request
+from usermgmt.domain.auth import WITHHELD, GetUserRequest, RegisterRequest, parse_request
 from usermgmt.persistence import accounts, auth_store, cache
 from usermgmt.persistence.db import make_engine
 from usermgmt.persistence.keys import AUTH_GROUP, Keys
@@ -818,6 +818,40 @@ def test_a_get_user_fill_racing_a_newer_write_leaves_no_stale_hash(
     handlers.answer(request, redis.pipeline(transaction=False), "1-0")
     cached = cache.read_user(redis, keys, "alice")
     assert cached is None or cached.wallet == 150
+
+
+def test_a_registration_racing_its_players_first_game_leaves_no_stale_hash(
+    services: Services, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration commits the account, then caches it. A game applied for the new
+    player in between (a producer that did not wait for the reply) wrote a newer hash
+    and score after its commit: the registration must not put the old record back."""
+    redis, keys = backend.redis, backend.keys
+    real_create_user = accounts.create_user
+
+    def create_then_a_game_commits(*args: Any, **kwargs: Any) -> Any:
+        created = real_create_user(*args, **kwargs)
+        with services.engine.begin() as conn:  # a win of the new player commits ...
+            conn.execute(sa.text("UPDATE users SET wallet = wallet + 150"))
+            conn.execute(sa.text("UPDATE stats SET win_count = 1, earnings = 150"))
+        newer = accounts.load_user(services.engine, username="alice")
+        assert newer is not None and newer.wallet == 150
+        batch = cache.CommandBatch()  # ... and its worker writes the caches
+        cache.queue_user(batch, keys, newer, services.settings.user_cache_ttl)
+        cache.queue_leaderboard_scores(batch, keys, {"alice": 150})
+        batch.send(redis).wait()
+        return created
+
+    monkeypatch.setattr(accounts, "create_user", create_then_a_game_commits)
+    handlers = Handlers(services, structlog.get_logger())
+    request = RegisterRequest(
+        request_id=uuid.uuid4(), op="register", username="alice", password=PASSWORD
+    )
+    reply = handlers.answer(request, redis.pipeline(transaction=False), "1-0")
+    assert reply["ok"] and reply["user"]["wallet"] == 150
+    cached = cache.read_user(redis, keys, "alice")
+    assert cached is None or (cached.wallet, cached.win_count) == (150, 1)
+    assert redis.zscore(keys.leaderboard, "alice") == 150
 
 
 def test_get_user_reads_the_cache_first(

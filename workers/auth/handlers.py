@@ -156,8 +156,11 @@ class Handlers:
             # The accounts entry goes out before the reply, so any event a client
             # publishes about the new player comes after it in entry-id order.
             self.relay.publish_quietly()
+        # Cached as `get_user` fills a miss: a game applied for the new player since the
+        # commit (a producer that did not wait for this reply; a second pass) wrote a
+        # newer hash, which stays.
+        user = self.fill_user(request.username) or user
         batch = cache.CommandBatch()
-        cache.queue_user(batch, self.keys, user, settings.user_cache_ttl)
         cache.queue_leaderboard_scores(batch, self.keys, {user.username: 0})
         try:
             batch.send(self.redis).wait()
