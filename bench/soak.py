@@ -11,11 +11,12 @@ kills in a row before any batch could finish are a crash loop, which
 USERMGMT_MAX_DELIVERIES dead-letters by design), and a private redis-server (AOF,
 fsync always) is shut down and started again. Once the streams are drained the tables
 and the dead-letter stream are compared with a model computed from the published
-history alone.
+history alone, and the caches (user hashes, leaderboard scores, session hashes) with
+the tables (`bench.soak_caches`).
 
 Exit 1 when an event was lost or applied twice, a hostile entry got the wrong
-dead-letter reason (or none), or a worker crashed. Tables go to the terminal and to
-bench/results/soak-latest.md.
+dead-letter reason (or none), a cache differs from the tables, or a worker crashed.
+Tables go to the terminal and to bench/results/soak-latest.md.
 
     python -m bench.soak                       # 200,000 events + 10,000 hostile per phase
     python -m bench.soak --events 20000 --hostile 1000 --kills 4 --skip-postgres
@@ -51,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from bench.soak_caches import cache_mismatches
 from bench.soak_history import Credit, Entry, Producer, id_key
 from usermgmt.domain.payloads import text_of
 from usermgmt.persistence.db import make_engine
@@ -620,6 +622,7 @@ def run_phase(args: argparse.Namespace, plan: Plan) -> Outcome:
         letters = read_dead_letters(watcher, keys)
         state = read_database(database_url)
         evaluate(outcome, producers, history, letters, state, wallets)
+        figures["cache_mismatches"] = cache_mismatches(watcher, keys, database_url)
     figures["wall_s"] = time.monotonic() - started
     return outcome
 
@@ -963,6 +966,14 @@ def rows(outcome: Outcome) -> tuple[list[tuple[str, str, str]], bool]:
     if f["live_sessions"] is not None:
         out.append(("players left in a live session", f"{f['live_sessions']:,}", ""))
     out.append(("dead letters for one entry twice", f"{f['dead_twice']:,}", ""))
+    caches = f.get("cache_mismatches", [])
+    out.append(
+        (
+            "cached users, scores and sessions that differ from the tables",
+            f"{len(caches):,}" + (f" (first: {'; '.join(caches[:3])})" if caches else ""),
+            must_be_zero(len(caches)),
+        )
+    )
     if f["unmatched_letters"]:
         out.append(("dead letters of no published entry", f"{f['unmatched_letters']:,}", ""))
     if f["anomalies"]:
