@@ -79,6 +79,20 @@ class Keys:
         changed since its last rank refresh; the reading worker takes it and refreshes."""
         return f"{self.prefix}:{{events}}:ranks-dirty"
 
+    @property
+    def deletes_again(self) -> str:
+        """`um:{events}:delete-again`: ended sessions' hashes to delete again (a sorted
+        set: `<stage> <key>` scored by when, in ms), in case another worker's late write
+        made them again; any event worker sends the due ones."""
+        return f"{self.prefix}:{{events}}:delete-again"
+
+    def events_handed(self, consumer: str) -> str:
+        """`um:{events}:handed:<consumer>`: set, in one transaction with the XCLAIMs, by an
+        event worker without the reader lease that handed its entries in hand to that
+        consumer (the reader); taken by the reader in its next read, which then takes
+        them in hand before deciding anything."""
+        return f"{self.prefix}:{{events}}:handed:{consumer}"
+
     def events_stopped(self, consumer: str) -> str:
         """`um:events:stopped:<consumer>`: set when that event consumer stopped cleanly,
         taken when it starts again (its pending entries then count no delivery)."""

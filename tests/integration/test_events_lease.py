@@ -18,10 +18,11 @@ from tests.integration.test_events_delivery import (
     running,
     wait_for,
 )
+from usermgmt.persistence.keys import EVENTS_GROUP
 from usermgmt.workers.events import after_commit, lease
 from usermgmt.workers.events.consumer import EventConsumer
 from usermgmt.workers.events.lease import TTL_MS
-from usermgmt.workers.runtime.streams import Entry
+from usermgmt.workers.runtime.streams import Entry, ensure_group
 
 
 def test_one_worker_reads_while_the_other_stands_by_then_takes_over(backend: Backend) -> None:
@@ -62,6 +63,36 @@ def test_a_standby_takes_over_when_the_readers_lease_runs_out(backend: Backend) 
             # The dead reader's last writes may still land: ended sessions' hashes are
             # deleted again for a while.
             assert standby.after_commit.until > time.monotonic() + 30
+
+
+def test_a_worker_restarted_beside_the_reader_hands_its_entries_over(backend: Backend) -> None:
+    """B crashed with entries read and undecided, and starts again while A reads. B hands
+    them to A and stands by; A, which could decide nothing past them, decides them in
+    their turn and alone reads on. (B used to decide them itself and read on beside A:
+    two readers take turns, each deciding only up to the other's first undecided entry,
+    and the soak's two workers crawled for minutes.)"""
+    keys, redis = backend.keys, backend.redis
+    first = rematch_history(PLAYERS, 60, "h", seed=11)
+    second = rematch_history(PLAYERS, 60, "i", seed=12)
+    streams = [keys.update_stream, keys.terminate_stream]
+    with services_for(backend, events_lease=True, batch_size=16) as services:
+        add_players(services, *PLAYERS)
+        for stream in streams:
+            ensure_group(redis, stream, EVENTS_GROUP)
+        burst(redis, backend, first)
+        # B's first life: it read the oldest entries of both streams, then died.
+        redis.xreadgroup(EVENTS_GROUP, "B", dict.fromkeys(streams, ">"), count=20)
+        with running(services, consumer="A") as reader:
+            wait_for(lambda: redis.get(keys.events_reader) == b"A")
+            with running(services, consumer="B") as restarted:
+                wait_for(lambda: reader.stats.applied == len(first))
+                burst(redis, backend, second)
+                wait_for(lambda: reader.stats.applied == len(first) + len(second))
+                assert restarted.standing_by
+                assert restarted.stats.applied == restarted.stats.duplicates == 0
+                assert not restarted.buffer and not restarted.held
+        assert redis.xlen(keys.dlq) == 0
+        check_history(services, backend, first + second)
 
 
 def test_a_busy_reader_keeps_its_lease(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,3 +179,31 @@ def test_without_the_lease_an_ended_sessions_hash_is_deleted_again(
             stop.set()
             thread.join(15)
     assert not thread.is_alive()
+
+
+def test_a_delete_again_outlives_the_worker_that_queued_it(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker that applied the terminate is gone before its last delete is due (the
+    soak kills workers every few seconds); another worker's late write of the hash
+    lands after. The deletes wait in Redis, and the next worker sends them."""
+    monkeypatch.setattr(after_commit, "DELETE_AGAIN_AFTER_S", (0.3, 2.0))
+    keys, redis = backend.keys, backend.redis
+    with services_for(backend, events_lease=False) as services:
+        add_players(services, "alice", "bob")
+        with running(services, consumer="c1") as first:
+            publish(redis, keys, "update", session_id="s1", players=["alice", "bob"])
+            publish(
+                redis,
+                keys,
+                "terminate",
+                session_id="s1",
+                results=[{"username": "alice", "outcome": "win", "earnings": 5}],
+            )
+            wait_until(lambda: first.stats.applied == 2)
+            first.stop.set()  # gone before its last delete is due
+        assert redis.zcard(keys.deletes_again) == 1
+        redis.hset(keys.session("s1"), mapping={"status": "in_progress", "players": "[]"})
+        with running(services, consumer="c2"):
+            wait_until(lambda: not redis.exists(keys.session("s1")), timeout=5)
+            wait_until(lambda: redis.zcard(keys.deletes_again) == 0, timeout=5)

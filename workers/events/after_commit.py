@@ -9,13 +9,14 @@ commit (`EventConsumer.flush`, `EventConsumer.settle`).
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Sequence
 
 import orjson
+from redis import Redis
 from structlog.typing import FilteringBoundLogger
 
 from usermgmt.domain.games import Changes, World
+from usermgmt.domain.payloads import text_of
 from usermgmt.domain.planner import Plan
 from usermgmt.persistence import cache
 from usermgmt.persistence.games import session_is_live
@@ -23,13 +24,18 @@ from usermgmt.persistence.keys import EVENTS_GROUP, Keys
 from usermgmt.workers.events.batch import DeadLetter
 from usermgmt.workers.runtime.streams import Entry, dead_letter_payload
 
-# With several workers applying events side by side (no reader lease), a worker's
-# session-hash write can reach Redis after another worker's delete of the same hash:
-# each sends its writes after its own commit, and commits follow one another in
-# milliseconds. A reader whose link stalled sends its last writes late, up to its socket
-# timeout (30 s), after another worker took the lease over. An ended session never
-# comes back, so its hash is deleted again this long after, in case such a write came.
+# With several workers applying events side by side (no reader lease, or while entries
+# change hands), a worker's session-hash write can reach Redis after another worker's
+# delete of the same hash: each sends its writes after its own commit, and commits
+# follow one another in milliseconds. A reader whose link stalled sends its last writes
+# late, up to its socket timeout (30 s), after another worker took the lease over. An
+# ended session never comes back, so its hash is deleted again this long after, in
+# case such a write came. The deletes wait in Redis (`Keys.deletes_again`), not in the
+# worker's memory: the worker that queued them may be killed before they are due,
+# and any event worker sends the due ones.
 DELETE_AGAIN_AFTER_S = (1.0, 5.0, 35.0)
+LOOK_EVERY_S = 0.5  # how often a worker asks for the deletes that are due
+DUE_PAGE = 1000  # due deletes taken at one look, at most
 
 
 class AfterCommit:
@@ -40,23 +46,24 @@ class AfterCommit:
 
     def __init__(
         self,
+        redis: Redis,
         keys: Keys,
         streams: Sequence[str],
         player_hashes: cache.PlayerHashes,
         log: FilteringBoundLogger,
         delete_again: bool = False,
     ) -> None:
+        self.redis = redis
         self.keys = keys
         self.streams = streams
         self.player_hashes = player_hashes
         self.log = log
-        # (when, key) of ended sessions' hashes to delete again, one queue per delay
-        # (`DELETE_AGAIN_AFTER_S`): always with several writers (`delete_again`), and
-        # for a while after this worker took the reader lease over (`repeat_for`): the
-        # writes of the worker that held it may still be on their way.
-        self.again: list[deque[tuple[float, bytes]]] = [deque() for _ in DELETE_AGAIN_AFTER_S]
+        # Ended sessions' hashes are deleted again (`DELETE_AGAIN_AFTER_S`): always with
+        # several writers (`delete_again`), and for a while when another worker may be
+        # writing beside this one (`repeat_for`).
         self.always = delete_again
         self.until = 0.0
+        self.looked = 0.0  # monotonic time of the last look for due deletes
 
     def pack(self, plan: Plan, world: World) -> cache.CommandBatch:
         """A new batch of writes holding a plan's caches (`write_caches`): packed while
@@ -86,10 +93,8 @@ class AfterCommit:
             else:
                 key = self.keys.session(session_id)
                 batch.add("DEL", key)
-                now = time.monotonic()
-                if self.always or now < self.until:
-                    for queue, after_s in zip(self.again, DELETE_AGAIN_AFTER_S, strict=True):
-                        queue.append((now + after_s, key.encode()))  # (packing thread: atomic)
+                if self.always or time.monotonic() < self.until:
+                    self._queue_delete(batch, 0, key)
         scores: dict[str, int] = {}
         for user_id in changes.touched_users:
             player = players.get(user_id)
@@ -105,13 +110,28 @@ class AfterCommit:
         self.until = time.monotonic() + seconds
 
     def deletes_due(self, batch: cache.CommandBatch) -> bool:
-        """Queue the repeated deletes that are due (`DELETE_AGAIN_AFTER_S`); whether any."""
-        now, queued = time.monotonic(), False
-        for queue in self.again:
-            while queue and queue[0][0] <= now:
-                batch.add("DEL", queue.popleft()[1])
-                queued = True
-        return queued
+        """Queue the deletes that are due, whichever worker queued them, each with its
+        next one (`DELETE_AGAIN_AFTER_S`); whether any. Looks every `LOOK_EVERY_S`."""
+        now = time.monotonic()
+        if now - self.looked < LOOK_EVERY_S:
+            return False
+        self.looked = now
+        queue = self.keys.deletes_again
+        due = self.redis.zrangebyscore(queue, "-inf", _now_ms(), start=0, num=DUE_PAGE)
+        for raw in due:
+            member = text_of(raw)
+            stage, _, key = member.partition(" ")
+            batch.add("DEL", key)
+            batch.add("ZREM", queue, member)
+            if int(stage) + 1 < len(DELETE_AGAIN_AFTER_S):
+                self._queue_delete(batch, int(stage) + 1, key)
+        return bool(due)
+
+    def _queue_delete(self, batch: cache.CommandBatch, stage: int, key: str) -> None:
+        """Delete `key` again `DELETE_AGAIN_AFTER_S[stage]` after its first delete."""
+        after_s = DELETE_AGAIN_AFTER_S[stage] - (DELETE_AGAIN_AFTER_S[stage - 1] if stage else 0)
+        due_ms = _now_ms() + round(after_s * 1000)
+        batch.add("ZADD", self.keys.deletes_again, due_ms, f"{stage} {key}")
 
     def publish(
         self, batch: cache.CommandBatch, dead: list[DeadLetter], acks: list[Entry]
@@ -141,3 +161,7 @@ class AfterCommit:
             if ids:
                 batch.add("XACK", stream, EVENTS_GROUP, *ids)
         return batch
+
+
+def _now_ms() -> int:
+    return round(time.time() * 1000)

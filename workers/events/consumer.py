@@ -148,6 +148,7 @@ class EventConsumer:
         self.key_repair = KeyRepair(self.redis, self.engine, self.keys, stop)
         player_hashes = cache.PlayerHashes(self.keys, self.settings.user_cache_ttl)
         self.after_commit = AfterCommit(
+            self.redis,
             self.keys,
             self.streams,
             player_hashes,
@@ -285,9 +286,7 @@ class EventConsumer:
         """
         self.settle()
         self.observe_waiting()  # their ages grow with the clock, batches or none
-        again = cache.CommandBatch()
-        if self.after_commit.deletes_due(again):
-            again.send(self.redis).wait()
+        self.send_due_deletes()
         if self.buffer:
             if self.intake.pause_ms is None:
                 time.sleep(CLOCK_PAUSE_S)  # the clock has to leave the buffer's millisecond
@@ -312,7 +311,9 @@ class EventConsumer:
         """
         intake = self.intake
         reading = self.lease.held()  # renewed here, busy or not: a reader keeps it
-        if not reading and not intake.buffer and not intake.held:
+        if not reading:
+            if intake.buffer or intake.held:
+                self.hand_over()
             self.stand_by()
             return []
         if self.standing_by:
@@ -338,9 +339,33 @@ class EventConsumer:
             self.settle()  # about to wait: the replies (on a cluster, the acks) go first
         intake.batch_size = self.ranks.read_size(self.settings.batch_size)
         read = intake.read_new(block_ms)
+        if any(read.others.values()):
+            # Another worker holds entries: it may be writing caches beside this one.
+            self.after_commit.repeat_for(TAKEOVER_REPEAT_S)
         self.flush()
         self.keep_fresh()
         return intake.take_ready(read)
+
+    def hand_over(self) -> None:
+        """Without the reader lease, with entries in hand (a restart that found another
+        worker reading, or a lease lost under load): give them all to the reader.
+
+        A worker that kept deciding them beside the reader would also read on, and two
+        readers take turns entry by entry (each may decide only up to the other's first
+        undecided entry): the soak's two workers then crawled at a few entries a batch
+        for minutes, while restarts counted deliveries against the entries they held.
+        This worker's writes land first (`flush`, `settle`), then the entries go to the
+        reader (`Intake.hand_over`); the world it knew goes with them.
+        """
+        reader = self.lease.holder()
+        if reader is None or reader == self.consumer:
+            return  # free (or ours again): taken at the next look
+        self.flush()
+        self.settle()
+        handed = self.intake.hand_over(reader)
+        self.store.known.forget()
+        self.stats.waiting = 0
+        self.log.info("handed the entries in hand to the reader", reader=reader, count=handed)
 
     def stand_by(self) -> None:
         """Another worker reads new entries: stay ready, with nothing in hand."""
@@ -358,8 +383,15 @@ class EventConsumer:
             )
         self.flush()
         self.settle()
+        self.send_due_deletes()  # queued while another worker wrote beside this one
         self.waited_for_entries = False
         self.stop.wait(STANDBY_POLL_S)
+
+    def send_due_deletes(self) -> None:
+        """Delete again the ended sessions' hashes that are due (`AfterCommit.deletes_due`)."""
+        again = cache.CommandBatch()
+        if self.after_commit.deletes_due(again):
+            again.send(self.redis).wait()
 
     def keep_fresh(self) -> None:
         """Keep the entries in hand from looking abandoned, and take back what a lost reply
@@ -370,7 +402,9 @@ class EventConsumer:
         self.stats.waiting = len(self.held)
         self.settle()  # acks sent last must have landed before the pending list is read
         self.intake.take_back(
-            in_hand, "took back entries a lost reply left pending", delivery=False
+            in_hand,
+            "took in entries pending here but not in hand (handed over, or a lost reply)",
+            delivery=False,
         )
 
     def expiry_due(self) -> bool:

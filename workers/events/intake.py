@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Any
 
 from redis import Redis
 from sqlalchemy import Engine
@@ -42,8 +43,10 @@ from usermgmt.workers.runtime.streams import (
     read_group,
 )
 
+HANDED_TTL_S = 3600  # the `handed` mark outlives any reader's pause
 ELSEWHERE_PAUSE_MS = 20  # how often to look again while another consumer's entry goes first
 Key = tuple[str, str]  # (stream kind, entry id)
+FIRST: Order = (0, 0, 0)  # before every entry: nothing can be decided yet
 
 
 class Intake:
@@ -80,8 +83,10 @@ class Intake:
         self.horizon_ms = 0  # every entry of an earlier millisecond is decided or in hand
         self.last_claim = 0.0
         self.last_fresh = time.monotonic()
+        keys = Keys(settings.key_prefix)
         # A consumer that stopped cleanly marks it: its entries are taken over uncounted.
-        self.stopped_mark = Keys(settings.key_prefix).events_stopped
+        self.stopped_mark = keys.events_stopped
+        self.handed_mark = keys.events_handed  # set by a worker that handed us its entries
 
     def reset(self) -> None:
         """Let go of everything in hand (set-up takes this consumer's pending entries back)."""
@@ -98,8 +103,17 @@ class Intake:
         wanted = [s for s in self.streams if buffered[s] < size]
         sent = time.time()
         read = read_group(
-            self.redis, EVENTS_GROUP, self.consumer, wanted, size, block_ms, self.streams
+            self.redis,
+            EVENTS_GROUP,
+            self.consumer,
+            wanted,
+            size,
+            block_ms,
+            self.streams,
+            signal=self.handed_mark(self.consumer),
         )
+        if read.signalled:  # entries were handed to us: in hand before anything is decided
+            self.look_at_pending_soon()
         for stream in wanted:
             mine = [entry for entry in read.entries if entry.stream == stream]
             # A stream that came back full may hide later entries: nothing past its
@@ -134,6 +148,13 @@ class Intake:
             if self.order(entry) >= cutoff:
                 break
             count += 1
+        most = self.settings.batch_size * len(self.streams)
+        if count > most:
+            # Entries taken in at once (a restart's own, or another worker's handed
+            # over) are decided a read's worth at a time: one batch of 45k entries
+            # took 3.2 s, past the reader lease, which a standby then took over.
+            count = most
+            cutoff = self.order(self.buffer[count])  # waiters time out no further
         ready, self.buffer = self.buffer[:count], self.buffer[count:]
         self.horizon_ms = cutoff[0]
         if self.buffer and not ready:
@@ -172,6 +193,12 @@ class Intake:
                 if first is None or order < first:
                     first = order
                 break  # ids come oldest first: the rest of this stream are later
+        if self.redis.getdel(self.handed_mark(self.consumer)) is not None:
+            # Entries were handed to this consumer since the read (`hand_over`): the
+            # pending lists above may have shown them here, neither elsewhere nor in
+            # hand. They are taken in (`take_back`) before anything is decided.
+            self.look_at_pending_soon()
+            return FIRST
         return first
 
     def waiting_keys(self) -> set[Key]:
@@ -265,6 +292,29 @@ class Intake:
         caches written, rather than `claim_idle_ms / 3` later (or never, in a burst run
         that finds nothing new to read)."""
         self.last_fresh = 0.0
+
+    def hand_over(self, reader: str) -> int:
+        """Give every entry in hand to `reader`, the worker holding the reader lease, and
+        let go of them; returns how many were handed.
+
+        One transaction: XCLAIM JUSTID to `reader` (no delivery is counted: this worker
+        did not fail them) and the `handed` mark, which `reader` takes in its next read
+        and then takes the entries in hand before it decides anything. So there is no
+        moment at which `reader` sees them neither elsewhere nor in hand, and decides a
+        later entry before them. A waiting entry stays recorded as waiting, and stays so
+        in `reader`'s hands.
+        """
+        ids: dict[str, list[str]] = {stream: [] for stream in self.streams}
+        for entry in [*self.buffer, *self.held.values()]:
+            ids[entry.stream].append(entry.entry_id)
+        pipe = self.redis.pipeline(transaction=True)
+        for stream, entry_ids in ids.items():
+            if entry_ids:
+                pipe.xclaim(stream, EVENTS_GROUP, reader, 0, list[Any](entry_ids), justid=True)
+        pipe.set(self.handed_mark(reader), self.consumer, ex=HANDED_TTL_S)
+        pipe.execute()
+        self.reset()
+        return sum(len(entry_ids) for entry_ids in ids.values())
 
     def give_back(self, entries: list[Entry]) -> None:
         """Entries taken as ready whose transaction failed: back in the buffer, first."""

@@ -67,11 +67,13 @@ class GroupRead:
     so every entry of an earlier millisecond was in its stream then and was either
     delivered by this read, pending on some consumer, or acked.
     `others`: per stream, how many entries are pending on other consumers.
+    `signalled`: the read's `signal` key existed (and was taken).
     """
 
     entries: list[Entry]
     clock_ms: int
     others: dict[str, int]
+    signalled: bool = False
 
 
 def read_group(
@@ -82,22 +84,27 @@ def read_group(
     count: int,
     block_ms: int | None,
     watched: Sequence[str] | None = None,
+    signal: str | None = None,
 ) -> GroupRead:
-    """TIME, XREADGROUP of new entries (`>`) of `streams` (none: no read), then XPENDING
-    of each `watched` stream (default: `streams`): one round trip."""
+    """TIME, XREADGROUP of new entries (`>`) of `streams` (none: no read), XPENDING of
+    each `watched` stream (default: `streams`), then GETDEL of `signal` (a key in the
+    streams' slot): one round trip."""
     watched = streams if watched is None else watched
     commands: list[tuple[Any, ...]] = [("TIME",)]
     if streams:
         commands.append(_xreadgroup(group, consumer, streams, count, block_ms))
     commands += [("XPENDING", stream, group) for stream in watched]
+    if signal is not None:
+        commands.append(("GETDEL", signal))
     clock, *replies = _round_trip(client, watched[0] if watched else streams[0], commands)
     reply = replies.pop(0) if streams else None
+    signalled = replies.pop() is not None if signal is not None else False
     others = {
         stream: pending_on_others(summary, consumer)
         for stream, summary in zip(watched, replies, strict=True)
     }
     clock_ms = int(clock[0]) * 1000 + int(clock[1]) // 1000
-    return GroupRead(to_entries(reply), clock_ms, others)
+    return GroupRead(to_entries(reply), clock_ms, others, signalled)
 
 
 def read_new(
