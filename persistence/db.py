@@ -99,7 +99,8 @@ RANDOM_PAGE_COST = 1.1
 
 
 def _configure_postgresql(engine: Engine) -> None:
-    """Plan every statement for its parameters, pricing index lookups as cached.
+    """Plan every statement for its parameters, pricing index lookups as cached; commits
+    durable before they return (`synchronous_commit` never `off`).
 
     `plan_cache_mode=force_custom_plan`: psycopg prepares a statement run five times,
     and the server then settles on one generic plan unless it looks dearer than the
@@ -130,6 +131,13 @@ def _configure_postgresql(engine: Engine) -> None:
                 "SELECT set_config('lock_timeout', %s, false) "
                 "WHERE current_setting('lock_timeout') IN ('0', '0ms')",
                 (LOCK_TIMEOUT,),
+            )
+            # A commit is acked (answered) at once: it must be on disk by then. `off`
+            # returns before the WAL is flushed, so a server crash could roll back what
+            # Redis already counts as done; `local` and the replica levels are kept.
+            cursor.execute(
+                "SELECT set_config('synchronous_commit', 'on', false) "
+                "WHERE current_setting('synchronous_commit') = 'off'"
             )
         dbapi_connection.commit()
 

@@ -175,6 +175,20 @@ def test_postgresql_keeps_a_lower_random_page_cost(postgres_url: str) -> None:
         engine.dispose()
 
 
+def test_postgresql_commits_are_durable_before_they_return(postgres_url: str) -> None:
+    """The worker acks right after a commit: `synchronous_commit=off` (a role's or the
+    server's setting) is raised to `on` on its connections; a stronger level is kept."""
+    for configured, expected in (("off", "on"), ("remote_apply", "remote_apply")):
+        engine = make_engine(
+            postgres_url, connect_args={"options": f"-c synchronous_commit={configured}"}
+        )
+        try:
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == expected
+        finally:
+            engine.dispose()
+
+
 def test_a_pipelined_write_applies_and_its_failure_is_sqlalchemys(database_url: str) -> None:
     """`pipelined`: the statements inside take effect (on PostgreSQL sent without
     waiting for each result); one that fails is raised as SQLAlchemy's error, on
