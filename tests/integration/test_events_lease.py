@@ -75,7 +75,8 @@ def test_a_worker_restarted_beside_the_reader_hands_its_entries_over(backend: Ba
     first = rematch_history(PLAYERS, 60, "h", seed=11)
     second = rematch_history(PLAYERS, 60, "i", seed=12)
     streams = [keys.update_stream, keys.terminate_stream]
-    with services_for(backend, events_lease=True, batch_size=16) as services:
+    # Reclaiming would take a minute: what reaches the reader was handed over.
+    with services_for(backend, events_lease=True, batch_size=16, claim_idle_ms=60_000) as services:
         add_players(services, *PLAYERS)
         for stream in streams:
             ensure_group(redis, stream, EVENTS_GROUP)
@@ -93,6 +94,39 @@ def test_a_worker_restarted_beside_the_reader_hands_its_entries_over(backend: Ba
                 assert not restarted.buffer and not restarted.held
         assert redis.xlen(keys.dlq) == 0
         check_history(services, backend, first + second)
+
+
+def test_entries_handed_to_a_worker_standing_by_go_on_to_the_reader(backend: Backend) -> None:
+    """Entries handed to B as B lost the lease reach the reader at once: B, standing by,
+    takes its `handed` mark and hands them on, rather than leaving them to be reclaimed
+    after USERMGMT_CLAIM_IDLE_MS while the reader can decide nothing past them."""
+    keys, redis = backend.keys, backend.redis
+    events = rematch_history(PLAYERS, 40, "f", seed=13)
+    streams = [keys.update_stream, keys.terminate_stream]
+    # Reclaiming would take a minute: what reaches the reader was handed on.
+    with services_for(backend, events_lease=True, batch_size=16, claim_idle_ms=60_000) as services:
+        add_players(services, *PLAYERS)
+        for stream in streams:
+            ensure_group(redis, stream, EVENTS_GROUP)
+        burst(redis, backend, events)
+        redis.xreadgroup(EVENTS_GROUP, "X", dict.fromkeys(streams, ">"), count=10)
+        with running(services, consumer="A") as reader:
+            wait_for(lambda: redis.get(keys.events_reader) == b"A")
+            with running(services, consumer="B") as standby:
+                wait_for(lambda: standby.standing_by)
+                assert reader.stats.applied < len(events)  # X's entries hold it up
+                pipe = redis.pipeline(transaction=True)  # as `Intake.hand_over` does
+                for stream in streams:
+                    ids = [
+                        row["message_id"]
+                        for row in redis.xpending_range(stream, EVENTS_GROUP, "-", "+", 100, "X")
+                    ]
+                    pipe.xclaim(stream, EVENTS_GROUP, "B", 0, ids, justid=True)
+                pipe.set(keys.events_handed("B"), "X")
+                pipe.execute()
+                wait_for(lambda: reader.stats.applied == len(events), timeout=10)
+                assert standby.stats.applied == 0 and not standby.held and not standby.buffer
+        check_history(services, backend, events)
 
 
 def test_a_busy_reader_keeps_its_lease(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,6 +151,41 @@ def test_a_busy_reader_keeps_its_lease(backend: Backend, monkeypatch: pytest.Mon
                 wait_for(lambda: reader.stats.applied == len(events), timeout=60)
                 assert standby.stats.applied == 0
         check_history(services, backend, events)
+
+
+def test_a_reader_keeps_its_lease_through_a_step_longer_than_the_lease(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch of the reader outlasts the (shortened) lease: its renewal thread keeps
+    it, so the standby does not take over and read the entries published meanwhile. (It
+    did: a hand-over's batch of 45k entries ran past the lease, and the two workers then
+    passed a growing heap of entries back and forth.)"""
+    monkeypatch.setattr(lease, "TTL_MS", 300)
+    monkeypatch.setattr(lease, "RENEW_EVERY_S", 0.1)
+    first = rematch_history(PLAYERS, 10, "l", seed=7)
+    second = rematch_history(PLAYERS, 10, "m", seed=8)
+    with services_for(backend, events_lease=True) as services:
+        add_players(services, *PLAYERS)
+        with running(services, consumer="A") as reader:
+            wait_for(lambda: backend.redis.get(backend.keys.events_reader) == b"A")
+            with running(services, consumer="B") as standby:
+                wait_for(lambda: standby.standing_by)
+                handle = reader.handle
+                slowed: list[bool] = []
+
+                def slow_handle(entries: list[Entry]) -> None:
+                    if entries and not slowed:
+                        slowed.append(True)
+                        time.sleep(1.0)  # three leases long
+                    handle(entries)
+
+                reader.handle = slow_handle  # type: ignore[method-assign]
+                burst(backend.redis, backend, first)
+                wait_for(lambda: slowed)
+                burst(backend.redis, backend, second)
+                wait_for(lambda: reader.stats.applied == len(first) + len(second))
+                assert standby.stats.applied == 0 and standby.standing_by
+        check_history(services, backend, first + second)
 
 
 def test_a_worker_that_stands_by_with_dirty_ranks_tells_the_reader(

@@ -312,7 +312,7 @@ class EventConsumer:
         intake = self.intake
         reading = self.lease.held()  # renewed here, busy or not: a reader keeps it
         if not reading:
-            if intake.buffer or intake.held:
+            if intake.buffer or intake.held or intake.pending_outside_hands():
                 self.hand_over()
             self.stand_by()
             return []
@@ -354,14 +354,20 @@ class EventConsumer:
         readers take turns entry by entry (each may decide only up to the other's first
         undecided entry): the soak's two workers then crawled at a few entries a batch
         for minutes, while restarts counted deliveries against the entries they held.
-        This worker's writes land first (`flush`, `settle`), then the entries go to the
-        reader (`Intake.hand_over`); the world it knew goes with them.
+        This worker's writes land first (`flush`, `settle`), then everything pending on
+        it goes to the reader (`Intake.hand_over`): its entries in hand, and those it
+        does not hold (left by a lost reply, or handed to it as it lost the lease),
+        which would otherwise wait out `claim_idle_ms`. The world it knew goes too.
         """
         reader = self.lease.holder()
         if reader is None or reader == self.consumer:
             return  # free (or ours again): taken at the next look
         self.flush()
         self.settle()
+        in_hand: dict[str, list[str]] = {stream: [] for stream in self.streams}
+        for entry in [*self.buffer, *self.held.values()]:
+            in_hand[entry.stream].append(entry.entry_id)
+        self.intake.take_back(in_hand, "took in entries to hand over", delivery=False)
         handed = self.intake.hand_over(reader)
         self.store.known.forget()
         self.stats.waiting = 0

@@ -314,7 +314,16 @@ class Intake:
         pipe.set(self.handed_mark(reader), self.consumer, ex=HANDED_TTL_S)
         pipe.execute()
         self.reset()
+        self.last_fresh = time.monotonic()  # nothing is left pending here
         return sum(len(entry_ids) for entry_ids in ids.values())
+
+    def pending_outside_hands(self) -> bool:
+        """Whether entries may be pending on this consumer that it does not hold: left by
+        a lost reply (`look_at_pending_soon`), or handed to it (its `handed` mark, taken
+        here) while it was losing the lease."""
+        if self.last_fresh == 0.0:
+            return True
+        return self.redis.getdel(self.handed_mark(self.consumer)) is not None
 
     def give_back(self, entries: list[Entry]) -> None:
         """Entries taken as ready whose transaction failed: back in the buffer, first."""
