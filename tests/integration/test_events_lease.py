@@ -65,6 +65,18 @@ def test_a_standby_takes_over_when_the_readers_lease_runs_out(backend: Backend) 
             assert standby.after_commit.until > time.monotonic() + 30
 
 
+def event_streams(backend: Backend) -> list[str]:
+    return [backend.keys.update_stream, backend.keys.terminate_stream]
+
+
+def read_then_die(backend: Backend, consumer: str, count: int) -> None:
+    """`consumer` reads the oldest `count` new entries of each event stream, then dies."""
+    streams = event_streams(backend)
+    for stream in streams:
+        ensure_group(backend.redis, stream, EVENTS_GROUP)
+    backend.redis.xreadgroup(EVENTS_GROUP, consumer, dict.fromkeys(streams, ">"), count=count)
+
+
 def test_a_worker_restarted_beside_the_reader_hands_its_entries_over(backend: Backend) -> None:
     """B crashed with entries read and undecided, and starts again while A reads. B hands
     them to A and stands by; A, which could decide nothing past them, decides them in
@@ -74,15 +86,11 @@ def test_a_worker_restarted_beside_the_reader_hands_its_entries_over(backend: Ba
     keys, redis = backend.keys, backend.redis
     first = rematch_history(PLAYERS, 60, "h", seed=11)
     second = rematch_history(PLAYERS, 60, "i", seed=12)
-    streams = [keys.update_stream, keys.terminate_stream]
     # Reclaiming would take a minute: what reaches the reader was handed over.
     with services_for(backend, events_lease=True, batch_size=16, claim_idle_ms=60_000) as services:
         add_players(services, *PLAYERS)
-        for stream in streams:
-            ensure_group(redis, stream, EVENTS_GROUP)
         burst(redis, backend, first)
-        # B's first life: it read the oldest entries of both streams, then died.
-        redis.xreadgroup(EVENTS_GROUP, "B", dict.fromkeys(streams, ">"), count=20)
+        read_then_die(backend, "B", 20)  # B's first life
         with running(services, consumer="A") as reader:
             wait_for(lambda: redis.get(keys.events_reader) == b"A")
             with running(services, consumer="B") as restarted:
@@ -102,14 +110,12 @@ def test_entries_handed_to_a_worker_standing_by_go_on_to_the_reader(backend: Bac
     after USERMGMT_CLAIM_IDLE_MS while the reader can decide nothing past them."""
     keys, redis = backend.keys, backend.redis
     events = rematch_history(PLAYERS, 40, "f", seed=13)
-    streams = [keys.update_stream, keys.terminate_stream]
+    streams = event_streams(backend)
     # Reclaiming would take a minute: what reaches the reader was handed on.
     with services_for(backend, events_lease=True, batch_size=16, claim_idle_ms=60_000) as services:
         add_players(services, *PLAYERS)
-        for stream in streams:
-            ensure_group(redis, stream, EVENTS_GROUP)
         burst(redis, backend, events)
-        redis.xreadgroup(EVENTS_GROUP, "X", dict.fromkeys(streams, ">"), count=10)
+        read_then_die(backend, "X", 10)
         with running(services, consumer="A") as reader:
             wait_for(lambda: redis.get(keys.events_reader) == b"A")
             with running(services, consumer="B") as standby:
@@ -217,6 +223,14 @@ def test_a_worker_that_stands_by_with_dirty_ranks_tells_the_reader(
         assert not backend.redis.exists(keys.ranks_dirty)
 
 
+def play_s1(backend: Backend) -> None:
+    """Session s1 of alice and bob, from its update to its terminate."""
+    keys, redis = backend.keys, backend.redis
+    publish(redis, keys, "update", session_id="s1", players=["alice", "bob"])
+    results = [{"username": "alice", "outcome": "win", "earnings": 5}]
+    publish(redis, keys, "terminate", session_id="s1", results=results)
+
+
 def test_without_the_lease_an_ended_sessions_hash_is_deleted_again(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,14 +246,7 @@ def test_without_the_lease_an_ended_sessions_hash_is_deleted_again(
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
         try:
-            publish(redis, keys, "update", session_id="s1", players=["alice", "bob"])
-            publish(
-                redis,
-                keys,
-                "terminate",
-                session_id="s1",
-                results=[{"username": "alice", "outcome": "win", "earnings": 5}],
-            )
+            play_s1(backend)
             wait_until(lambda: worker.stats.applied == 2)
             # The other worker's late write of the update's hash, after the delete:
             redis.hset(keys.session("s1"), mapping={"status": "in_progress", "players": "[]"})
@@ -261,14 +268,7 @@ def test_a_delete_again_outlives_the_worker_that_queued_it(
     with services_for(backend, events_lease=False) as services:
         add_players(services, "alice", "bob")
         with running(services, consumer="c1") as first:
-            publish(redis, keys, "update", session_id="s1", players=["alice", "bob"])
-            publish(
-                redis,
-                keys,
-                "terminate",
-                session_id="s1",
-                results=[{"username": "alice", "outcome": "win", "earnings": 5}],
-            )
+            play_s1(backend)
             wait_until(lambda: first.stats.applied == 2)
             first.stop.set()  # gone before its last delete is due
         assert redis.zcard(keys.deletes_again) == 1
