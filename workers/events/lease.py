@@ -26,7 +26,6 @@ import threading
 import time
 
 from redis import Redis
-from redis.exceptions import RedisError
 
 from usermgmt.domain.payloads import text_of
 
@@ -73,15 +72,19 @@ class Lease:
             self.keeper.start()
 
     def _keep(self) -> None:
-        """Renew every `RENEW_EVERY_S` until the lease is lost or let go; a Redis error
-        is left to the loop's next look."""
+        """Renew every `RENEW_EVERY_S` until the lease is lost or let go. While Redis
+        fails (away, or the client closed), the lease is taken as lost once the ttl has
+        run out since the last renewal: the loop's next look claims it again, or not."""
         while True:
             time.sleep(RENEW_EVERY_S)
             if self.renewed == float("-inf"):
                 return
             try:
                 ours = self._renew()
-            except RedisError:
+            except Exception:  # any failure of the client: nothing to renew with
+                if time.monotonic() - self.renewed > TTL_MS / 1000:
+                    self.renewed = float("-inf")
+                    return
                 continue
             if not ours:
                 self.renewed = float("-inf")
