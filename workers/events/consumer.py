@@ -371,7 +371,8 @@ class EventConsumer:
         handed = self.intake.hand_over(reader)
         self.store.known.forget()
         self.stats.waiting = 0
-        self.log.info("handed the entries in hand to the reader", reader=reader, count=handed)
+        if handed:
+            self.log.info("handed the entries in hand to the reader", reader=reader, count=handed)
 
     def stand_by(self) -> None:
         """Another worker reads new entries: stay ready, with nothing in hand."""

@@ -307,12 +307,13 @@ class Intake:
         ids: dict[str, list[str]] = {stream: [] for stream in self.streams}
         for entry in [*self.buffer, *self.held.values()]:
             ids[entry.stream].append(entry.entry_id)
-        pipe = self.redis.pipeline(transaction=True)
-        for stream, entry_ids in ids.items():
-            if entry_ids:
-                pipe.xclaim(stream, EVENTS_GROUP, reader, 0, list[Any](entry_ids), justid=True)
-        pipe.set(self.handed_mark(reader), self.consumer, ex=HANDED_TTL_S)
-        pipe.execute()
+        if any(ids.values()):
+            pipe = self.redis.pipeline(transaction=True)
+            for stream, entry_ids in ids.items():
+                if entry_ids:
+                    pipe.xclaim(stream, EVENTS_GROUP, reader, 0, list[Any](entry_ids), justid=True)
+            pipe.set(self.handed_mark(reader), self.consumer, ex=HANDED_TTL_S)
+            pipe.execute()
         self.reset()
         self.last_fresh = time.monotonic()  # nothing is left pending here
         return sum(len(entry_ids) for entry_ids in ids.values())
