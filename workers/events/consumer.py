@@ -364,9 +364,7 @@ class EventConsumer:
             return  # free (or ours again): taken at the next look
         self.flush()
         self.settle()
-        in_hand: dict[str, list[str]] = {stream: [] for stream in self.streams}
-        for entry in [*self.buffer, *self.held.values()]:
-            in_hand[entry.stream].append(entry.entry_id)
+        in_hand = self.intake.ids_in_hand()
         self.intake.take_back(in_hand, "took in entries to hand over", delivery=False)
         handed = self.intake.hand_over(reader)
         self.store.known.forget()

@@ -275,9 +275,7 @@ class Intake:
         if now - self.last_fresh < self.settings.claim_idle_ms / 1000 / 3:
             return None
         self.last_fresh = now
-        held: dict[str, list[str]] = {stream: [] for stream in self.streams}
-        for entry in [*self.held.values(), *self.buffer]:
-            held[entry.stream].append(entry.entry_id)
+        held = self.ids_in_hand()
         gone = keep_fresh(self.redis, EVENTS_GROUP, self.consumer, held)
         if gone:  # decided and acked by another worker (or trimmed)
             self.held = {k: e for k, e in self.held.items() if e.entry_id not in gone}
@@ -304,9 +302,7 @@ class Intake:
         later entry before them. A waiting entry stays recorded as waiting, and stays so
         in `reader`'s hands.
         """
-        ids: dict[str, list[str]] = {stream: [] for stream in self.streams}
-        for entry in [*self.buffer, *self.held.values()]:
-            ids[entry.stream].append(entry.entry_id)
+        ids = self.ids_in_hand()
         if any(ids.values()):
             pipe = self.redis.pipeline(transaction=True)
             for stream, entry_ids in ids.items():
@@ -317,6 +313,13 @@ class Intake:
         self.reset()
         self.last_fresh = time.monotonic()  # nothing is left pending here
         return sum(len(entry_ids) for entry_ids in ids.values())
+
+    def ids_in_hand(self) -> dict[str, list[str]]:
+        """The ids of the entries in hand (held, then buffered), by stream."""
+        ids: dict[str, list[str]] = {stream: [] for stream in self.streams}
+        for entry in [*self.held.values(), *self.buffer]:
+            ids[entry.stream].append(entry.entry_id)
+        return ids
 
     def pending_outside_hands(self) -> bool:
         """Whether entries may be pending on this consumer that it does not hold: left by
